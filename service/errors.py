@@ -1,0 +1,52 @@
+"""Postserve's exception hierarchy.
+
+Every error carries a stable ``code`` (a short snake_case string) that clients may match on; the HTTP
+layer maps each class to a status in one table, so nothing else needs to know about HTTP.
+
+::
+
+    PostserveError
+    ├── InvalidInput            bad shapes, non-finite numbers, labels outside the likelihood's support
+    ├── InvalidSpec             a model specification that cannot be built
+    └── StepRejected            a filtering step produced a non-finite or non-PSD posterior;
+                                the previous state is untouched and stays current
+"""
+
+from __future__ import annotations
+
+__all__ = ["InvalidInput", "InvalidSpec", "PostserveError", "StepRejected"]
+
+
+class PostserveError(Exception):
+    """Base class. ``code`` is stable; ``message`` is for people."""
+
+    code: str = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(PostserveError):
+    """An observation or query the model cannot take (shape, dtype, non-finite value, label)."""
+
+    code = "invalid_input"
+
+
+class InvalidSpec(PostserveError):
+    """A network / likelihood / filter / prior / dynamics combination that cannot be built."""
+
+    code = "invalid_spec"
+
+
+class StepRejected(PostserveError):
+    """A step whose result is not a valid Gaussian belief (non-finite, or not positive definite).
+
+    ``reason`` is one of ``"non_finite"`` or ``"not_psd"``.
+    """
+
+    code = "step_rejected"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -1,0 +1,76 @@
+"""The one linear-algebra module: symmetrise, Cholesky with jitter, whitening, checks.
+
+Nothing else in ``service.filters`` re-implements these. All functions are pure and keep the dtype
+and device of their inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from service.errors import StepRejected
+
+__all__ = [
+    "check_finite",
+    "check_positive",
+    "cholesky",
+    "gain",
+    "solve_psd",
+    "symmetrise",
+]
+
+
+def symmetrise(A: Tensor) -> Tensor:
+    """(A + A^T) / 2 over the last two dimensions."""
+    return 0.5 * (A + A.mT)
+
+
+def cholesky(A: Tensor, *, what: str = "matrix", max_tries: int = 6) -> Tensor:
+    """Lower Cholesky factor of a symmetric positive-definite ``A`` (..., n, n).
+
+    Tries the plain factorisation first; if it fails, adds ``jitter * I`` with jitter growing from
+    ``eps * mean(diag(A))`` by factors of 10. Raises :class:`StepRejected` ("not_psd") naming
+    ``what`` if no jitter up to ``1e-3 * mean(diag)`` makes it succeed.
+    """
+    L, info = torch.linalg.cholesky_ex(A)
+    if not bool(info.any()):
+        return L
+    scale = A.diagonal(dim1=-2, dim2=-1).abs().mean().clamp_min(torch.finfo(A.dtype).tiny)
+    jitter = torch.finfo(A.dtype).eps * scale
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(A + jitter * eye)
+        if not bool(info.any()):
+            return L
+        jitter = jitter * 10.0
+    raise StepRejected("not_psd", f"{what} is not positive definite")
+
+
+def solve_psd(A: Tensor, B: Tensor, *, what: str = "matrix") -> Tensor:
+    """A^{-1} B for symmetric positive-definite A, through its Cholesky factor."""
+    return torch.cholesky_solve(B, cholesky(A, what=what))
+
+
+def check_finite(name: str, *tensors: Tensor) -> None:
+    """Raise :class:`StepRejected` ("non_finite") if any tensor holds NaN or +-inf."""
+    for t in tensors:
+        if not bool(torch.isfinite(t).all()):
+            raise StepRejected("non_finite", f"the step made {name} non-finite")
+
+
+def check_positive(name: str, t: Tensor) -> None:
+    """Raise :class:`StepRejected` ("not_psd") unless every entry of ``t`` is > 0 and finite."""
+    check_finite(name, t)
+    if not bool((t > 0).all()):
+        raise StepRejected("not_psd", f"the step made {name} non-positive")
+
+
+def gain(PHt: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """Kalman gain K = P H^T S^{-1} for PHt (D, C) and innovation covariance S (C, C).
+
+    Returns (K, L_S) with L_S the Cholesky factor of S; raises StepRejected if S is not PD.
+    """
+    L = cholesky(symmetrise(S), what="the innovation covariance S")
+    K = torch.cholesky_solve(PHt.mT, L).mT
+    return K, L

@@ -1,0 +1,175 @@
+"""LoFi: the low-rank extended Kalman filter with diagonal-plus-low-rank precision (algorithms.md 1).
+
+=========  ==========  ==============================================================
+symbol     shape       meaning
+=========  ==========  ==============================================================
+m          (D,)        mean
+Upsilon    (D,)        diagonal of the precision (``upsilon``), > 0
+W          (d, D)      low-rank factor of the precision, stored as rows (``W``):
+                       Sigma^{-1} = diag(Upsilon) + W^T W. Only W^T W is identified.
+=========  ==========  ==============================================================
+
+The rows-as-directions layout (d, D) keeps each direction contiguous; it is the transpose of the
+paper's D x d W.
+
+predict (exact, by Woodbury; rebayes ``_lofi_diagonal_cov_predict``)::
+
+    Upsilon' = Upsilon / (gamma^2 + q Upsilon)
+    C        = (I_d + q W diag(Upsilon'/Upsilon) W^T)^{-1} = L^{-T} L^{-1}
+    W'       = gamma L^{-1} W diag(Upsilon'/Upsilon)          (so W'^T W' = gamma^2 D W^T C W D)
+    m'       = gamma m
+
+update (rebayes ``_lofi_diagonal_cov_condition_on``): the mean takes the exact EKF gain under
+Sigma = (diag(Upsilon) + W^T W)^{-1} (covariance form, Sigma J^T by Woodbury on W); then the
+precision diag(Upsilon) + W~^T W~ with W~ = [W; A^T H] (A A^T = R^{-1}, A^T = L_R^{-1}) is truncated
+back to rank d: with W~ W~^T = Q diag(s^2) Q^T (eigenvalues ascending),
+
+    W_+ = Q_top^T W~   (the d leading directions),   E = Q_rest^T W~,
+    Upsilon_+ = Upsilon + colsum(E * E)
+
+which keeps the diagonal of the precision exactly, whatever Q is. The decomposition is the
+eigendecomposition of the small (d+C) x (d+C) Gram matrix (as rebayes' ``_fast_svd``), taken in
+float64 whatever the state's dtype; since W_+ = Q^T W~ needs no division by singular values, the
+squared condition number only blurs *which* near-degenerate directions are kept, and the tests check
+that float32 keeps the float64 answer.
+
+Samples: theta = m + x - L^T (W x) + L^T e with x ~ N(0, Upsilon^{-1}), e ~ N(0, I_d),
+L = M^{-1} W Upsilon^{-1}, M = I + W Upsilon^{-1} W^T (Lambert, Bonnabel & Bach, L-RVGA 4.2.2; as
+rebayes ``sample_dlr_single``): O(D d^2) set-up, O(D d) per draw.
+
+References: Chang, Duran-Martin, Shestopaloff, Jones, Murphy (2023), arXiv 2305.19535.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from service.errors import InvalidSpec
+from service.filters.base import Linearization, condition_mean
+from service.filters.linalg import check_finite, check_positive, cholesky, symmetrise
+
+__all__ = ["LoFi", "LoFiState"]
+
+
+@dataclass(frozen=True)
+class LoFiState:
+    """N(mean, (diag(upsilon) + W^T W)^{-1}): mean (D,), W (d, D), upsilon (D,)."""
+
+    mean: Tensor
+    W: Tensor
+    upsilon: Tensor
+
+
+def _capacitance(W: Tensor, upsilon: Tensor) -> Tensor:
+    """I_d + W Upsilon^{-1} W^T (d, d)."""
+    eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+    return symmetrise(eye + (W / upsilon) @ W.mT)
+
+
+@dataclass(frozen=True)
+class LoFi:
+    """Diagonal-plus-rank-``rank`` precision filter."""
+
+    rank: int = 10
+    name: str = "lofi"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise InvalidSpec(f"lofi rank must be an integer >= 0, got {self.rank!r}")
+
+    def init(self, mean: Tensor, variance: float) -> LoFiState:
+        D = mean.shape[0]
+        return LoFiState(
+            mean=mean,
+            W=mean.new_zeros((self.rank, D)),
+            upsilon=torch.full_like(mean, 1.0 / variance),
+        )
+
+    def predict(self, state: LoFiState, decay: float, process_noise: float) -> LoFiState:
+        g2, q = decay**2, process_noise
+        if q == 0.0:
+            if decay == 1.0:
+                return state
+            return LoFiState(decay * state.mean, state.W / decay, state.upsilon / g2)
+        ratio = 1 / (g2 + q * state.upsilon)  # Upsilon' / Upsilon
+        Wr = state.W * ratio
+        if self.rank:
+            eye = torch.eye(self.rank, dtype=Wr.dtype, device=Wr.device)
+            L = cholesky(symmetrise(eye + q * Wr @ state.W.mT), what="the predict capacitance")
+            W = decay * torch.linalg.solve_triangular(L, Wr, upper=False)
+        else:
+            W = Wr
+        return LoFiState(decay * state.mean, W, state.upsilon * ratio)
+
+    def project(self, state: LoFiState, J: Tensor) -> Tensor:
+        """J Sigma J^T for J (N, C, D) by Woodbury: J U^{-1} J^T - B^T (I + W U^{-1} W^T)^{-1} B."""
+        Ju = J / state.upsilon
+        JUJ = Ju @ J.mT
+        if not self.rank:
+            return JUJ
+        B = state.W @ Ju.mT  # (N, d, C)
+        L = cholesky(_capacitance(state.W, state.upsilon), what="the LoFi capacitance")
+        LB = torch.linalg.solve_triangular(L, B, upper=False)
+        return symmetrise(JUJ - LB.mT @ LB)
+
+    def condition_on(
+        self, state: LoFiState, lin: Linearization, y: Tensor
+    ) -> tuple[LoFiState, Tensor]:
+        d, C = self.rank, lin.J.shape[0]
+        W, ups = state.W, state.upsilon
+        Z = torch.cat([W, lin.J])  # (d + C, D)
+        Zu = Z / ups
+        Gw = Zu @ Z.mT  # Z Upsilon^{-1} Z^T
+        # Sigma J^T and J Sigma J^T by Woodbury on W.
+        if d:
+            eye = torch.eye(d, dtype=W.dtype, device=W.device)
+            L = cholesky(symmetrise(eye + Gw[:d, :d]), what="the LoFi capacitance")
+            X = torch.cholesky_solve(Gw[:d, d:], L)  # (d, C)
+            SJt = Zu[d:].mT - Zu[:d].mT @ X
+            JSJ = symmetrise(Gw[d:, d:] - Gw[:d, d:].mT @ X)
+        else:
+            SJt, JSJ = Zu.mT, symmetrise(Gw)
+        inn = condition_mean(state.mean, SJt, JSJ, lin, y)
+
+        # Truncate diag(Upsilon) + W~^T W~, W~ = T Z with T = blockdiag(I_d, L_R^{-1} V).
+        LR = cholesky(lin.R, what="the observation covariance R")
+        M = lin.V if lin.V is not None else torch.eye(C, dtype=W.dtype, device=W.device)
+        T = torch.block_diag(
+            torch.eye(d, dtype=W.dtype, device=W.device),
+            torch.linalg.solve_triangular(LR, M, upper=False),
+        )
+        G = symmetrise(T @ (Z @ Z.mT) @ T.mT)
+        _, Q = torch.linalg.eigh(G.to(torch.float64))
+        Y = (Q.flip(-1).mT.to(W.dtype) @ T) @ Z  # rows: directions, leading first
+        W_new, E = Y[:d], Y[d:]
+        upsilon = ups + (E * E).sum(0)
+        return LoFiState(mean=inn.mean, W=W_new, upsilon=upsilon), JSJ
+
+    def validate(self, state: LoFiState) -> None:
+        check_finite("the mean", state.mean)
+        check_finite("the low-rank factor W", state.W)
+        check_positive("the diagonal precision Upsilon", state.upsilon)
+
+    def sample(self, state: LoFiState, n: int, generator: torch.Generator | None) -> Tensor:
+        D, dtype, device = state.mean.shape[0], state.mean.dtype, state.mean.device
+        x = torch.randn((n, D), generator=generator, dtype=dtype, device=device)
+        x = x * torch.rsqrt(state.upsilon)
+        if not self.rank:
+            return state.mean + x
+        e = torch.randn((n, self.rank), generator=generator, dtype=dtype, device=device)
+        Lc = cholesky(_capacitance(state.W, state.upsilon), what="the LoFi capacitance")
+        Lt = torch.cholesky_solve(state.W / state.upsilon, Lc)  # M^{-1} W Upsilon^{-1}, (d, D)
+        return state.mean + x + (e - x @ state.W.mT) @ Lt
+
+    def precision(self, state: LoFiState) -> Tensor:
+        """Dense diag(Upsilon) + W^T W (D, D); for tests and small D."""
+        return torch.diag(state.upsilon) + state.W.mT @ state.W
+
+    def covariance(self, state: LoFiState) -> Tensor:
+        return torch.cholesky_inverse(cholesky(self.precision(state), what="the precision"))
+
+    def state_bytes(self, state: LoFiState) -> int:
+        return sum(t.numel() * t.element_size() for t in (state.mean, state.W, state.upsilon))

@@ -1,0 +1,272 @@
+"""One online filter: a network, a likelihood, an algorithm, the dynamics and the prior.
+
+The state-space model (algorithms.md 0)::
+
+    theta_t = gamma theta_{t-1} + w_t,   w_t ~ N(0, q I),       theta_0 ~ N(mu_0, sigma_0^2 I)
+    y_t | theta_t ~ moment-matched N(mu(g(theta_t, x_t)), R)
+
+One observation is one ``step``: ``predict`` (the dynamics) then ``update`` (linearise at the
+predicted mean, report the pre-update predictive and log predictive density of y, condition).
+``predictive`` and ``sample`` read the belief they are given: to query the one-step-ahead belief
+p(theta_{t+1} | D_{1:t}), pass ``predict(state)`` (the service does; nothing is stored).
+
+Everything is a pure function of immutable states: a step that fails (non-finite or non-PSD
+result) raises :class:`~service.errors.StepRejected` and the caller's state is untouched.
+
+>>> import torch
+>>> f = OnlineFilter(Linear(input_dim=1, bias=False), Gaussian(noise_variance=1.0), Kalman())
+>>> state = f.init(dtype=torch.float64)
+>>> state, info = f.step(state, torch.tensor([1.0]), torch.tensor([2.0]))
+>>> round(float(state.mean[0]), 6), round(float(info.predictive.variance[0, 0]), 6)
+(1.0, 2.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+from service.errors import InvalidInput, InvalidSpec
+from service.filters.base import Linearization, Predictive, StepInfo
+from service.filters.diagonal import Diagonal
+from service.filters.ekf import EKF, Kalman
+from service.filters.likelihoods import Gaussian, Likelihood
+from service.filters.lofi import LoFi
+from service.filters.networks import Linear, Network
+
+__all__ = ["Algorithm", "Dynamics", "OnlineFilter", "Prior"]
+
+S = TypeVar("S")
+
+#: Rows per chunk in ``predictive`` so that J (rows, C, D) stays under about 2**24 numbers.
+_CHUNK_NUMBERS = 1 << 24
+
+
+class Algorithm(Protocol[S]):
+    """The approximation: how a Gaussian belief is represented, propagated and conditioned."""
+
+    @property
+    def name(self) -> str: ...
+
+    def init(self, mean: Tensor, variance: float) -> S: ...
+
+    def predict(self, state: S, decay: float, process_noise: float) -> S: ...
+
+    def project(self, state: S, J: Tensor) -> Tensor:
+        """J Sigma J^T (N, C, C) for J (N, C, D)."""
+        ...
+
+    def condition_on(self, state: S, lin: Linearization, y: Tensor) -> tuple[S, Tensor]:
+        """(posterior, J Sigma J^T of the prior belief) for one row."""
+        ...
+
+    def validate(self, state: S) -> None:
+        """Raise StepRejected unless ``state`` is a finite, positive-definite belief."""
+        ...
+
+    def sample(self, state: S, n: int, generator: torch.Generator | None) -> Tensor:
+        """n exact draws theta ~ N(m, Sigma), (n, D)."""
+        ...
+
+    def covariance(self, state: S) -> Tensor:
+        """Dense Sigma (D, D): for tests and small D."""
+        ...
+
+    def state_bytes(self, state: S) -> int: ...
+
+
+@dataclass(frozen=True)
+class Dynamics:
+    """theta_t = decay * theta_{t-1} + N(0, process_noise I).
+
+    ``steady_state=True`` sets process_noise = (1 - decay^2) * prior variance, which makes the prior
+    the stationary law of the dynamics (rebayes ``steady_state_constraint``).
+    """
+
+    decay: float = 1.0
+    process_noise: float = 0.0
+    steady_state: bool = False
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.decay <= 1.0):
+            raise InvalidSpec(f"dynamics decay must be in (0, 1], got {self.decay!r}")
+        if not (self.process_noise >= 0.0 and self.process_noise < float("inf")):
+            raise InvalidSpec(
+                f"dynamics process_noise must be finite and >= 0, got {self.process_noise!r}"
+            )
+
+
+@dataclass(frozen=True)
+class Prior:
+    """theta_0 ~ N(mean, variance I). ``mean=None`` takes the network's default (see networks)."""
+
+    variance: float = 1.0
+    mean: Tensor | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.variance > 0.0 and self.variance < float("inf")):
+            raise InvalidSpec(f"prior variance must be finite and > 0, got {self.variance!r}")
+
+
+@dataclass(frozen=True)
+class OnlineFilter:
+    """Binds network, likelihood, algorithm, dynamics and prior; every method is pure."""
+
+    network: Network
+    likelihood: Likelihood
+    algorithm: Any = field(default_factory=lambda: LoFi(10))
+    dynamics: Dynamics = field(default_factory=Dynamics)
+    prior: Prior = field(default_factory=Prior)
+
+    def __post_init__(self) -> None:
+        self.likelihood.check_output_dim(self.network.output_dim)
+        if isinstance(self.algorithm, Kalman) and not (
+            isinstance(self.network, Linear) and isinstance(self.likelihood, Gaussian)
+        ):
+            raise InvalidSpec(
+                "the kalman filter is exact only for a linear network with a gaussian likelihood; "
+                "use ekf, diagonal or lofi"
+            )
+        if not isinstance(self.algorithm, (EKF, Diagonal, LoFi)):
+            raise InvalidSpec(f"unknown filter algorithm {self.algorithm!r}")
+        mean = self.prior.mean
+        if mean is not None:
+            if mean.shape != (self.network.num_params,):
+                raise InvalidSpec(
+                    f"prior mean must have shape ({self.network.num_params},) (the flat parameter "
+                    f"vector), got {tuple(mean.shape)}"
+                )
+            if not bool(torch.isfinite(mean).all()):
+                raise InvalidSpec("prior mean holds NaN or infinite values")
+
+    @property
+    def process_noise(self) -> float:
+        """q, resolved for ``steady_state``."""
+        if self.dynamics.steady_state:
+            return (1.0 - self.dynamics.decay**2) * self.prior.variance
+        return self.dynamics.process_noise
+
+    @property
+    def num_params(self) -> int:
+        return self.network.num_params
+
+    # -- belief ------------------------------------------------------------------------------
+
+    def init(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
+        """The prior belief N(mu_0, sigma_0^2 I) on ``dtype`` / ``device``."""
+        if self.prior.mean is not None:
+            mean = self.prior.mean
+        else:
+            gen = torch.Generator().manual_seed(self.prior.seed)
+            mean = self.network.init_mean(gen)
+        return self.algorithm.init(mean.to(dtype=dtype, device=device), self.prior.variance)
+
+    def predict(self, state: S) -> S:
+        """p(theta_t | D_{1:t-1}) from p(theta_{t-1} | D_{1:t-1})."""
+        return self.algorithm.predict(state, self.dynamics.decay, self.process_noise)
+
+    def update(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
+        """Condition the (already predicted) belief on one row: x (I,), y encoded (C,)."""
+        theta = _mean_of(state)
+        x = self._rows(x.unsqueeze(0) if x.ndim == 1 else x, theta)
+        y = y.to(dtype=theta.dtype, device=theta.device).reshape(-1)
+        eta, J = self.network.jacobian(theta, x)
+        lin = self.likelihood.linearize(eta[0], J[0])
+        new, JSJ = self.algorithm.condition_on(state, lin, y)
+        self.algorithm.validate(new)
+        pred = self.likelihood.predictive(eta, JSJ.unsqueeze(0))
+        loglik = self.likelihood.log_predictive(y.unsqueeze(0), eta, JSJ.unsqueeze(0))[0]
+        return new, StepInfo(predictive=pred, log_likelihood=loglik)
+
+    def step(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
+        """predict, then update on one row."""
+        return self.update(self.predict(state), x, y)
+
+    def run(self, state: S, x: Tensor, y: Tensor) -> tuple[S, list[StepInfo]]:
+        """``step`` over the rows of x (N, I) with raw targets y (see ``encode``), in order."""
+        theta = _mean_of(state)
+        x = self._rows(x, theta)
+        Y = self.encode(y).to(dtype=theta.dtype, device=theta.device)
+        if Y.shape[0] != x.shape[0]:
+            raise InvalidInput(f"x has {x.shape[0]} rows but y has {Y.shape[0]}")
+        infos: list[StepInfo] = []
+        for i in range(x.shape[0]):
+            state, info = self.step(state, x[i], Y[i])
+            infos.append(info)
+        return state, infos
+
+    def encode(self, y: Tensor) -> Tensor:
+        """Validated sufficient statistics (N, C) of raw targets (class indices become one-hot)."""
+        return self.likelihood.encode(y, self.network.output_dim)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def predictive(
+        self,
+        state: Any,
+        x: Tensor,
+        *,
+        method: Literal["linearized", "mc"] = "linearized",
+        num_samples: int = 1000,
+        generator: torch.Generator | None = None,
+    ) -> Predictive:
+        """Predictive moments for rows x (N, I): linearised (probit for classes) or Monte Carlo."""
+        theta = _mean_of(state)
+        x = self._rows(x, theta)
+        if method == "mc":
+            eta = self.network.apply(self.sample(state, num_samples, generator), x)  # (S, N, C)
+            means = self.likelihood.mean(eta)
+            return Predictive(
+                mean=means.mean(0),
+                epistemic=means.var(0, correction=0),
+                aleatoric=self.likelihood.variance_diag(eta).mean(0),
+            )
+        if method != "linearized":
+            raise InvalidInput(f"unknown predictive method {method!r}; use 'linearized' or 'mc'")
+        rows = max(1, _CHUNK_NUMBERS // (self.network.output_dim * self.num_params))
+        parts = []
+        for start in range(0, x.shape[0], rows):
+            eta, J = self.network.jacobian(theta, x[start : start + rows])
+            parts.append(self.likelihood.predictive(eta, self.algorithm.project(state, J)))
+        return Predictive(
+            mean=torch.cat([p.mean for p in parts]),
+            epistemic=torch.cat([p.epistemic for p in parts]),
+            aleatoric=torch.cat([p.aleatoric for p in parts]),
+        )
+
+    def sample(self, state: Any, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n exact draws of theta from the belief, (n, D)."""
+        return self.algorithm.sample(state, n, generator)
+
+    def sample_outputs(
+        self, state: Any, x: Tensor, n: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Thompson samples mu(g(theta_k, x)) (n, N, C): draw k shares one theta_k across all rows."""
+        theta = _mean_of(state)
+        eta = self.network.apply(self.sample(state, n, generator), self._rows(x, theta))
+        return self.likelihood.mean(eta)
+
+    def state_bytes(self, state: Any) -> int:
+        return int(self.algorithm.state_bytes(state))
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _rows(self, x: Tensor, like: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.network.input_dim:
+            raise InvalidInput(
+                f"x must have shape (rows, {self.network.input_dim}), got {tuple(x.shape)}"
+            )
+        x = x.to(dtype=like.dtype, device=like.device)
+        if not bool(torch.isfinite(x).all()):
+            raise InvalidInput("x holds NaN or infinite values")
+        return x
+
+
+def _mean_of(state: Any) -> Tensor:
+    mean = state.mean
+    assert isinstance(mean, Tensor)
+    return mean
