@@ -68,10 +68,7 @@ class EKF:
         JPJ = symmetrise(lin.J @ PJt)
         inn = condition_mean(state.mean, PJt, JPJ, lin, y)
         KHP = inn.K @ inn.SHt.mT
-        if self.joseph:
-            cov = P - KHP - KHP.mT + inn.K @ inn.S @ inn.K.mT
-        else:
-            cov = P - KHP
+        cov = P - KHP - KHP.mT + inn.K @ inn.S @ inn.K.mT if self.joseph else P - KHP
         return GaussState(mean=inn.mean, cov=symmetrise(cov)), JPJ
 
     def validate(self, state: GaussState) -> None:

@@ -23,6 +23,7 @@ kept for networks without a closed form and as the independent check in the test
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ def _layers(sizes: Sequence[int], bias: bool) -> list[tuple[int, int, int, int]]
     """(fan_in, fan_out, weight offset, bias offset) for each layer of a dense stack."""
     out: list[tuple[int, int, int, int]] = []
     offset = 0
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+    for fan_in, fan_out in itertools.pairwise(sizes):
         w_at = offset
         offset += fan_in * fan_out
         b_at = offset
