@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from service.filters.linalg import gain
+from service.filters.linalg import check_finite, gain
 
 __all__ = ["Linearization", "Predictive", "StepInfo", "condition_mean"]
 
@@ -88,5 +88,6 @@ def condition_mean(
     else:
         SHt, HSH = SJt @ lin.V.mT, lin.V @ JSJ @ lin.V.mT
     S = HSH + lin.R
+    check_finite("the innovation covariance", S)
     K, _ = gain(SHt, S)
     return Innovation(SHt=SHt, S=S, K=K, mean=m + K @ (y - lin.yhat))
