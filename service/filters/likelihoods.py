@@ -167,7 +167,8 @@ class Gaussian:
     def log_predictive(self, y: Tensor, eta: Tensor, var_eta: Tensor) -> Tensor:
         S = var_eta + torch.diag_embed(self.r(eta).expand(eta.shape))
         L = cholesky(S, what="predictive covariance")
-        z = torch.linalg.solve_triangular(L, (y - eta).unsqueeze(-1), upper=False).squeeze(-1)
+        z: Tensor = torch.linalg.solve_triangular(L, (y - eta).unsqueeze(-1), upper=False)
+        z = z.squeeze(-1)
         logdet = 2 * torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
         return -0.5 * ((z * z).sum(-1) + logdet + eta.shape[-1] * _LOG_2PI)
 

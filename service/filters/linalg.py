@@ -33,6 +33,7 @@ def cholesky(A: Tensor, *, what: str = "matrix", max_tries: int = 6) -> Tensor:
     ``eps * mean(diag(A))`` by factors of 10. Raises :class:`StepRejected` ("not_psd") naming
     ``what`` if no jitter up to ``1e-3 * mean(diag)`` makes it succeed.
     """
+    L: Tensor
     L, info = torch.linalg.cholesky_ex(A)
     if not bool(info.any()):
         return L

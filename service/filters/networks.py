@@ -90,7 +90,7 @@ def _unflatten(
     theta: Tensor, layer: tuple[int, int, int, int], bias: bool
 ) -> tuple[Tensor, Tensor | None]:
     fan_in, fan_out, w_at, b_at = layer
-    W = theta[..., w_at : w_at + fan_in * fan_out].unflatten(-1, (fan_out, fan_in))
+    W = theta[..., w_at : w_at + fan_in * fan_out].reshape(*theta.shape[:-1], fan_out, fan_in)
     b = theta[..., b_at : b_at + fan_out] if bias else None
     return W, b
 
@@ -253,5 +253,5 @@ def jacobian_autodiff(network: Network, theta: Tensor, x: Tensor) -> Tensor:
     """dg/dtheta (N, C, D) by ``torch.func.jacrev``: for networks with no closed form, and tests."""
     from torch.func import jacrev
 
-    J = jacrev(lambda t: network.apply(t, x))(theta)
+    J: Tensor = jacrev(lambda t: network.apply(t, x))(theta)
     return J

@@ -165,11 +165,11 @@ class OnlineFilter:
             mean = self.network.init_mean(gen)
         return self.algorithm.init(mean.to(dtype=dtype, device=device), self.prior.variance)
 
-    def predict(self, state: S) -> S:
+    def predict(self, state: Any) -> Any:
         """p(theta_t | D_{1:t-1}) from p(theta_{t-1} | D_{1:t-1})."""
         return self.algorithm.predict(state, self.dynamics.decay, self.process_noise)
 
-    def update(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
+    def update(self, state: Any, x: Tensor, y: Tensor) -> tuple[Any, StepInfo]:
         """Condition the (already predicted) belief on one row: x (I,), y encoded (C,)."""
         theta = _mean_of(state)
         x = self._rows(x.unsqueeze(0) if x.ndim == 1 else x, theta)
@@ -182,11 +182,11 @@ class OnlineFilter:
         loglik = self.likelihood.log_predictive(y.unsqueeze(0), eta, JSJ.unsqueeze(0))[0]
         return new, StepInfo(predictive=pred, log_likelihood=loglik)
 
-    def step(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
+    def step(self, state: Any, x: Tensor, y: Tensor) -> tuple[Any, StepInfo]:
         """predict, then update on one row."""
         return self.update(self.predict(state), x, y)
 
-    def run(self, state: S, x: Tensor, y: Tensor) -> tuple[S, list[StepInfo]]:
+    def run(self, state: Any, x: Tensor, y: Tensor) -> tuple[Any, list[StepInfo]]:
         """``step`` over the rows of x (N, I) with raw targets y (see ``encode``), in order."""
         theta = _mean_of(state)
         x = self._rows(x, theta)
@@ -240,7 +240,8 @@ class OnlineFilter:
 
     def sample(self, state: Any, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n exact draws of theta from the belief, (n, D)."""
-        return self.algorithm.sample(state, n, generator)
+        draws: Tensor = self.algorithm.sample(state, n, generator)
+        return draws
 
     def sample_outputs(
         self, state: Any, x: Tensor, n: int, generator: torch.Generator | None = None
