@@ -137,10 +137,8 @@ class LoFi:
         # Truncate diag(Upsilon) + W~^T W~, W~ = T Z with T = blockdiag(I_d, L_R^{-1} V).
         LR = cholesky(lin.R, what="the observation covariance R")
         M = lin.V if lin.V is not None else torch.eye(C, dtype=W.dtype, device=W.device)
-        T = torch.block_diag(
-            torch.eye(d, dtype=W.dtype, device=W.device),
-            torch.linalg.solve_triangular(LR, M, upper=False),
-        )
+        T = torch.eye(d + C, dtype=W.dtype, device=W.device)
+        T[d:, d:] = torch.linalg.solve_triangular(LR, M, upper=False)
         G = symmetrise(T @ (Z @ Z.mT) @ T.mT)
         _, Q = torch.linalg.eigh(G.to(torch.float64))
         Y = (Q.flip(-1).mT.to(W.dtype) @ T) @ Z  # rows: directions, leading first
