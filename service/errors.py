@@ -7,14 +7,33 @@ layer maps each class to a status in one table, so nothing else needs to know ab
 
     PostserveError
     ├── InvalidInput            bad shapes, non-finite numbers, labels outside the likelihood's support
+    │   └── TooLarge            a body, a batch of rows or a model state over a configured limit
     ├── InvalidSpec             a model specification that cannot be built
-    └── StepRejected            a filtering step produced a non-finite or non-PSD posterior;
-                                the previous state is untouched and stays current
+    ├── StepRejected            a filtering step produced a non-finite or non-PSD posterior;
+    │                           the previous state is untouched and stays current
+    ├── NotFound                no model of that name
+    ├── AlreadyExists           a model of that name exists
+    ├── StoreUnavailable        the store could not make a write durable; nothing was applied
+    ├── NotReady                models are still being restored
+    ├── Unauthorized            no or unknown API key
+    └── Forbidden               a valid key without the scope the route needs
 """
 
 from __future__ import annotations
 
-__all__ = ["InvalidInput", "InvalidSpec", "PostserveError", "StepRejected"]
+__all__ = [
+    "AlreadyExists",
+    "Forbidden",
+    "InvalidInput",
+    "InvalidSpec",
+    "NotFound",
+    "NotReady",
+    "PostserveError",
+    "StepRejected",
+    "StoreUnavailable",
+    "TooLarge",
+    "Unauthorized",
+]
 
 
 class PostserveError(Exception):
@@ -50,3 +69,35 @@ class StepRejected(PostserveError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class TooLarge(InvalidInput):
+    """A request body, a batch of rows or a model's state over a configured limit."""
+
+    code = "too_large"
+
+
+class NotFound(PostserveError):
+    code = "not_found"
+
+
+class AlreadyExists(PostserveError):
+    code = "already_exists"
+
+
+class StoreUnavailable(PostserveError):
+    """The store did not acknowledge a write; the update was not applied."""
+
+    code = "store_unavailable"
+
+
+class NotReady(PostserveError):
+    code = "not_ready"
+
+
+class Unauthorized(PostserveError):
+    code = "unauthorized"
+
+
+class Forbidden(PostserveError):
+    code = "forbidden"

@@ -58,7 +58,8 @@ _LOG_2PI = math.log(2 * math.pi)
 class Likelihood(Protocol):
     """What a filter needs of an observation model."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def check_output_dim(self, output_dim: int) -> None:
         """Raise InvalidSpec if the family cannot have ``output_dim`` network outputs."""

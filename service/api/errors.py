@@ -1,0 +1,89 @@
+"""Errors to responses, in one table: ``{"error": {"code": ..., "message": ...}}``."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import (
+    AlreadyExists,
+    Forbidden,
+    InvalidInput,
+    InvalidSpec,
+    NotFound,
+    NotReady,
+    PostserveError,
+    StepRejected,
+    StoreUnavailable,
+    TooLarge,
+    Unauthorized,
+)
+
+__all__ = ["STATUS", "error_response", "install"]
+
+log = logging.getLogger("postserve.api")
+
+#: Most specific class first.
+STATUS: list[tuple[type[PostserveError], int]] = [
+    (TooLarge, 413),
+    (InvalidInput, 422),
+    (InvalidSpec, 422),
+    (StepRejected, 422),
+    (NotFound, 404),
+    (AlreadyExists, 409),
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (StoreUnavailable, 503),
+    (NotReady, 503),
+]
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def _status_of(exc: PostserveError) -> int:
+    for cls, status in STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+async def _postserve(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, PostserveError)
+    return error_response(_status_of(exc), exc.code, exc.message)
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return error_response(422, "invalid_input", "; ".join(parts) or "invalid request body")
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal", "internal server error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(PostserveError, _postserve)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,97 @@
+"""The v1 routes: validate (pydantic), call the engine once, return a schema."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.api.auth import require
+from service.engine import Engine
+from service.schemas import (
+    ModelInfo,
+    ModelList,
+    ModelSpec,
+    PredictRequest,
+    PredictResponse,
+    SnapshotResponse,
+    UpdateRequest,
+    UpdateResponse,
+)
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+@router.post(
+    "/v1/models",
+    status_code=201,
+    response_model=ModelInfo,
+    dependencies=[Depends(require("admin"))],
+)
+async def create_model(spec: ModelSpec, request: Request) -> ModelInfo:
+    return await _engine(request).create(spec)
+
+
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require("read"))])
+async def list_models(request: Request) -> ModelList:
+    return ModelList(models=_engine(request).list_models())
+
+
+@router.get("/v1/models/{name}", response_model=ModelInfo, dependencies=[Depends(require("read"))])
+async def get_model(name: str, request: Request) -> ModelInfo:
+    return _engine(request).info(name)
+
+
+@router.delete("/v1/models/{name}", status_code=204, dependencies=[Depends(require("admin"))])
+async def delete_model(name: str, request: Request) -> Response:
+    await _engine(request).delete(name)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/v1/models/{name}/update",
+    response_model=UpdateResponse,
+    dependencies=[Depends(require("write"))],
+)
+async def update(name: str, body: UpdateRequest, request: Request) -> UpdateResponse:
+    return await _engine(request).update(name, body)
+
+
+@router.post(
+    "/v1/models/{name}/predict",
+    response_model=PredictResponse,
+    dependencies=[Depends(require("read"))],
+)
+async def predict(name: str, body: PredictRequest, request: Request) -> PredictResponse:
+    return await _engine(request).predict(name, body)
+
+
+@router.post(
+    "/v1/models/{name}/snapshot",
+    response_model=SnapshotResponse,
+    dependencies=[Depends(require("admin"))],
+)
+async def snapshot(name: str, request: Request) -> SnapshotResponse:
+    return await _engine(request).snapshot(name)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    engine = _engine(request)
+    store_ok = await engine.store.ping()
+    ready = engine.ready and store_ok
+    return JSONResponse(
+        {"ready": ready, "models_restored": engine.ready, "store": store_ok},
+        status_code=200 if ready else 503,
+    )

@@ -1,0 +1,211 @@
+"""Python clients for Postserve: :class:`Client` (sync) and :class:`AsyncClient` (httpx).
+
+Both share the request building (:class:`_Calls`) and the response parsing (:func:`_parse`); each
+method is one line per client. Errors come back as :class:`PostserveHTTPError` carrying the
+server's status, ``code`` and ``message``::
+
+    with Client("http://127.0.0.1:8000", api_key=None) as client:
+        client.update("ctr", x=[[0.1, 0.2]], y=[1]).version
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from service.schemas import (
+    ModelInfo,
+    ModelList,
+    ModelSpec,
+    PredictResponse,
+    SnapshotResponse,
+    UpdateResponse,
+)
+
+__all__ = ["AsyncClient", "Client", "PostserveHTTPError"]
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class PostserveHTTPError(Exception):
+    """A non-2xx answer: ``status`` (HTTP), ``code`` (stable) and ``message``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    path: str
+    body: dict[str, Any] | None = None
+
+
+class _Calls:
+    """Request building shared by both clients."""
+
+    @staticmethod
+    def create(spec: ModelSpec | dict[str, Any]) -> _Call:
+        body = spec.model_dump(exclude_none=True) if isinstance(spec, ModelSpec) else spec
+        return _Call("POST", "/v1/models", body)
+
+    @staticmethod
+    def list() -> _Call:
+        return _Call("GET", "/v1/models")
+
+    @staticmethod
+    def get(name: str) -> _Call:
+        return _Call("GET", f"/v1/models/{name}")
+
+    @staticmethod
+    def delete(name: str) -> _Call:
+        return _Call("DELETE", f"/v1/models/{name}")
+
+    @staticmethod
+    def update(name: str, x: Any, y: Any, request_id: str | None) -> _Call:
+        body: dict[str, Any] = {"x": _rows(x), "y": _list(y)}
+        if request_id is not None:
+            body["request_id"] = request_id
+        return _Call("POST", f"/v1/models/{name}/update", body)
+
+    @staticmethod
+    def predict(name: str, x: Any, num_samples: int, seed: int | None) -> _Call:
+        body: dict[str, Any] = {"x": _rows(x), "num_samples": num_samples}
+        if seed is not None:
+            body["seed"] = seed
+        return _Call("POST", f"/v1/models/{name}/predict", body)
+
+    @staticmethod
+    def snapshot(name: str) -> _Call:
+        return _Call("POST", f"/v1/models/{name}/snapshot")
+
+
+def _list(v: Any) -> Any:
+    return v.tolist() if hasattr(v, "tolist") else list(v)
+
+
+def _rows(x: Any) -> Any:
+    return [_list(r) for r in _list(x)]
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _check(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        err = response.json()["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", response.text[:500]
+    raise PostserveHTTPError(response.status_code, code, message)
+
+
+def _parse(response: httpx.Response, model: type[R]) -> R:
+    _check(response)
+    return model.model_validate_json(response.content)
+
+
+class Client:
+    """Synchronous client. Use as a context manager or call ``close()``."""
+
+    def __init__(
+        self, base_url: str, api_key: str | None = None, timeout: float = 30.0, **kw: Any
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, **kw
+        )
+
+    def _send(self, call: _Call) -> httpx.Response:
+        return self._http.request(call.method, call.path, json=call.body)
+
+    def create_model(self, spec: ModelSpec | dict[str, Any]) -> ModelInfo:
+        return _parse(self._send(_Calls.create(spec)), ModelInfo)
+
+    def list_models(self) -> list[ModelInfo]:
+        return _parse(self._send(_Calls.list()), ModelList).models
+
+    def get_model(self, name: str) -> ModelInfo:
+        return _parse(self._send(_Calls.get(name)), ModelInfo)
+
+    def delete_model(self, name: str) -> None:
+        _check(self._send(_Calls.delete(name)))
+
+    def update(self, name: str, x: Any, y: Any, request_id: str | None = None) -> UpdateResponse:
+        return _parse(self._send(_Calls.update(name, x, y, request_id)), UpdateResponse)
+
+    def predict(
+        self, name: str, x: Any, num_samples: int = 0, seed: int | None = None
+    ) -> PredictResponse:
+        return _parse(self._send(_Calls.predict(name, x, num_samples, seed)), PredictResponse)
+
+    def snapshot(self, name: str) -> SnapshotResponse:
+        return _parse(self._send(_Calls.snapshot(name)), SnapshotResponse)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """Asynchronous client (``async with AsyncClient(url) as c: await c.update(...)``)."""
+
+    def __init__(
+        self, base_url: str, api_key: str | None = None, timeout: float = 30.0, **kw: Any
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, **kw
+        )
+
+    async def _send(self, call: _Call) -> httpx.Response:
+        return await self._http.request(call.method, call.path, json=call.body)
+
+    async def create_model(self, spec: ModelSpec | dict[str, Any]) -> ModelInfo:
+        return _parse(await self._send(_Calls.create(spec)), ModelInfo)
+
+    async def list_models(self) -> list[ModelInfo]:
+        return _parse(await self._send(_Calls.list()), ModelList).models
+
+    async def get_model(self, name: str) -> ModelInfo:
+        return _parse(await self._send(_Calls.get(name)), ModelInfo)
+
+    async def delete_model(self, name: str) -> None:
+        _check(await self._send(_Calls.delete(name)))
+
+    async def update(
+        self, name: str, x: Any, y: Any, request_id: str | None = None
+    ) -> UpdateResponse:
+        return _parse(await self._send(_Calls.update(name, x, y, request_id)), UpdateResponse)
+
+    async def predict(
+        self, name: str, x: Any, num_samples: int = 0, seed: int | None = None
+    ) -> PredictResponse:
+        return _parse(await self._send(_Calls.predict(name, x, num_samples, seed)), PredictResponse)
+
+    async def snapshot(self, name: str) -> SnapshotResponse:
+        return _parse(await self._send(_Calls.snapshot(name)), SnapshotResponse)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,65 @@
+"""Settings, read once from ``POSTSERVE_*`` environment variables (pydantic-settings).
+
+Every setting, its variable and its default are listed in the README's configuration table; a bad
+value fails at start with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Scope", "Settings"]
+
+Scope = Literal["read", "write", "admin"]
+_SCOPES: tuple[str, ...] = ("read", "write", "admin")
+
+
+class Settings(BaseSettings):
+    """Postserve's configuration. Construct directly in tests; ``Settings()`` reads the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="POSTSERVE_", extra="ignore", frozen=True)
+
+    store: Literal["sqlite", "memory"] = "sqlite"
+    data_dir: Path = Path("./postserve-data")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    snapshot_every: int = Field(1000, ge=1, description="snapshot after this many observations")
+    snapshot_interval_s: float = Field(60.0, gt=0, description="...or after this many seconds")
+    idempotency_ttl_s: float = Field(86400.0, gt=0)
+
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_rows: int = Field(10_000, ge=1)
+    max_samples: int = Field(1000, ge=0)
+    max_state_bytes: int = Field(1 << 30, ge=1, description="cap on one model's state")
+
+    api_keys: str = Field(
+        "", description="comma-separated KEY:SCOPE pairs, scope one of read, write, admin"
+    )
+    device: str = "auto"
+    threads: int = Field(1, ge=1, description="torch intra-op threads")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: str) -> str:
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, scope = pair.rpartition(":")
+            if not sep or not key or scope not in _SCOPES:
+                raise ValueError(
+                    f"POSTSERVE_API_KEYS entry {pair[:4]}... must be KEY:SCOPE with scope one of "
+                    f"{', '.join(_SCOPES)}"
+                )
+        return value
+
+    @property
+    def keys(self) -> list[tuple[str, Scope]]:
+        """(API key, scope) pairs; a key listed with several scopes holds each of them."""
+        out: list[tuple[str, Scope]] = []
+        for pair in filter(None, (p.strip() for p in self.api_keys.split(","))):
+            key, _, scope = pair.rpartition(":")
+            out.append((key, scope))  # type: ignore[arg-type]
+        return out

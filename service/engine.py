@@ -1,0 +1,344 @@
+"""The engine: hosted models, the write-ahead update protocol, snapshots and recovery.
+
+Each hosted model holds its spec, its filter and a *published* pair (version, state). Updates to a
+model are serialised by its lock; predictions read the published pair without a lock (states are
+immutable, publishing is one reference swap). The update protocol (architecture.md section 2):
+
+1. validate the request against the model (dimensions, labels);
+2. under the model's lock, compute the new state off the event loop, not yet visible;
+3. a non-finite / non-PSD result raises StepRejected: nothing changes;
+4. append the observation record (and the response, for ``request_id``) to the store; if that
+   fails, StoreUnavailable and the old state stays;
+5. publish (version + rows, new state) and answer.
+
+Snapshots run in the background every ``snapshot_every`` observations or ``snapshot_interval_s``
+seconds; the store trims the log up to the snapshot. At start every model in the catalogue is
+restored from its latest snapshot plus a replay of the log after it, which reproduces the state
+bit for bit on the same device and dtype (each row is the same deterministic step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.to_thread
+import torch
+
+from service.config import Settings
+from service.errors import (
+    AlreadyExists,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    TooLarge,
+)
+from service.filters import OnlineFilter
+from service.models import (
+    DTYPES,
+    build_filter,
+    decode_state,
+    encode_state,
+    resolve_device,
+    state_bytes_estimate,
+)
+from service.schemas import (
+    ModelInfo,
+    ModelSpec,
+    PredictRequest,
+    PredictResponse,
+    RowPrediction,
+    SnapshotResponse,
+    UpdateRequest,
+    UpdateResponse,
+)
+from service.store import Snapshot, Store
+
+__all__ = ["Engine", "Hosted"]
+
+log = logging.getLogger("postserve.engine")
+
+
+@dataclass
+class Hosted:
+    """One hosted model. ``current`` = (version, state) is replaced whole, never mutated."""
+
+    spec: ModelSpec
+    filter: OnlineFilter
+    device: torch.device
+    dtype: torch.dtype
+    current: tuple[int, Any]
+    snapshot_version: int = 0
+    snapshot_time: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    snapshotting: bool = False
+    deleted: bool = False
+
+    @property
+    def version(self) -> int:
+        return self.current[0]
+
+
+def _tensor(rows: list[Any], like: Hosted) -> torch.Tensor:
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+class Engine:
+    """Owns the hosted models; every public method is one API operation."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.models: dict[str, Hosted] = {}
+        self.ready = False
+        self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and restore every model (snapshot + log replay); then ready."""
+        torch.set_num_threads(self.settings.threads)
+        await self.store.open()
+        for name, raw in sorted((await self.store.list_models()).items()):
+            self.models[name] = await self._restore(ModelSpec.model_validate_json(raw))
+            log.info("restored %s at version %d", name, self.models[name].version)
+        self.ready = True
+        self._ticker = asyncio.create_task(self._tick())
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task
+        await self.store.close()
+
+    async def _restore(self, spec: ModelSpec) -> Hosted:
+        hosted = self._host(spec)
+        snap = await self.store.get_snapshot(spec.name)
+        if snap is not None:
+            meta = json.loads(snap.meta)
+            state = decode_state(snap.tensors, meta["algorithm"], hosted.dtype, hosted.device)
+            hosted.current = (snap.version, state)
+            hosted.snapshot_version = snap.version
+        for rec in await self.store.read_log(spec.name, after=hosted.version):
+            body = json.loads(rec.record)
+            version, state = hosted.current
+            x, y = _tensor(body["x"], hosted), _tensor(body["y"], hosted)
+            new, _ = await anyio.to_thread.run_sync(hosted.filter.run, state, x, y)
+            if version + len(body["x"]) != rec.version:
+                raise RuntimeError(
+                    f"log of {spec.name!r} is inconsistent: record {rec.version} follows {version}"
+                )
+            hosted.current = (rec.version, new)
+        return hosted
+
+    def _host(self, spec: ModelSpec) -> Hosted:
+        f = build_filter(spec)
+        f.likelihood.check_output_dim(f.network.output_dim)
+        need = state_bytes_estimate(spec, f.num_params)
+        if need > self.settings.max_state_bytes:
+            raise TooLarge(
+                f"the state of this model would take {need} bytes, over the limit of "
+                f"{self.settings.max_state_bytes} (POSTSERVE_MAX_STATE_BYTES)"
+            )
+        device = resolve_device(spec.device, self.settings.device)
+        dtype = DTYPES[spec.dtype]
+        return Hosted(spec, f, device, dtype, (0, f.init(dtype=dtype, device=device)))
+
+    # -- catalogue ---------------------------------------------------------------------------
+
+    def _get(self, name: str) -> Hosted:
+        if not self.ready:
+            raise NotReady("models are still being restored")
+        hosted = self.models.get(name)
+        if hosted is None:
+            raise NotFound(f"no model named {name!r}")
+        return hosted
+
+    def info(self, name: str) -> ModelInfo:
+        h = self._get(name)
+        version, state = h.current
+        return ModelInfo(
+            name=name,
+            spec=h.spec,
+            version=version,
+            num_params=h.filter.num_params,
+            state_bytes=h.filter.state_bytes(state),
+            snapshot_version=h.snapshot_version,
+            device=str(h.device),
+        )
+
+    def list_models(self) -> list[ModelInfo]:
+        if not self.ready:
+            raise NotReady("models are still being restored")
+        return [self.info(name) for name in sorted(self.models)]
+
+    async def create(self, spec: ModelSpec) -> ModelInfo:
+        if not self.ready:
+            raise NotReady("models are still being restored")
+        if spec.name in self.models:
+            raise AlreadyExists(f"a model named {spec.name!r} exists")
+        hosted = await anyio.to_thread.run_sync(self._host, spec)
+        if not await self.store.create_model(spec.name, spec.model_dump_json().encode()):
+            raise AlreadyExists(f"a model named {spec.name!r} exists")
+        self.models[spec.name] = hosted
+        return self.info(spec.name)
+
+    async def delete(self, name: str) -> None:
+        hosted = self._get(name)
+        async with hosted.lock:
+            hosted.deleted = True
+            self.models.pop(name, None)
+            await self.store.delete_model(name)
+
+    # -- update / predict --------------------------------------------------------------------
+
+    def _check_rows(self, h: Hosted, x: list[list[float]], what: str) -> None:
+        if len(x) > self.settings.max_rows:
+            raise TooLarge(
+                f"{len(x)} rows is over the limit of {self.settings.max_rows} per request "
+                "(POSTSERVE_MAX_ROWS)"
+            )
+        want = h.filter.network.input_dim
+        for i, row in enumerate(x):
+            if len(row) != want:
+                raise InvalidInput(
+                    f"{what}: row {i} of x has {len(row)} values, the model takes {want}"
+                )
+
+    async def update(self, name: str, req: UpdateRequest) -> UpdateResponse:
+        h = self._get(name)
+        self._check_rows(h, req.x, "update")
+        if len(req.y) != len(req.x):
+            raise InvalidInput(f"x has {len(req.x)} rows but y has {len(req.y)}")
+        async with h.lock:
+            if h.deleted:
+                raise NotFound(f"no model named {name!r}")
+            if req.request_id is not None:
+                first = await self.store.get_response(name, req.request_id)
+                if first is not None:
+                    return UpdateResponse.model_validate_json(first).model_copy(
+                        update={"duplicate": True}
+                    )
+            version, state = h.current
+            new, infos = await anyio.to_thread.run_sync(self._step, h, state, req)
+            n = len(req.x)
+            response = UpdateResponse(
+                version=version + n,
+                applied=n,
+                predictions=[
+                    RowPrediction(
+                        mean=i.predictive.mean[0].tolist(),
+                        variance=i.predictive.variance[0].tolist(),
+                    )
+                    for i in infos
+                ],
+                log_likelihood=[float(i.log_likelihood) for i in infos],
+            )
+            record = json.dumps({"x": req.x, "y": req.y, "request_id": req.request_id}).encode()
+            await self.store.append(
+                name,
+                version + n,
+                record,
+                req.request_id,
+                response.model_dump_json().encode() if req.request_id is not None else None,
+            )
+            h.current = (version + n, new)
+        if version + n - h.snapshot_version >= self.settings.snapshot_every:
+            self._spawn_snapshot(h)
+        return response
+
+    @staticmethod
+    def _step(h: Hosted, state: Any, req: UpdateRequest) -> tuple[Any, list[Any]]:
+        x = _tensor(req.x, h)
+        try:
+            y = _tensor(req.y, h)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInput(f"y rows must all have the same shape: {exc}") from exc
+        return h.filter.run(state, x, y)
+
+    async def predict(self, name: str, req: PredictRequest) -> PredictResponse:
+        h = self._get(name)
+        self._check_rows(h, req.x, "predict")
+        if req.num_samples > self.settings.max_samples:
+            raise TooLarge(
+                f"num_samples {req.num_samples} is over the limit of {self.settings.max_samples} "
+                "(POSTSERVE_MAX_SAMPLES)"
+            )
+        version, state = h.current
+        return await anyio.to_thread.run_sync(self._predict, h, version, state, req)
+
+    @staticmethod
+    def _predict(h: Hosted, version: int, state: Any, req: PredictRequest) -> PredictResponse:
+        f = h.filter
+        x = _tensor(req.x, h)
+        ahead = f.predict(state)  # the one-step-ahead belief p(theta_{t+1} | D_{1:t})
+        pred = f.predictive(ahead, x)
+        samples: list[list[list[float]]] = []
+        if req.num_samples:
+            seed = req.seed if req.seed is not None else secrets.randbits(63)
+            gen = torch.Generator(device=h.device).manual_seed(seed)
+            samples = f.sample_outputs(ahead, x, req.num_samples, gen).tolist()
+        return PredictResponse(
+            version=version,
+            mean=pred.mean.tolist(),
+            variance=pred.variance.tolist(),
+            epistemic_variance=pred.epistemic.tolist(),
+            aleatoric_variance=pred.aleatoric.tolist(),
+            samples=samples,
+        )
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    async def snapshot(self, name: str) -> SnapshotResponse:
+        h = self._get(name)
+        size = await self._snapshot(name, h)
+        return SnapshotResponse(name=name, version=h.snapshot_version, bytes=size)
+
+    async def _snapshot(self, name: str, h: Hosted) -> int:
+        version, state = h.current
+        tensors, meta = await anyio.to_thread.run_sync(
+            encode_state, state, version, h.spec.filter.type
+        )
+        if not h.deleted:
+            await self.store.put_snapshot(name, Snapshot(version, tensors, meta))
+            h.snapshot_version = max(h.snapshot_version, version)
+            h.snapshot_time = time.monotonic()
+        return len(tensors) + len(meta)
+
+    def _spawn_snapshot(self, h: Hosted) -> None:
+        if h.snapshotting:
+            return
+        h.snapshotting = True
+
+        async def run() -> None:
+            try:
+                await self._snapshot(h.spec.name, h)
+            except Exception:
+                log.exception("snapshot of %s failed", h.spec.name)
+            finally:
+                h.snapshotting = False
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tick(self) -> None:
+        period = self.settings.snapshot_interval_s
+        while True:
+            await asyncio.sleep(min(period, 5.0))
+            now = time.monotonic()
+            for h in list(self.models.values()):
+                if h.version > h.snapshot_version and now - h.snapshot_time >= period:
+                    self._spawn_snapshot(h)

@@ -1,0 +1,246 @@
+"""The v1 HTTP contract as pydantic models (architecture.md section 3).
+
+Shared by the engine (which returns the response models), the routes and the Python client. Bodies
+are validated here at the edge: shapes that do not depend on a model, finiteness of every number,
+names. Checks that need the model (input_dim, labels in the likelihood's support) happen in the
+engine, before anything is changed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "BernoulliSpec",
+    "CategoricalSpec",
+    "DynamicsSpec",
+    "EKFSpec",
+    "FilterSpec",
+    "GaussianSpec",
+    "KalmanSpec",
+    "LikelihoodSpec",
+    "LinearSpec",
+    "LoFiSpec",
+    "MLPSpec",
+    "ModelInfo",
+    "ModelList",
+    "ModelSpec",
+    "NetworkSpec",
+    "PoissonSpec",
+    "PredictRequest",
+    "PredictResponse",
+    "PriorSpec",
+    "RowPrediction",
+    "SnapshotResponse",
+    "UpdateRequest",
+    "UpdateResponse",
+]
+
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
+ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _finite(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value}")
+    return value
+
+
+def _all_finite(values: object, what: str) -> None:
+    stack = [values]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"NaN or infinite values are not allowed in {what}")
+
+
+class LinearSpec(_Strict):
+    type: Literal["linear"]
+    input_dim: int = Field(ge=1, le=1_000_000)
+    output_dim: int = Field(1, ge=1, le=10_000)
+    bias: bool = True
+
+
+class MLPSpec(_Strict):
+    type: Literal["mlp"]
+    input_dim: int = Field(ge=1, le=1_000_000)
+    hidden: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(min_length=1, max_length=16)
+    output_dim: int = Field(1, ge=1, le=10_000)
+    activation: Literal["relu", "tanh", "gelu", "elu"] = "relu"
+
+
+NetworkSpec = Annotated[LinearSpec | MLPSpec, Field(discriminator="type")]
+
+
+class GaussianSpec(_Strict):
+    type: Literal["gaussian"]
+    noise_variance: float | list[float] = 1.0
+
+    @field_validator("noise_variance")
+    @classmethod
+    def _positive(cls, v: float | list[float]) -> float | list[float]:
+        for r in v if isinstance(v, list) else [v]:
+            if not (math.isfinite(r) and r > 0):
+                raise ValueError(f"noise_variance must be finite and > 0, got {r}")
+        return v
+
+
+class BernoulliSpec(_Strict):
+    type: Literal["bernoulli"]
+
+
+class CategoricalSpec(_Strict):
+    type: Literal["categorical"]
+
+
+class PoissonSpec(_Strict):
+    type: Literal["poisson"]
+
+
+LikelihoodSpec = Annotated[
+    GaussianSpec | BernoulliSpec | CategoricalSpec | PoissonSpec, Field(discriminator="type")
+]
+
+
+class LoFiSpec(_Strict):
+    type: Literal["lofi"]
+    rank: int = Field(10, ge=0, le=1000)
+
+
+class EKFSpec(_Strict):
+    type: Literal["ekf"]
+
+
+class DiagonalSpec(_Strict):
+    type: Literal["diagonal"]
+
+
+class KalmanSpec(_Strict):
+    type: Literal["kalman"]
+
+
+FilterSpec = Annotated[LoFiSpec | EKFSpec | DiagonalSpec | KalmanSpec, Field(discriminator="type")]
+
+
+class PriorSpec(_Strict):
+    variance: float = Field(1.0, gt=0)
+    mean: list[float] | None = None
+
+    @field_validator("variance")
+    @classmethod
+    def _finite_variance(cls, v: float) -> float:
+        return _finite(v, "prior.variance")
+
+    @field_validator("mean")
+    @classmethod
+    def _finite_mean(cls, v: list[float] | None) -> list[float] | None:
+        _all_finite(v, "prior.mean")
+        return v
+
+
+class DynamicsSpec(_Strict):
+    process_noise: float = Field(0.0, ge=0)
+    decay: float = Field(1.0, gt=0, le=1)
+    steady_state: bool = False
+
+    @field_validator("process_noise")
+    @classmethod
+    def _finite_q(cls, v: float) -> float:
+        return _finite(v, "dynamics.process_noise")
+
+
+class ModelSpec(_Strict):
+    """The body of ``POST /v1/models``."""
+
+    name: ModelName
+    network: NetworkSpec
+    likelihood: LikelihoodSpec
+    filter: FilterSpec = Field(default_factory=lambda: LoFiSpec(type="lofi"))
+    prior: PriorSpec = Field(default_factory=PriorSpec)
+    dynamics: DynamicsSpec = Field(default_factory=DynamicsSpec)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str = "auto"
+    monitor: bool = False
+
+
+class UpdateRequest(_Strict):
+    x: list[list[float]] = Field(min_length=1)
+    y: list[float | list[float]] = Field(min_length=1)
+    request_id: str | None = Field(None, min_length=1, max_length=200)
+
+    @field_validator("x")
+    @classmethod
+    def _finite_x(cls, v: list[list[float]]) -> list[list[float]]:
+        _all_finite(v, "x")
+        return v
+
+    @field_validator("y")
+    @classmethod
+    def _finite_y(cls, v: list[float | list[float]]) -> list[float | list[float]]:
+        _all_finite(v, "y")
+        return v
+
+
+class PredictRequest(_Strict):
+    x: list[list[float]] = Field(min_length=1)
+    num_samples: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    @field_validator("x")
+    @classmethod
+    def _finite_x(cls, v: list[list[float]]) -> list[list[float]]:
+        _all_finite(v, "x")
+        return v
+
+
+class RowPrediction(BaseModel):
+    mean: list[float]
+    variance: list[float]
+
+
+class UpdateResponse(BaseModel):
+    version: int
+    applied: int
+    duplicate: bool = False
+    predictions: list[RowPrediction]
+    log_likelihood: list[float]
+
+
+class PredictResponse(BaseModel):
+    version: int
+    mean: list[list[float]]
+    variance: list[list[float]]
+    epistemic_variance: list[list[float]]
+    aleatoric_variance: list[list[float]]
+    samples: list[list[list[float]]] = Field(default_factory=list)
+
+
+class ModelInfo(BaseModel):
+    name: str
+    spec: ModelSpec
+    version: int
+    num_params: int
+    state_bytes: int
+    snapshot_version: int
+    device: str
+    calibration: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class SnapshotResponse(BaseModel):
+    name: str
+    version: int
+    bytes: int

@@ -1,0 +1,82 @@
+"""The store protocol: a small byte-level interface the engine persists through.
+
+A store never interprets tensors or specs: it keeps bytes. Four kinds of record, per model name:
+
+============  ======================================================================
+catalogue     name -> spec (JSON bytes)
+log           (name, version) -> record bytes; ``version`` is the model's version after the
+              record is applied; appended in increasing version order
+requests      (name, request_id) -> the response first given (bytes), kept ``ttl`` seconds;
+              written in the same atomic step as the log record it answered
+snapshots     name -> (version, tensors (safetensors bytes), meta (JSON bytes)), latest only
+============  ======================================================================
+
+Durability: when ``append`` returns, the record is durable to the backend's stated guarantee
+(sqlite: fsync'd WAL commit). Any failure raises :class:`~service.errors.StoreUnavailable` and
+leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["LogRecord", "Snapshot", "Store"]
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    version: int
+    record: bytes
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    tensors: bytes
+    meta: bytes
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> bool:
+        """True when the store can take writes."""
+        ...
+
+    async def create_model(self, name: str, spec: bytes) -> bool:
+        """Add to the catalogue; False (and no change) if the name exists."""
+        ...
+
+    async def delete_model(self, name: str) -> bool:
+        """Remove the model, its log, snapshots and request records; False if absent."""
+        ...
+
+    async def list_models(self) -> dict[str, bytes]: ...
+
+    async def append(
+        self,
+        name: str,
+        version: int,
+        record: bytes,
+        request_id: str | None = None,
+        response: bytes | None = None,
+    ) -> None:
+        """Durably append one log record (and its request record), atomically."""
+        ...
+
+    async def read_log(self, name: str, after: int = 0) -> list[LogRecord]:
+        """Records with version > ``after``, in version order."""
+        ...
+
+    async def get_response(self, name: str, request_id: str) -> bytes | None:
+        """The response stored with ``request_id`` if it is younger than the TTL."""
+        ...
+
+    async def put_snapshot(self, name: str, snapshot: Snapshot) -> None:
+        """Store the snapshot, then trim log records with version <= snapshot.version."""
+        ...
+
+    async def get_snapshot(self, name: str) -> Snapshot | None: ...

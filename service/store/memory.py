@@ -1,0 +1,77 @@
+"""An in-process store: for tests and ephemeral runs (nothing survives the process)."""
+
+from __future__ import annotations
+
+import time
+
+from service.store.base import LogRecord, Snapshot
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    def __init__(self, idempotency_ttl_s: float = 86400.0) -> None:
+        self._ttl = idempotency_ttl_s
+        self._models: dict[str, bytes] = {}
+        self._logs: dict[str, list[LogRecord]] = {}
+        self._requests: dict[tuple[str, str], tuple[float, bytes]] = {}
+        self._snapshots: dict[str, Snapshot] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> bool:
+        return True
+
+    async def create_model(self, name: str, spec: bytes) -> bool:
+        if name in self._models:
+            return False
+        self._models[name] = spec
+        self._logs[name] = []
+        return True
+
+    async def delete_model(self, name: str) -> bool:
+        if self._models.pop(name, None) is None:
+            return False
+        self._logs.pop(name, None)
+        self._snapshots.pop(name, None)
+        for key in [k for k in self._requests if k[0] == name]:
+            del self._requests[key]
+        return True
+
+    async def list_models(self) -> dict[str, bytes]:
+        return dict(self._models)
+
+    async def append(
+        self,
+        name: str,
+        version: int,
+        record: bytes,
+        request_id: str | None = None,
+        response: bytes | None = None,
+    ) -> None:
+        log = self._logs.setdefault(name, [])
+        if log and log[-1].version >= version:
+            raise ValueError(f"log of {name!r} is at version {log[-1].version}, got {version}")
+        log.append(LogRecord(version, record))
+        if request_id is not None and response is not None:
+            self._requests[(name, request_id)] = (time.time(), response)
+
+    async def read_log(self, name: str, after: int = 0) -> list[LogRecord]:
+        return [r for r in self._logs.get(name, []) if r.version > after]
+
+    async def get_response(self, name: str, request_id: str) -> bytes | None:
+        hit = self._requests.get((name, request_id))
+        if hit is None or time.time() - hit[0] > self._ttl:
+            return None
+        return hit[1]
+
+    async def put_snapshot(self, name: str, snapshot: Snapshot) -> None:
+        self._snapshots[name] = snapshot
+        self._logs[name] = [r for r in self._logs.get(name, []) if r.version > snapshot.version]
+
+    async def get_snapshot(self, name: str) -> Snapshot | None:
+        return self._snapshots.get(name)

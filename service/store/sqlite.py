@@ -1,0 +1,161 @@
+"""The embedded default store: one SQLite file in WAL mode with ``synchronous=FULL``.
+
+Every write is one transaction; ``append`` returns after the commit, which in WAL mode with
+synchronous=FULL has fsync'd the write-ahead log: an acknowledged update survives a crash of the
+process or of the machine. All SQLite calls run on one dedicated thread (one connection), off the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from service.errors import StoreUnavailable
+from service.store.base import LogRecord, Snapshot
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, spec BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS log (
+    name TEXT NOT NULL, version INTEGER NOT NULL, record BLOB NOT NULL,
+    PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS requests (
+    name TEXT NOT NULL, request_id TEXT NOT NULL, created REAL NOT NULL, response BLOB NOT NULL,
+    PRIMARY KEY (name, request_id));
+CREATE TABLE IF NOT EXISTS snapshots (
+    name TEXT PRIMARY KEY, version INTEGER NOT NULL, tensors BLOB NOT NULL, meta BLOB NOT NULL);
+"""
+
+
+class SQLiteStore:
+    def __init__(self, path: str | Path, idempotency_ttl_s: float = 86400.0) -> None:
+        self._path = Path(path)
+        self._ttl = idempotency_ttl_s
+        self._db: sqlite3.Connection | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postserve-sqlite")
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._db is None:
+                raise StoreUnavailable("the sqlite store is not open")
+            try:
+                with self._db:  # one transaction: commit on success, roll back on error
+                    return fn(self._db)
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def open(self) -> None:
+        def connect() -> None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            db.isolation_level = "DEFERRED"
+            self._db = db
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, connect)
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, shut)
+
+    async def ping(self) -> bool:
+        try:
+            await self._run(lambda db: db.execute("SELECT 1").fetchone())
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def create_model(self, name: str, spec: bytes) -> bool:
+        def go(db: sqlite3.Connection) -> bool:
+            cur = db.execute("INSERT OR IGNORE INTO models VALUES (?, ?)", (name, spec))
+            return cur.rowcount == 1
+
+        return await self._run(go)
+
+    async def delete_model(self, name: str) -> bool:
+        def go(db: sqlite3.Connection) -> bool:
+            cur = db.execute("DELETE FROM models WHERE name = ?", (name,))
+            for table in ("log", "requests", "snapshots"):
+                db.execute(f"DELETE FROM {table} WHERE name = ?", (name,))
+            return cur.rowcount == 1
+
+        return await self._run(go)
+
+    async def list_models(self) -> dict[str, bytes]:
+        rows = await self._run(lambda db: db.execute("SELECT name, spec FROM models").fetchall())
+        return {name: bytes(spec) for name, spec in rows}
+
+    async def append(
+        self,
+        name: str,
+        version: int,
+        record: bytes,
+        request_id: str | None = None,
+        response: bytes | None = None,
+    ) -> None:
+        def go(db: sqlite3.Connection) -> None:
+            last = db.execute("SELECT MAX(version) FROM log WHERE name = ?", (name,)).fetchone()[0]
+            if last is not None and last >= version:
+                raise ValueError(f"log of {name!r} is at version {last}, got {version}")
+            db.execute("INSERT INTO log VALUES (?, ?, ?)", (name, version, record))
+            if request_id is not None and response is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
+                    (name, request_id, time.time(), response),
+                )
+
+        await self._run(go)
+
+    async def read_log(self, name: str, after: int = 0) -> list[LogRecord]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT version, record FROM log WHERE name = ? AND version > ? ORDER BY version",
+                (name, after),
+            ).fetchall()
+        )
+        return [LogRecord(v, bytes(r)) for v, r in rows]
+
+    async def get_response(self, name: str, request_id: str) -> bytes | None:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT response FROM requests WHERE name = ? AND request_id = ? AND created > ?",
+                (name, request_id, time.time() - self._ttl),
+            ).fetchone()
+        )
+        return None if row is None else bytes(row[0])
+
+    async def put_snapshot(self, name: str, snapshot: Snapshot) -> None:
+        def go(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)",
+                (name, snapshot.version, snapshot.tensors, snapshot.meta),
+            )
+            db.execute("DELETE FROM log WHERE name = ? AND version <= ?", (name, snapshot.version))
+            db.execute("DELETE FROM requests WHERE created < ?", (time.time() - self._ttl,))
+
+        await self._run(go)
+
+    async def get_snapshot(self, name: str) -> Snapshot | None:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT version, tensors, meta FROM snapshots WHERE name = ?", (name,)
+            ).fetchone()
+        )
+        return None if row is None else Snapshot(int(row[0]), bytes(row[1]), bytes(row[2]))
