@@ -121,6 +121,12 @@ class Engine:
         for task in list(self._tasks):
             with contextlib.suppress(Exception):
                 await task
+        for name, h in list(self.models.items()):  # a clean stop leaves nothing to replay
+            if h.version > h.snapshot_version:
+                try:
+                    await self._snapshot(name, h)
+                except Exception:
+                    log.exception("final snapshot of %s failed", name)
         await self.store.close()
 
     async def _restore(self, spec: ModelSpec) -> Hosted:
