@@ -28,8 +28,10 @@ def serve(
     import uvicorn
 
     from service.api import create_app
+    from service.runtime import tune_allocator
 
     settings = Settings()
+    tune_allocator()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from service.filters.linalg import check_finite, gain
+from service.filters.linalg import check_finite, cholesky, symmetrise
 
-__all__ = ["Linearization", "Predictive", "StepInfo", "condition_mean"]
+__all__ = ["Innovation", "Linearization", "Predictive", "StepInfo", "innovation"]
 
 
 @dataclass(frozen=True)
@@ -64,30 +65,26 @@ class StepInfo:
 class Innovation:
     """The conditioning quantities every filter shares for one row.
 
-    ``SHt`` = Sigma H^T (D, C), ``S`` = H Sigma H^T + R (C, C), ``K`` = Sigma H^T S^{-1} (D, C), and
-    ``mean`` = m + K (y - yhat), the exact EKF posterior mean under the prior belief Sigma.
+    ``S`` = H Sigma H^T + R (C, C) with its Cholesky factor ``L``, and ``w`` = V^T S^{-1} (y - yhat)
+    (C,), so that the exact EKF posterior mean under the prior belief Sigma is
+
+        m_+ = m + K (y - yhat) = m + Sigma J^T w,     K = Sigma J^T V^T S^{-1}.
     """
 
-    SHt: Tensor
     S: Tensor
-    K: Tensor
-    mean: Tensor
+    L: Tensor
+    w: Tensor
 
 
-def condition_mean(
-    m: Tensor, SJt: Tensor, JSJ: Tensor, lin: Linearization, y: Tensor
-) -> Innovation:
-    """EKF mean step from Sigma J^T (D, C) and J Sigma J^T (C, C), with H = V J.
+def innovation(JSJ: Tensor, lin: Linearization, y: Tensor) -> Innovation:
+    """S = V (J Sigma J^T) V^T + R and the weights w of the mean step, from J Sigma J^T (C, C).
 
-    Each filter supplies its own Sigma J^T and J Sigma J^T (dense, diagonal, or by Woodbury for LoFi);
-    everything after that is the same covariance-form update: S = V (J Sigma J^T) V^T + R,
-    K = Sigma J^T V^T S^{-1}, m_+ = m + K (y - yhat).
+    Each filter supplies its own J Sigma J^T (dense, diagonal, or by Woodbury for LoFi) and applies
+    Sigma J^T to w its own way; everything in between is shared.
     """
-    if lin.V is None:
-        SHt, HSH = SJt, JSJ
-    else:
-        SHt, HSH = SJt @ lin.V.mT, lin.V @ JSJ @ lin.V.mT
-    S = HSH + lin.R
+    S = JSJ if lin.V is None else lin.V @ JSJ @ lin.V.mT
+    S = symmetrise(S + lin.R)
     check_finite("the innovation covariance", S)
-    K, _ = gain(SHt, S)
-    return Innovation(SHt=SHt, S=S, K=K, mean=m + K @ (y - lin.yhat))
+    L = cholesky(S, what="the innovation covariance S")
+    a = torch.cholesky_solve((y - lin.yhat).unsqueeze(-1), L).squeeze(-1)
+    return Innovation(S=S, L=L, w=a if lin.V is None else lin.V.mT @ a)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.filters.base import Linearization, condition_mean
+from service.filters.base import Linearization, innovation
 from service.filters.linalg import check_finite, check_positive, cholesky
 
 __all__ = ["DiagState", "Diagonal"]
@@ -51,13 +51,13 @@ class Diagonal:
     def condition_on(
         self, state: DiagState, lin: Linearization, y: Tensor
     ) -> tuple[DiagState, Tensor]:
-        pJt = (lin.J * state.var).mT
-        JPJ = lin.J @ pJt
-        inn = condition_mean(state.mean, pJt, JPJ, lin, y)
+        pJ = lin.J * state.var
+        JPJ = pJ @ lin.J.mT
+        inn = innovation(JPJ, lin, y)
         LR = cholesky(lin.R, what="the observation covariance R")
         AH = torch.linalg.solve_triangular(LR, lin.H, upper=False)  # A^T H with A A^T = R^{-1}
         precision = 1 / state.var + (AH * AH).sum(0)
-        return DiagState(mean=inn.mean, var=1 / precision), JPJ
+        return DiagState(mean=state.mean + inn.w @ pJ, var=1 / precision), JPJ
 
     def validate(self, state: DiagState) -> None:
         check_finite("the mean", state.mean)

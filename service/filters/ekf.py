@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.filters.base import Linearization, condition_mean
+from service.filters.base import Linearization, innovation
 from service.filters.linalg import check_finite, check_positive, cholesky, symmetrise
 
 __all__ = ["EKF", "GaussState", "Kalman"]
@@ -66,10 +66,12 @@ class EKF:
         P = state.cov
         PJt = P @ lin.J.mT
         JPJ = symmetrise(lin.J @ PJt)
-        inn = condition_mean(state.mean, PJt, JPJ, lin, y)
-        KHP = inn.K @ inn.SHt.mT
-        cov = P - KHP - KHP.mT + inn.K @ inn.S @ inn.K.mT if self.joseph else P - KHP
-        return GaussState(mean=inn.mean, cov=symmetrise(cov)), JPJ
+        inn = innovation(JPJ, lin, y)
+        PHt = PJt if lin.V is None else PJt @ lin.V.mT
+        K = torch.cholesky_solve(PHt.mT, inn.L).mT  # P H^T S^{-1}
+        KHP = K @ PHt.mT
+        cov = P - KHP - KHP.mT + K @ inn.S @ K.mT if self.joseph else P - KHP
+        return GaussState(mean=state.mean + PJt @ inn.w, cov=symmetrise(cov)), JPJ
 
     def validate(self, state: GaussState) -> None:
         """Finite everywhere and a positive diagonal (a full PSD check would cost O(D^3))."""

@@ -15,7 +15,6 @@ __all__ = [
     "check_finite",
     "check_positive",
     "cholesky",
-    "gain",
     "solve_psd",
     "symmetrise",
 ]
@@ -65,13 +64,3 @@ def check_positive(name: str, t: Tensor) -> None:
     check_finite(name, t)
     if not bool((t > 0).all()):
         raise StepRejected("not_psd", f"the step made {name} non-positive")
-
-
-def gain(PHt: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    """Kalman gain K = P H^T S^{-1} for PHt (D, C) and innovation covariance S (C, C).
-
-    Returns (K, L_S) with L_S the Cholesky factor of S; raises StepRejected if S is not PD.
-    """
-    L = cholesky(symmetrise(S), what="the innovation covariance S")
-    K = torch.cholesky_solve(PHt.mT, L).mT
-    return K, L

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from service.errors import InvalidSpec
-from service.filters.base import Linearization, condition_mean
+from service.filters.base import Linearization, innovation
 from service.filters.linalg import check_finite, check_positive, cholesky, symmetrise
 
 __all__ = ["LoFi", "LoFiState"]
@@ -98,8 +98,11 @@ class LoFi:
         Wr = state.W * ratio
         if self.rank:
             eye = torch.eye(self.rank, dtype=Wr.dtype, device=Wr.device)
-            L = cholesky(symmetrise(eye + q * Wr @ state.W.mT), what="the predict capacitance")
-            W = decay * torch.linalg.solve_triangular(L, Wr, upper=False)
+            L = cholesky(symmetrise(eye + q * (Wr @ state.W.mT)), what="the predict capacitance")
+            # gamma L^{-1} W diag(ratio): a d x d inverse, then one pass over W (a wide
+            # triangular solve is several times slower than the matmul).
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+            W = (decay * Linv) @ Wr
         else:
             W = Wr
         return LoFiState(decay * state.mean, W, state.upsilon * ratio)
@@ -119,32 +122,40 @@ class LoFi:
         self, state: LoFiState, lin: Linearization, y: Tensor
     ) -> tuple[LoFiState, Tensor]:
         d, C = self.rank, lin.J.shape[0]
-        W, ups = state.W, state.upsilon
-        Z = torch.cat([W, lin.J])  # (d + C, D)
-        Zu = Z / ups
-        Gw = Zu @ Z.mT  # Z Upsilon^{-1} Z^T
-        # Sigma J^T and J Sigma J^T by Woodbury on W.
+        W, J, ups = state.W, lin.J, state.upsilon
+        n = d + C
+        # One buffer [Z Upsilon^{-1}; Z] with Z = [W; J], and both Gram matrices in one product.
+        buf = W.new_empty((2 * n, W.shape[1]))
+        torch.div(W, ups, out=buf[:d])
+        torch.div(J, ups, out=buf[d:n])
+        buf[n : n + d] = W
+        buf[n + d :] = J
+        Zu, Z = buf[:n], buf[n:]
+        grams = buf @ Z.mT  # (2n, n): Z U^{-1} Z^T over Z Z^T
+        Gw, Gp = grams[:n], grams[n:]
+        # J Sigma J^T and, for the mean, Sigma J^T w, by Woodbury on W.
         if d:
             eye = torch.eye(d, dtype=W.dtype, device=W.device)
             L = cholesky(symmetrise(eye + Gw[:d, :d]), what="the LoFi capacitance")
             X = torch.cholesky_solve(Gw[:d, d:], L)  # (d, C)
-            SJt = Zu[d:].mT - Zu[:d].mT @ X
             JSJ = symmetrise(Gw[d:, d:] - Gw[:d, d:].mT @ X)
         else:
-            SJt, JSJ = Zu.mT, symmetrise(Gw)
-        inn = condition_mean(state.mean, SJt, JSJ, lin, y)
+            X = Gw[:0, d:]
+            JSJ = symmetrise(Gw)
+        inn = innovation(JSJ, lin, y)
+        mean = state.mean + torch.cat([-(X @ inn.w), inn.w]) @ Zu
 
         # Truncate diag(Upsilon) + W~^T W~, W~ = T Z with T = blockdiag(I_d, L_R^{-1} V).
         LR = cholesky(lin.R, what="the observation covariance R")
         M = lin.V if lin.V is not None else torch.eye(C, dtype=W.dtype, device=W.device)
-        T = torch.eye(d + C, dtype=W.dtype, device=W.device)
+        T = torch.eye(n, dtype=W.dtype, device=W.device)
         T[d:, d:] = torch.linalg.solve_triangular(LR, M, upper=False)
-        G = symmetrise(T @ (Z @ Z.mT) @ T.mT)
+        G = symmetrise(T @ Gp @ T.mT)
         _, Q = torch.linalg.eigh(G.to(torch.float64))
         Y = (Q.flip(-1).mT.to(W.dtype) @ T) @ Z  # rows: directions, leading first
-        W_new, E = Y[:d], Y[d:]
+        E = Y[d:]
         upsilon = ups + (E * E).sum(0)
-        return LoFiState(mean=inn.mean, W=W_new, upsilon=upsilon), JSJ
+        return LoFiState(mean=mean, W=Y[:d], upsilon=upsilon), JSJ
 
     def validate(self, state: LoFiState) -> None:
         check_finite("the mean", state.mean)
