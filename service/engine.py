@@ -291,11 +291,18 @@ class Engine:
         x = _tensor(req.x, h)
         ahead = f.predict(state)  # the one-step-ahead belief p(theta_{t+1} | D_{1:t})
         pred = f.predictive(ahead, x)
-        samples: list[list[list[float]]] = []
+        draws = torch.empty(0)
         if req.num_samples:
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             gen = torch.Generator(device=h.device).manual_seed(seed)
-            samples = f.sample_outputs(ahead, x, req.num_samples, gen).tolist()
+            draws = f.sample_outputs(ahead, x, req.num_samples, gen)
+        for t in (pred.mean, pred.epistemic, pred.aleatoric, draws):
+            if not bool(torch.isfinite(t).all()):
+                raise InvalidInput(
+                    "the prediction for these inputs is not finite (values too large for the "
+                    f"model's {h.spec.dtype} arithmetic)"
+                )
+        samples: list[list[list[float]]] = draws.tolist() if req.num_samples else []
         return PredictResponse(
             version=version,
             mean=pred.mean.tolist(),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator
 
 __all__ = [
     "BernoulliSpec",
@@ -173,9 +173,12 @@ class ModelSpec(_Strict):
     monitor: bool = False
 
 
+Number = StrictFloat  # JSON numbers only: no booleans, no numeric strings
+
+
 class UpdateRequest(_Strict):
-    x: list[list[float]] = Field(min_length=1)
-    y: list[float | list[float]] = Field(min_length=1)
+    x: list[list[Number]] = Field(min_length=1)
+    y: list[Number | list[Number]] = Field(min_length=1)
     request_id: str | None = Field(None, min_length=1, max_length=200)
 
     @field_validator("x")
@@ -192,7 +195,7 @@ class UpdateRequest(_Strict):
 
 
 class PredictRequest(_Strict):
-    x: list[list[float]] = Field(min_length=1)
+    x: list[list[Number]] = Field(min_length=1)
     num_samples: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 

@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.api import errors
-from service.api.auth import Keyring
+from service.api.auth import Authenticate, Keyring
 from service.api.routes import router
 from service.config import Settings
 from service.engine import Engine
@@ -26,7 +26,11 @@ def make_store(settings: Settings) -> Store:
 
 
 class BodyLimit:
-    """Answers 413 to a request body over ``limit`` bytes, before the route parses it."""
+    """Answers 413 to a request body over ``limit`` bytes, before anything parses it.
+
+    A declared Content-Length is checked up front; a body without one (chunked) is read here up to
+    the limit and handed on whole.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -36,24 +40,27 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._reject(scope, receive, send)
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.limit:
+                await self._reject(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooBig
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooBig:
-            await self._reject(scope, receive, send)
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = bool(message.get("more_body", False))
+            if size > self.limit:
+                await self._reject(scope, receive, send)
+                return
+        body: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = errors.error_response(
@@ -64,8 +71,13 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-class _TooBig(Exception):
-    pass
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
@@ -83,8 +95,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app = FastAPI(title="Postserve", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
-    app.state.keyring = Keyring(settings.keys)
     app.include_router(router)
     errors.install(app)
+    app.add_middleware(Authenticate, keyring=Keyring(settings.keys))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

@@ -2,24 +2,41 @@
 
 Scopes: ``read`` (predict, get, list), ``write`` (update), ``admin`` (create, delete, snapshot).
 A key holds exactly the scopes it is listed with (a key may be listed once per scope). With no
-keys configured, every route is open and the server binds 127.0.0.1 only (see the CLI).
+keys configured every route is open, and the CLI binds 127.0.0.1 only.
+
+Authentication is an ASGI middleware over the table :data:`RULES`, so a request without a valid
+key is refused (401/403) before its body is read or parsed. ``/healthz`` and ``/readyz`` are open;
+any other ``/v1`` path needs a valid key of some scope.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+import re
 
-from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.config import Scope
-from service.errors import Forbidden, Unauthorized
+from service.api.errors import error_response
+from service.config import Scope as KeyScope
 
-__all__ = ["Keyring", "require"]
+__all__ = ["RULES", "Authenticate", "Keyring"]
+
+_MODEL = r"/v1/models/[^/]+"
+
+#: (method, path regex, scope needed), first match wins.
+RULES: list[tuple[str, re.Pattern[str], KeyScope]] = [
+    ("POST", re.compile(r"^/v1/models/?$"), "admin"),
+    ("GET", re.compile(r"^/v1/models/?$"), "read"),
+    ("GET", re.compile(rf"^{_MODEL}/?$"), "read"),
+    ("DELETE", re.compile(rf"^{_MODEL}/?$"), "admin"),
+    ("POST", re.compile(rf"^{_MODEL}/update$"), "write"),
+    ("POST", re.compile(rf"^{_MODEL}/predict$"), "read"),
+    ("POST", re.compile(rf"^{_MODEL}/snapshot$"), "admin"),
+]
 
 
 class Keyring:
-    def __init__(self, pairs: list[tuple[str, Scope]]) -> None:
+    def __init__(self, pairs: list[tuple[str, KeyScope]]) -> None:
         self._pairs = [(k.encode(), s) for k, s in pairs]
 
     @property
@@ -38,19 +55,39 @@ class Keyring:
         return found if known else None
 
 
-def require(scope: Scope) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        keyring: Keyring = request.app.state.keyring
-        if not keyring.enabled:
-            return
-        header = request.headers.get("authorization", "")
-        kind, _, key = header.partition(" ")
-        if kind.lower() != "bearer" or not key:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer KEY'")
-        scopes = keyring.scopes(key.strip())
-        if scopes is None:
-            raise Unauthorized("unknown API key")
-        if scope not in scopes:
-            raise Forbidden(f"this API key lacks the {scope!r} scope this route needs")
+def needed_scope(method: str, path: str) -> KeyScope | bool | None:
+    """The scope a request needs; True for 'any valid key', None for an open route."""
+    for rule_method, pattern, scope in RULES:
+        if rule_method == method and pattern.match(path):
+            return scope
+    return True if path.startswith("/v1/") or path == "/v1" else None
 
-    return check
+
+class Authenticate:
+    def __init__(self, app: ASGIApp, keyring: Keyring) -> None:
+        self.app, self.keyring = app, keyring
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keyring.enabled:
+            await self.app(scope, receive, send)
+            return
+        need = needed_scope(scope["method"], scope["path"])
+        if need is None:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        kind, _, key = header.partition(" ")
+        if kind.lower() != "bearer" or not key.strip():
+            response = error_response(
+                401, "unauthorized", "missing API key: send 'Authorization: Bearer KEY'"
+            )
+        elif (scopes := self.keyring.scopes(key.strip())) is None:
+            response = error_response(401, "unauthorized", "unknown API key")
+        elif need is not True and need not in scopes:
+            response = error_response(
+                403, "forbidden", f"this API key lacks the {need!r} scope this route needs"
+            )
+        else:
+            await self.app(scope, receive, send)
+            return
+        await response(scope, receive, send)

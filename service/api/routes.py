@@ -1,11 +1,12 @@
-"""The v1 routes: validate (pydantic), call the engine once, return a schema."""
+"""The v1 routes: validate (pydantic), call the engine once, return a schema.
+
+Authentication happens before the routes, in :mod:`service.api.auth`."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api.auth import require
 from service.engine import Engine
 from service.schemas import (
     ModelInfo,
@@ -32,23 +33,22 @@ def _engine(request: Request) -> Engine:
     "/v1/models",
     status_code=201,
     response_model=ModelInfo,
-    dependencies=[Depends(require("admin"))],
 )
 async def create_model(spec: ModelSpec, request: Request) -> ModelInfo:
     return await _engine(request).create(spec)
 
 
-@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require("read"))])
+@router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     return ModelList(models=_engine(request).list_models())
 
 
-@router.get("/v1/models/{name}", response_model=ModelInfo, dependencies=[Depends(require("read"))])
+@router.get("/v1/models/{name}", response_model=ModelInfo)
 async def get_model(name: str, request: Request) -> ModelInfo:
     return _engine(request).info(name)
 
 
-@router.delete("/v1/models/{name}", status_code=204, dependencies=[Depends(require("admin"))])
+@router.delete("/v1/models/{name}", status_code=204)
 async def delete_model(name: str, request: Request) -> Response:
     await _engine(request).delete(name)
     return Response(status_code=204)
@@ -57,7 +57,6 @@ async def delete_model(name: str, request: Request) -> Response:
 @router.post(
     "/v1/models/{name}/update",
     response_model=UpdateResponse,
-    dependencies=[Depends(require("write"))],
 )
 async def update(name: str, body: UpdateRequest, request: Request) -> UpdateResponse:
     return await _engine(request).update(name, body)
@@ -66,7 +65,6 @@ async def update(name: str, body: UpdateRequest, request: Request) -> UpdateResp
 @router.post(
     "/v1/models/{name}/predict",
     response_model=PredictResponse,
-    dependencies=[Depends(require("read"))],
 )
 async def predict(name: str, body: PredictRequest, request: Request) -> PredictResponse:
     return await _engine(request).predict(name, body)
@@ -75,7 +73,6 @@ async def predict(name: str, body: PredictRequest, request: Request) -> PredictR
 @router.post(
     "/v1/models/{name}/snapshot",
     response_model=SnapshotResponse,
-    dependencies=[Depends(require("admin"))],
 )
 async def snapshot(name: str, request: Request) -> SnapshotResponse:
     return await _engine(request).snapshot(name)

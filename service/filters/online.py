@@ -34,6 +34,7 @@ from service.filters.base import Linearization, Predictive, StepInfo
 from service.filters.diagonal import Diagonal
 from service.filters.ekf import EKF, Kalman
 from service.filters.likelihoods import Gaussian, Likelihood
+from service.filters.linalg import check_finite
 from service.filters.lofi import LoFi
 from service.filters.networks import Linear, Network
 
@@ -180,6 +181,7 @@ class OnlineFilter:
         self.algorithm.validate(new)
         pred = self.likelihood.predictive(eta, JSJ.unsqueeze(0))
         loglik = self.likelihood.log_predictive(y.unsqueeze(0), eta, JSJ.unsqueeze(0))[0]
+        check_finite("the pre-update prediction", pred.mean, pred.variance, loglik)
         return new, StepInfo(predictive=pred, log_likelihood=loglik)
 
     def step(self, state: Any, x: Tensor, y: Tensor) -> tuple[Any, StepInfo]:
