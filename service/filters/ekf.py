@@ -75,8 +75,7 @@ class EKF:
 
     def validate(self, state: GaussState) -> None:
         """Finite everywhere and a positive diagonal (a full PSD check would cost O(D^3))."""
-        check_finite("the mean", state.mean)
-        check_finite("the covariance", state.cov)
+        check_finite("the mean and covariance", state.mean, state.cov)
         check_positive("the covariance diagonal", state.cov.diagonal())
 
     def sample(self, state: GaussState, n: int, generator: torch.Generator | None) -> Tensor:

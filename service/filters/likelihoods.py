@@ -37,6 +37,7 @@ Predictive for a row whose output has linearised variance Var[eta] = J Sigma J^T
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -106,6 +107,12 @@ def _as_rows(y: Tensor, output_dim: int, what: str) -> Tensor:
     return y
 
 
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, made once per dtype and device (never written to)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _require_single_output(name: str, output_dim: int) -> None:
     if output_dim != 1:
         raise InvalidSpec(f"a {name} likelihood needs output_dim 1, got {output_dim}")
@@ -142,8 +149,7 @@ class Gaussian:
 
     def r(self, like: Tensor) -> Tensor:
         """The noise variances as a (C,) tensor on ``like``'s dtype and device."""
-        r = torch.tensor(self._r_list(), dtype=like.dtype, device=like.device)
-        return r.expand(like.shape[-1])
+        return _constant(tuple(self._r_list()), like.dtype, like.device).expand(like.shape[-1])
 
     def encode(self, y: Tensor, output_dim: int) -> Tensor:
         return _as_rows(y, output_dim, "gaussian")

@@ -158,8 +158,7 @@ class LoFi:
         return LoFiState(mean=mean, W=Y[:d], upsilon=upsilon), JSJ
 
     def validate(self, state: LoFiState) -> None:
-        check_finite("the mean", state.mean)
-        check_finite("the low-rank factor W", state.W)
+        check_finite("the mean and the low-rank factor W", state.mean, state.W)
         check_positive("the diagonal precision Upsilon", state.upsilon)
 
     def sample(self, state: LoFiState, n: int, generator: torch.Generator | None) -> Tensor:

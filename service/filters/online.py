@@ -34,7 +34,7 @@ from service.filters.base import Linearization, Predictive, StepInfo
 from service.filters.diagonal import Diagonal
 from service.filters.ekf import EKF, Kalman
 from service.filters.likelihoods import Gaussian, Likelihood
-from service.filters.linalg import check_finite
+from service.filters.linalg import all_finite, check_finite
 from service.filters.lofi import LoFi
 from service.filters.networks import Linear, Network
 
@@ -174,7 +174,11 @@ class OnlineFilter:
         """Condition the (already predicted) belief on one row: x (I,), y encoded (C,)."""
         theta = _mean_of(state)
         x = self._rows(x.unsqueeze(0) if x.ndim == 1 else x, theta)
-        y = y.to(dtype=theta.dtype, device=theta.device).reshape(-1)
+        return self._update(state, x, y.to(dtype=theta.dtype, device=theta.device).reshape(-1))
+
+    def _update(self, state: Any, x: Tensor, y: Tensor) -> tuple[Any, StepInfo]:
+        """``update`` on a validated row x (1, I) and target y (C,) of the state's dtype."""
+        theta = _mean_of(state)
         eta, J = self.network.jacobian(theta, x)
         lin = self.likelihood.linearize(eta[0], J[0])
         new, JSJ = self.algorithm.condition_on(state, lin, y)
@@ -197,7 +201,7 @@ class OnlineFilter:
             raise InvalidInput(f"x has {x.shape[0]} rows but y has {Y.shape[0]}")
         infos: list[StepInfo] = []
         for i in range(x.shape[0]):
-            state, info = self.step(state, x[i], Y[i])
+            state, info = self._update(self.predict(state), x[i : i + 1], Y[i])
             infos.append(info)
         return state, infos
 
@@ -264,7 +268,7 @@ class OnlineFilter:
                 f"x must have shape (rows, {self.network.input_dim}), got {tuple(x.shape)}"
             )
         x = x.to(dtype=like.dtype, device=like.device)
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise InvalidInput("x holds NaN or infinite values")
         return x
 
