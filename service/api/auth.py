@@ -16,8 +16,9 @@ import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import error_response
+from service.api.errors import response_for
 from service.config import Scope as KeyScope
+from service.errors import Forbidden, Unauthorized
 
 __all__ = ["RULES", "Authenticate", "Keyring"]
 
@@ -78,14 +79,14 @@ class Authenticate:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         kind, _, key = header.partition(" ")
         if kind.lower() != "bearer" or not key.strip():
-            response = error_response(
-                401, "unauthorized", "missing API key: send 'Authorization: Bearer KEY'"
+            response = response_for(
+                Unauthorized("missing API key: send 'Authorization: Bearer KEY'")
             )
         elif (scopes := self.keyring.scopes(key.strip())) is None:
-            response = error_response(401, "unauthorized", "unknown API key")
+            response = response_for(Unauthorized("unknown API key"))
         elif need is not True and need not in scopes:
-            response = error_response(
-                403, "forbidden", f"this API key lacks the {need!r} scope this route needs"
+            response = response_for(
+                Forbidden(f"this API key lacks the {need!r} scope this route needs")
             )
         else:
             await self.app(scope, receive, send)

@@ -23,7 +23,7 @@ from service.errors import (
     Unauthorized,
 )
 
-__all__ = ["STATUS", "error_response", "install"]
+__all__ = ["STATUS", "error_response", "install", "response_for"]
 
 log = logging.getLogger("postserve.api")
 
@@ -56,9 +56,14 @@ def _status_of(exc: PostserveError) -> int:
     return 500
 
 
+def response_for(exc: PostserveError) -> JSONResponse:
+    """The response for an error, by the table above."""
+    return error_response(_status_of(exc), exc.code, exc.message)
+
+
 async def _postserve(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PostserveError)
-    return error_response(_status_of(exc), exc.code, exc.message)
+    return response_for(exc)
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:

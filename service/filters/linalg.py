@@ -18,7 +18,6 @@ __all__ = [
     "check_finite",
     "check_positive",
     "cholesky",
-    "solve_psd",
     "symmetrise",
 ]
 
@@ -48,11 +47,6 @@ def cholesky(A: Tensor, *, what: str = "matrix", max_tries: int = 6) -> Tensor:
             return L
         jitter = jitter * 10.0
     raise StepRejected("not_psd", f"{what} is not positive definite")
-
-
-def solve_psd(A: Tensor, B: Tensor, *, what: str = "matrix") -> Tensor:
-    """A^{-1} B for symmetric positive-definite A, through its Cholesky factor."""
-    return torch.cholesky_solve(B, cholesky(A, what=what))
 
 
 def all_finite(*tensors: Tensor) -> bool:
