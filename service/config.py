@@ -23,9 +23,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="POSTSERVE_", extra="ignore", frozen=True)
 
-    store: Literal["sqlite", "memory"] = "sqlite"
+    store: Literal["sqlite", "memory", "redis"] = "sqlite"
     data_dir: Path = Path("./postserve-data")
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_lease_ms: int = Field(10_000, ge=100, description="write lease per model")
+    redis_wait_aof: Literal["auto", "off"] = "auto"
+    redis_timeout_s: float = Field(2.0, gt=0)
+    replica_id: str = Field(
+        "", description="stable name of this replica (e.g. the pod name); empty: host-pid-random"
+    )
 
     snapshot_every: int = Field(1000, ge=1, description="snapshot after this many observations")
     snapshot_interval_s: float = Field(60.0, gt=0, description="...or after this many seconds")

@@ -37,6 +37,7 @@ from service.errors import (
     AlreadyExists,
     InvalidInput,
     NotFound,
+    NotOwner,
     NotReady,
     TooLarge,
 )
@@ -140,29 +141,39 @@ class Engine:
             if h.version > h.snapshot_version:
                 try:
                     await self._snapshot(name, h)
+                except NotOwner:
+                    pass
                 except Exception:
                     log.exception("final snapshot of %s failed", name)
         await self.store.close()
 
     async def _restore(self, spec: ModelSpec) -> Hosted:
         hosted = self._host(spec)
-        snap = await self.store.get_snapshot(spec.name)
-        if snap is not None:
+        await self._catch_up(hosted)
+        return hosted
+
+    async def _catch_up(self, h: Hosted) -> None:
+        """Bring h to the store's latest: a newer snapshot if there is one, then the log after it.
+
+        Runs at start, and when this replica takes over a model another replica was writing.
+        """
+        name = h.spec.name
+        snap = await self.store.get_snapshot(name)
+        if snap is not None and snap.version > h.version:
             meta = json.loads(snap.meta)
-            state = decode_state(snap.tensors, meta["algorithm"], hosted.dtype, hosted.device)
-            hosted.current = (snap.version, state)
-            hosted.snapshot_version = snap.version
-        for rec in await self.store.read_log(spec.name, after=hosted.version):
+            state = decode_state(snap.tensors, meta["algorithm"], h.dtype, h.device)
+            h.current = (snap.version, state)
+            h.snapshot_version = snap.version
+        for rec in await self.store.read_log(name, after=h.version):
             body = json.loads(rec.record)
-            version, state = hosted.current
-            x, y = _tensor(body["x"], hosted), _tensor(body["y"], hosted)
-            new, _ = await anyio.to_thread.run_sync(hosted.filter.run, state, x, y)
+            version, state = h.current
             if version + len(body["x"]) != rec.version:
                 raise RuntimeError(
-                    f"log of {spec.name!r} is inconsistent: record {rec.version} follows {version}"
+                    f"log of {name!r} is inconsistent: record {rec.version} follows {version}"
                 )
-            hosted.current = (rec.version, new)
-        return hosted
+            x, y = _tensor(body["x"], h), _tensor(body["y"], h)
+            new, _ = await anyio.to_thread.run_sync(h.filter.run, state, x, y)
+            h.current = (rec.version, new)
 
     def _host(self, spec: ModelSpec) -> Hosted:
         f = build_filter(spec)
@@ -246,6 +257,8 @@ class Engine:
         async with h.lock:
             if h.deleted:
                 raise NotFound(f"no model named {name!r}")
+            if await self.store.acquire(name):  # newly the writer: catch up with the log first
+                await self._catch_up(h)
             if req.request_id is not None:
                 first = await self.store.get_response(name, req.request_id)
                 if first is not None:
@@ -332,6 +345,9 @@ class Engine:
 
     async def snapshot(self, name: str) -> SnapshotResponse:
         h = self._get(name)
+        async with h.lock:
+            if await self.store.acquire(name):
+                await self._catch_up(h)
         size = await self._snapshot(name, h)
         return SnapshotResponse(name=name, version=h.snapshot_version, bytes=size)
 
@@ -354,6 +370,8 @@ class Engine:
         async def run() -> None:
             try:
                 await self._snapshot(h.spec.name, h)
+            except NotOwner:
+                log.debug("skipped the snapshot of %s: another replica writes it", h.spec.name)
             except Exception:
                 log.exception("snapshot of %s failed", h.spec.name)
             finally:

@@ -14,6 +14,7 @@ layer maps each class to a status in one table, so nothing else needs to know ab
     ├── NotFound                no model of that name
     ├── AlreadyExists           a model of that name exists
     ├── StoreUnavailable        the store could not make a write durable; nothing was applied
+    ├── NotOwner                another replica holds the model's write lease
     ├── NotReady                models are still being restored
     ├── Unauthorized            no or unknown API key
     └── Forbidden               a valid key without the scope the route needs
@@ -27,6 +28,7 @@ __all__ = [
     "InvalidInput",
     "InvalidSpec",
     "NotFound",
+    "NotOwner",
     "NotReady",
     "PostserveError",
     "StepRejected",
@@ -101,3 +103,9 @@ class Unauthorized(PostserveError):
 
 class Forbidden(PostserveError):
     code = "forbidden"
+
+
+class NotOwner(PostserveError):
+    """Another replica holds this model's write lease (or this one lost it); nothing was applied."""
+
+    code = "not_owner"

@@ -12,40 +12,80 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from redis_server import RedisServer
 
 from service.errors import StoreUnavailable
-from service.store import MemoryStore, Snapshot, SQLiteStore, Store
+from service.store import MemoryStore, RedisStore, Snapshot, SQLiteStore, Store
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "redis"]
 Body = Callable[[Store], Awaitable[None]]
+
+
+_REDIS: dict[str, str] = {}
 
 
 def _make(kind: str, tmp_path: Path, ttl: float = 3600.0) -> Store:
     if kind == "memory":
         return MemoryStore(ttl)
+    if kind == "redis":
+        # A fresh key prefix per test on the session's redis-server keeps tests independent.
+        return RedisStore(_REDIS["url"], ttl, prefix=f"t{time.monotonic_ns()}:", lease_ms=5000)
     return SQLiteStore(tmp_path / "store.sqlite3", ttl)
 
 
 def _run(kind: str, tmp_path: Path, body: Body, ttl: float = 3600.0) -> None:
-    """Open a fresh store, run the test body in one event loop, close it."""
+    """Open a fresh store, run the test body in one event loop, close it.
+
+    The Redis store writes a model only while it holds the model's lease, so the body's writes
+    go through ``acquire`` first (a no-op for the single-process stores)."""
 
     async def main() -> None:
         store = _make(kind, tmp_path, ttl)
         await store.open()
         try:
-            await body(store)
+            await body(_Leased(store))
         finally:
             await store.close()
 
     asyncio.run(main())
 
 
+class _Leased:
+    """Acquires a model's write lease before each append or snapshot, like the engine does."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def append(self, name: str, *args: object, **kw: object) -> None:
+        await self._store.acquire(name)
+        await self._store.append(name, *args, **kw)  # type: ignore[arg-type]
+
+    async def put_snapshot(self, name: str, snapshot: Snapshot) -> None:
+        await self._store.acquire(name)
+        await self._store.put_snapshot(name, snapshot)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    _REDIS["url"] = server.url
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
 @pytest.fixture(params=BACKENDS)
 def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis":
+        request.getfixturevalue("redis_url")
     return str(request.param)
 
 

@@ -14,7 +14,7 @@ from service.api.auth import Authenticate, Keyring
 from service.api.routes import router
 from service.config import Settings
 from service.engine import Engine
-from service.store import MemoryStore, SQLiteStore, Store
+from service.store import MemoryStore, RedisStore, SQLiteStore, Store
 
 __all__ = ["create_app", "make_store"]
 
@@ -22,6 +22,15 @@ __all__ = ["create_app", "make_store"]
 def make_store(settings: Settings) -> Store:
     if settings.store == "memory":
         return MemoryStore(settings.idempotency_ttl_s)
+    if settings.store == "redis":
+        return RedisStore(
+            settings.redis_url,
+            settings.idempotency_ttl_s,
+            lease_ms=settings.redis_lease_ms,
+            wait_aof=settings.redis_wait_aof,
+            timeout_s=settings.redis_timeout_s,
+            replica=settings.replica_id or None,
+        )
     return SQLiteStore(settings.data_dir / "postserve.sqlite3", settings.idempotency_ttl_s)
 
 

@@ -46,6 +46,19 @@ class Store(Protocol):
         """True when the store can take writes."""
         ...
 
+    async def acquire(self, name: str) -> bool:
+        """Make sure this process may write ``name`` (one writer per model).
+
+        True when the right to write was newly taken, so the caller's state may lag the log and
+        must catch up before writing; False when it was already held. Raises NotOwner when
+        another writer holds it. Single-process stores always answer False.
+        """
+        ...
+
+    async def release(self, name: str) -> None:
+        """Give the right to write ``name`` back (no-op for single-process stores)."""
+        ...
+
     async def create_model(self, name: str, spec: bytes) -> bool:
         """Add to the catalogue; False (and no change) if the name exists."""
         ...

@@ -26,6 +26,12 @@ class MemoryStore:
     async def ping(self) -> bool:
         return True
 
+    async def acquire(self, name: str) -> bool:
+        return False  # one process, one writer
+
+    async def release(self, name: str) -> None:
+        return None
+
     async def create_model(self, name: str, spec: bytes) -> bool:
         if name in self._models:
             return False

@@ -82,6 +82,12 @@ class SQLiteStore:
             return False
         return True
 
+    async def acquire(self, name: str) -> bool:
+        return False  # one process, one writer
+
+    async def release(self, name: str) -> None:
+        return None
+
     async def create_model(self, name: str, spec: bytes) -> bool:
         def go(db: sqlite3.Connection) -> bool:
             cur = db.execute("INSERT OR IGNORE INTO models VALUES (?, ?)", (name, spec))
