@@ -1,0 +1,278 @@
+"""Postserve on Redis, end to end: crashes of the server and of Redis, two replicas, an outage.
+
+Real processes throughout: ``redis-server`` with AOF (appendfsync always) and Postserve servers
+(tests/server.py). Bounded in time; randomness is seeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_sync
+from redis_server import RedisServer
+from server import Server
+
+from service.errors import NotOwner
+from service.store import RedisStore
+
+SPEC = {
+    "network": {"type": "linear", "input_dim": 3, "output_dim": 1},
+    "likelihood": {"type": "gaussian", "noise_variance": 0.5},
+    "filter": {"type": "kalman"},
+    "dtype": "float64",
+}
+PROBE = {"x": [[0.3, -1.0, 2.0], [1.0, 0.5, -0.2]], "num_samples": 3, "seed": 11}
+
+
+def _row(i: int) -> tuple[list[float], float]:
+    rng = random.Random(i)
+    x = [round(rng.uniform(-2, 2), 6) for _ in range(3)]
+    return x, round(0.5 * x[0] - x[1] + 0.25 * x[2] + rng.gauss(0, 0.5), 6)
+
+
+def _env(redis: RedisServer, **extra: str) -> dict[str, str]:
+    return {
+        "POSTSERVE_STORE": "redis",
+        "POSTSERVE_REDIS_URL": redis.url,
+        "POSTSERVE_REDIS_TIMEOUT_S": "0.5",
+        "POSTSERVE_SNAPSHOT_EVERY": "25",
+        **extra,
+    }
+
+
+def _post(url: str, path: str, body: dict[str, Any], timeout: float = 5.0) -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=timeout) as c:
+        return c.post(path, json=body)
+
+
+def _send_until_acked(server: Server, i: int, deadline: float) -> dict[str, Any]:
+    """Post update i (request_id u{i}) until it is acknowledged, across restarts and outages."""
+    x, y = _row(i)
+    body = {"x": [x], "y": [y], "request_id": f"u{i}"}
+    while time.monotonic() < deadline:
+        try:
+            r = _post(server.url, "/v1/models/m/update", body)
+        except (httpx.HTTPError, AssertionError):
+            time.sleep(0.05)
+            continue
+        if r.status_code == 200:
+            return dict(r.json())
+        assert r.status_code in (409, 503), r.text  # not the owner yet / store down: retry
+        time.sleep(0.05)
+    raise AssertionError(f"update {i} was never acknowledged")
+
+
+def _logged_request_ids(redis_url: str, name: str) -> list[str]:
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        entries = client.xrange(f"postserve:log:{name}")
+        snap = client.hget(f"postserve:snap:{name}", "version")
+    finally:
+        client.close()
+    ids = [json.loads(fields[b"r"])["request_id"] for _, fields in entries]
+    return ids if snap is None else [f"snapshot<= {int(snap)}", *ids]
+
+
+def _check_against_fresh_replay(server: Server, n: int) -> None:
+    """The model equals a fresh model fed the acknowledged observations in order, bit for bit."""
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        assert c.post("/v1/models", json={"name": "fresh", **SPEC}).status_code == 201
+        for i in range(n):
+            x, y = _row(i)
+            assert c.post("/v1/models/fresh/update", json={"x": [x], "y": [y]}).status_code == 200
+        ours = c.post("/v1/models/m/predict", json=PROBE).json()
+        fresh = c.post("/v1/models/fresh/predict", json=PROBE).json()
+    assert ours["version"] == fresh["version"] == n
+    assert ours == fresh
+
+
+def test_sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis").start()
+    server = Server(tmp_path / "pa", _env(redis, POSTSERVE_REPLICA_ID="replica-a"))
+    n, rng, deadline = 90, random.Random(7), time.monotonic() + 150
+    kills = sorted(rng.sample(range(5, n - 5), 6))
+    duplicates = 0
+    try:
+        server.start()
+        assert _post(server.url, "/v1/models", {"name": "m", **SPEC}).status_code == 201
+        for i in range(n):
+            if i in kills:
+                # Kill the server while update i is in flight, at a random moment.
+                x, y = _row(i)
+                body = {"x": [x], "y": [y], "request_id": f"u{i}"}
+                url = server.url
+                t = threading.Thread(
+                    target=_safe_post, args=(url, "/v1/models/m/update", body), daemon=True
+                )
+                t.start()
+                time.sleep(rng.uniform(0.0, 0.02))
+                server.kill()
+                t.join(10)
+                server.start()
+                # The update acknowledged just before the crash is recognised as a repeat.
+                again = _send_until_acked(server, i - 1, deadline)
+                assert again["duplicate"] and again["version"] == i
+            answer = _send_until_acked(server, i, deadline)
+            assert answer["version"] == i + 1
+            duplicates += bool(answer["duplicate"])  # applied before the kill, answered after
+        with httpx.Client(base_url=server.url) as c:
+            assert c.get("/v1/models/m").json()["version"] == n
+        logged = [r for r in _logged_request_ids(redis.url, "m") if not r.startswith("snapshot")]
+        assert len(logged) == len(set(logged)), "a request_id was applied twice"
+        assert logged == [f"u{i}" for i in range(n - len(logged), n)]  # the tail after a snapshot
+        _check_against_fresh_replay(server, n)
+    finally:
+        server.stop()
+        redis.stop()
+    print(f"kills before updates {kills}; {duplicates} retries answered as duplicates")
+
+
+def _safe_post(url: str, path: str, body: dict[str, Any]) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        _post(url, path, body)
+
+
+def test_redis_killed_and_restarted_with_aof_keeps_every_acknowledged_update(
+    tmp_path: Path,
+) -> None:
+    redis = RedisServer(tmp_path / "redis").start()
+    server = Server(tmp_path / "pa", _env(redis))
+    n, rng, deadline = 60, random.Random(8), time.monotonic() + 120
+    kills = sorted(rng.sample(range(5, n - 5), 3))
+    try:
+        server.start()
+        assert _post(server.url, "/v1/models", {"name": "m", **SPEC}).status_code == 201
+        for i in range(n):
+            if i in kills:
+                redis.kill()
+                x, y = _row(i)
+                r = _post(server.url, "/v1/models/m/update", {"x": [x], "y": [y]})
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "store_unavailable"
+                redis.start()
+            answer = _send_until_acked(server, i, deadline)
+            assert answer["version"] == i + 1
+        # Restart the server too: everything comes back from Redis alone.
+        server.restart(crash=True)
+        logged = [r for r in _logged_request_ids(redis.url, "m") if not r.startswith("snapshot")]
+        assert len(logged) == len(set(logged))
+        _check_against_fresh_replay(server, n)
+    finally:
+        server.stop()
+        redis.stop()
+
+
+def test_two_replicas_one_writer_and_takeover_within_the_lease(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis").start()
+    lease_ms = 1500
+    env = _env(redis, POSTSERVE_REDIS_LEASE_MS=str(lease_ms))
+    a, b = Server(tmp_path / "a", env), Server(tmp_path / "b", env)
+    try:
+        a.start()
+        assert _post(a.url, "/v1/models", {"name": "m", **SPEC}).status_code == 201
+        b.start()  # restores the catalogue from Redis
+        for i in range(10):
+            x, y = _row(i)
+            assert _post(a.url, "/v1/models/m/update", {"x": [x], "y": [y]}).status_code == 200
+            r = _post(b.url, "/v1/models/m/update", {"x": [x], "y": [y]})
+            assert r.status_code == 409, r.text
+            assert r.json()["error"]["code"] == "not_owner"
+        assert _post(b.url, "/v1/models/m/predict", PROBE).status_code == 200  # reads anywhere
+        a.kill()
+        killed = time.monotonic()
+        x, y = _row(10)
+        while True:
+            r = _post(b.url, "/v1/models/m/update", {"x": [x], "y": [y]})
+            if r.status_code == 200:
+                break
+            assert r.status_code == 409, r.text
+            assert time.monotonic() - killed < lease_ms / 1000 + 2.0, "no takeover in time"
+            time.sleep(0.05)
+        took = time.monotonic() - killed
+        assert r.json()["version"] == 11  # continued from a's latest state
+        for i in range(11, 20):
+            x, y = _row(i)
+            assert _post(b.url, "/v1/models/m/update", {"x": [x], "y": [y]}).status_code == 200
+        _check_against_fresh_replay(b, 20)
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()
+    assert took <= lease_ms / 1000 + 2.0
+    print(f"takeover {took:.2f} s after the owner died (lease {lease_ms} ms)")
+
+
+def test_redis_down_updates_503_predictions_200_then_recovers(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis").start()
+    server = Server(tmp_path / "pa", _env(redis))
+    try:
+        server.start()
+        with httpx.Client(base_url=server.url, timeout=5) as c:
+            assert c.post("/v1/models", json={"name": "m", **SPEC}).status_code == 201
+            x, y = _row(0)
+            assert c.post("/v1/models/m/update", json={"x": [x], "y": [y]}).status_code == 200
+            before = c.post("/v1/models/m/predict", json=PROBE).json()
+            redis.kill()
+            for i in range(1, 4):
+                x, y = _row(i)
+                r = c.post("/v1/models/m/update", json={"x": [x], "y": [y], "request_id": "k"})
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "store_unavailable"
+                assert c.get("/v1/models/m").json()["version"] == 1
+                assert c.post("/v1/models/m/predict", json=PROBE).json() == before
+            assert c.get("/readyz").status_code == 503
+            redis.start()
+            deadline = time.monotonic() + 20
+            while True:
+                r = c.post("/v1/models/m/update", json={"x": [x], "y": [y], "request_id": "k"})
+                if r.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert r.status_code == 200, r.text
+            assert r.json()["version"] == 2
+            assert c.get("/readyz").status_code == 200
+    finally:
+        server.stop()
+        redis.stop()
+
+
+def test_a_replica_that_lost_its_lease_cannot_write(tmp_path: Path) -> None:
+    """Fencing at the store: a paused owner whose lease lapsed is refused by the Lua check."""
+    redis = RedisServer(tmp_path / "redis").start()
+
+    async def main() -> None:
+        a = RedisStore(redis.url, lease_ms=300, replica="a")
+        b = RedisStore(redis.url, lease_ms=300, replica="b")
+        await a.open()
+        await b.open()
+        try:
+            await a.create_model("m", b"{}")
+            assert await a.acquire("m")
+            await a.append("m", 1, b"one")
+            with pytest.raises(NotOwner):
+                await b.acquire("m")
+            assert a._renewer is not None
+            a._renewer.cancel()  # a stalls: no more renewals
+            await asyncio.sleep(0.5)
+            assert await b.acquire("m")
+            await b.append("m", 2, b"two")
+            with pytest.raises(NotOwner):
+                await a.append("m", 3, b"stale writer")  # a still thinks it holds the lease
+            assert [r.record for r in await b.read_log("m")] == [b"one", b"two"]
+        finally:
+            await a.close()
+            await b.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        redis.stop()
