@@ -39,6 +39,7 @@ from service.errors import (
     NotFound,
     NotOwner,
     NotReady,
+    StoreUnavailable,
     TooLarge,
 )
 from service.filters import OnlineFilter
@@ -122,11 +123,25 @@ class Engine:
         """Open the store and restore every model (snapshot + log replay); then ready."""
         torch.set_num_threads(self.settings.threads)
         await self.store.open()
-        for name, raw in sorted((await self.store.list_models()).items()):
-            self.models[name] = await self._restore(ModelSpec.model_validate_json(raw))
-            log.info("restored %s at version %d", name, self.models[name].version)
+        self._ticker = asyncio.create_task(self._restore_then_tick())
+
+    async def _restore_then_tick(self) -> None:
+        """Restore every model, retrying while the store is unreachable; then ready."""
+        while True:
+            try:
+                for name, raw in sorted((await self.store.list_models()).items()):
+                    if name not in self.models:
+                        self.models[name] = await self._restore(ModelSpec.model_validate_json(raw))
+                        log.info("restored %s at version %d", name, self.models[name].version)
+                break
+            except StoreUnavailable as exc:
+                log.warning("restore waits for the store: %s", exc)
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("restoring the models failed; retrying in 5 s")
+                await asyncio.sleep(5.0)
         self.ready = True
-        self._ticker = asyncio.create_task(self._tick())
+        await self._tick()
 
     async def stop(self) -> None:
         self.ready = False

@@ -27,7 +27,9 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, appendfsync: str = "always") -> None:
+    def __init__(
+        self, workdir: Path, appendfsync: str = "always", password: str | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed")
@@ -35,12 +37,14 @@ class RedisServer:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.appendfsync = appendfsync
+        self.password = password
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         assert self.proc is None
@@ -62,6 +66,7 @@ class RedisServer:
                 self.appendfsync,
                 "--logfile",
                 str(log),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -72,7 +77,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as c:
                     c.sendall(b"PING\r\n")
-                    if c.recv(16).startswith(b"+PONG"):
+                    if c.recv(64)[:1] in (b"+", b"-"):  # PONG, or NOAUTH when a password is set
                         return self
             except OSError:
                 time.sleep(0.05)

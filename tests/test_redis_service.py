@@ -21,7 +21,7 @@ import redis as redis_sync
 from redis_server import RedisServer
 from server import Server
 
-from service.errors import NotOwner
+from service.errors import NotOwner, StoreUnavailable
 from service.store import RedisStore
 
 SPEC = {
@@ -271,6 +271,57 @@ def test_a_replica_that_lost_its_lease_cannot_write(tmp_path: Path) -> None:
         finally:
             await a.close()
             await b.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        redis.stop()
+
+
+def test_server_started_before_redis_becomes_ready_when_redis_comes(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis", password="s3cret")  # not started yet
+    server = Server(tmp_path / "pa", _env(redis))
+    starter = threading.Thread(target=server.start, daemon=True)  # returns once /readyz is 200
+    try:
+        starter.start()
+        deadline = time.monotonic() + 20
+        while True:  # the process answers, but is not ready without Redis
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.get(f"http://127.0.0.1:{server.port}/readyz", timeout=1)
+                if r.status_code == 503:
+                    break
+            assert time.monotonic() < deadline, "the server never answered /readyz"
+            time.sleep(0.2)
+        assert r.json()["ready"] is False
+        redis.start()
+        starter.join(30)
+        assert not starter.is_alive()
+        assert _post(server.url, "/v1/models", {"name": "m", **SPEC}).status_code == 201
+        x, y = _row(0)
+        assert _post(server.url, "/v1/models/m/update", {"x": [x], "y": [y]}).status_code == 200
+    finally:
+        starter.join(30)
+        server.stop()
+        redis.stop()
+
+
+def test_password_urls_work_and_a_wrong_password_is_unavailable(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis", password="s3cret").start()
+
+    async def main() -> None:
+        good = RedisStore(redis.url)
+        bad = RedisStore(redis.url.replace("s3cret", "wrong"))
+        await good.open()
+        await bad.open()
+        try:
+            assert await good.ping()
+            assert await good.create_model("m", b"{}")
+            assert not await bad.ping()
+            with pytest.raises(StoreUnavailable):
+                await bad.list_models()
+        finally:
+            await good.close()
+            await bad.close()
 
     try:
         asyncio.run(main())

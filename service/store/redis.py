@@ -118,6 +118,7 @@ class RedisStore:
         self._held: dict[str, tuple[str, float]] = {}  # name -> (holder value, local expiry)
         self._renewer: asyncio.Task[None] | None = None
         self._use_waitaof = False
+        self._probed = False
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -152,16 +153,24 @@ class RedisStore:
         self._renew = self._r.register_script(_RENEW)
         self._take = self._r.register_script(_TAKE)
         self._release = self._r.register_script(_RELEASE)
-        info = await self._do(self._r.info("server"))
+        self._renewer = asyncio.create_task(self._renew_loop())
+        try:
+            await self._probe()
+        except StoreUnavailable as exc:  # not fatal: the engine retries until Redis answers
+            log.warning("redis not reachable yet: %s", exc)
+
+    async def _probe(self) -> None:
+        """Learn the server's version once (whether WAITAOF exists)."""
+        info = await self._do(self.r.info("server"))
         version = tuple(int(v) for v in str(info.get("redis_version", "0")).split(".")[:2])
         self._use_waitaof = self._wait_aof == "auto" and version >= (7, 2)
+        self._probed = True
         log.info(
             "redis %s, replica %s, WAITAOF %s",
             info.get("redis_version"),
             self.replica,
             "on" if self._use_waitaof else "off",
         )
-        self._renewer = asyncio.create_task(self._renew_loop())
 
     async def close(self) -> None:
         if self._renewer is not None:
@@ -277,6 +286,8 @@ class RedisStore:
         response: bytes | None = None,
     ) -> None:
         holder = self._holder(name)
+        if not self._probed:
+            await self._probe()
         with_request = request_id is not None and response is not None
         keys = [
             self._k("lease", name),
