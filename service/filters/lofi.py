@@ -169,7 +169,9 @@ class LoFi:
             return state.mean + x
         e = torch.randn((n, self.rank), generator=generator, dtype=dtype, device=device)
         Lc = cholesky(_capacitance(state.W, state.upsilon), what="the LoFi capacitance")
-        Lt = torch.cholesky_solve(state.W / state.upsilon, Lc)  # M^{-1} W Upsilon^{-1}, (d, D)
+        # M^{-1} W Upsilon^{-1} (d, D): a d x d inverse, then one pass (a solve against the wide
+        # right-hand side is an order of magnitude slower).
+        Lt = torch.cholesky_inverse(Lc) @ (state.W / state.upsilon)
         return state.mean + x + (e - x @ state.W.mT) @ Lt
 
     def precision(self, state: LoFiState) -> Tensor:
