@@ -42,8 +42,7 @@ BODY = {"x": [ROW], "y": [0.5]}
 @contextmanager
 def _redis(work: Path, appendfsync: str) -> Iterator[str]:
     port = _free_port()
-    folder = work / f"redis-{appendfsync}"
-    folder.mkdir()
+    folder = Path(tempfile.mkdtemp(prefix=f"redis-{appendfsync}-", dir=work))
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
          "--save", "", "--appendonly", "yes", "--appendfsync", appendfsync],
