@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -12,6 +14,7 @@ __all__ = ["app"]
 
 app = typer.Typer(add_completion=False, help="Postserve: online Bayesian inference over HTTP.")
 log = logging.getLogger("postserve")
+_REPORT_PNG = Path("report.png")
 
 
 @app.callback()
@@ -47,6 +50,36 @@ def serve(
     uvicorn.run(
         create_app(settings), host=host, port=port, log_level=settings.log_level, access_log=False
     )
+
+
+@app.command()
+def report(
+    name: str = typer.Argument(..., help="the model"),
+    out: Annotated[Path, typer.Option(help="PNG file to write")] = _REPORT_PNG,
+    url: str = typer.Option(
+        "http://127.0.0.1:8000", envvar="POSTSERVE_URL", help="the server's base URL"
+    ),
+    api_key: str | None = typer.Option(
+        None, envvar="POSTSERVE_API_KEY", help="a key with the read scope, if keys are on"
+    ),
+) -> None:
+    """Draw a model's calibration window (reliability or PIT, coverage over time) as a PNG."""
+    from service.client import Client, PostserveHTTPError
+    from service.report import draw_report
+
+    try:
+        with Client(url, api_key=api_key) as client:
+            cal = client.calibration(name)
+    except PostserveHTTPError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    try:
+        draw_report(cal, out)
+    except ImportError as exc:
+        typer.echo("error: the report needs matplotlib: pip install 'postserve[report]'", err=True)
+        raise typer.Exit(1) from exc
+    s = cal.summary
+    typer.echo(f"wrote {out}: {name} at version {cal.version}, {s.observations} observations")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import httpx
 from pydantic import BaseModel
 
 from service.schemas import (
+    CalibrationResponse,
     ModelInfo,
     ModelList,
     ModelSpec,
@@ -84,6 +85,10 @@ class _Calls:
     def snapshot(name: str) -> _Call:
         return _Call("POST", f"/v1/models/{name}/snapshot")
 
+    @staticmethod
+    def calibration(name: str) -> _Call:
+        return _Call("GET", f"/v1/models/{name}/calibration")
+
 
 def _list(v: Any) -> Any:
     return v.tolist() if hasattr(v, "tolist") else list(v)
@@ -149,6 +154,9 @@ class Client:
     def snapshot(self, name: str) -> SnapshotResponse:
         return _parse(self._send(_Calls.snapshot(name)), SnapshotResponse)
 
+    def calibration(self, name: str) -> CalibrationResponse:
+        return _parse(self._send(_Calls.calibration(name)), CalibrationResponse)
+
     def close(self) -> None:
         self._http.close()
 
@@ -198,6 +206,9 @@ class AsyncClient:
 
     async def snapshot(self, name: str) -> SnapshotResponse:
         return _parse(await self._send(_Calls.snapshot(name)), SnapshotResponse)
+
+    async def calibration(self, name: str) -> CalibrationResponse:
+        return _parse(await self._send(_Calls.calibration(name)), CalibrationResponse)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     max_samples: int = Field(1000, ge=0)
     max_state_bytes: int = Field(1 << 30, ge=1, description="cap on one model's state")
 
+    calibration_window: int = Field(
+        1000, ge=10, description="observations in each model's calibration window"
+    )
+    max_monitored_models: int = Field(
+        100, ge=0, description='models that may set "monitor": true (per-model Prometheus series)'
+    )
+
     api_keys: str = Field(
         "", description="comma-separated KEY:SCOPE pairs, scope one of read, write, admin"
     )

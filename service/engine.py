@@ -15,6 +15,11 @@ Snapshots run in the background every ``snapshot_every`` observations or ``snaps
 seconds; the store trims the log up to the snapshot. At start every model in the catalogue is
 restored from its latest snapshot plus a replay of the log after it, which reproduces the state
 bit for bit on the same device and dtype (each row is the same deterministic step).
+
+Each applied row's pre-update prediction is scored against its label in the model's calibration
+window (``service.calibration``) when it is published; the window travels in the snapshot
+metadata, and replay after the snapshot refills the rest, so it survives a restart too. Counters
+of applied and rejected updates live here as plain numbers; ``service.metrics`` reads them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -32,13 +38,16 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import torch
 
+from service.calibration import LEVELS, CalibrationTracker, Observation, Stats
 from service.config import Settings
 from service.errors import (
     AlreadyExists,
     InvalidInput,
+    LimitReached,
     NotFound,
     NotOwner,
     NotReady,
+    PostserveError,
     StoreUnavailable,
     TooLarge,
 )
@@ -48,14 +57,19 @@ from service.models import (
     build_filter,
     decode_state,
     encode_state,
+    observations,
     resolve_device,
     state_bytes_estimate,
 )
 from service.schemas import (
+    CalibrationPoint,
+    CalibrationResponse,
+    CalibrationSummary,
     ModelInfo,
     ModelSpec,
     PredictRequest,
     PredictResponse,
+    ReliabilityBin,
     RowPrediction,
     SnapshotResponse,
     UpdateRequest,
@@ -77,11 +91,14 @@ class Hosted:
     device: torch.device
     dtype: torch.dtype
     current: tuple[int, Any]
+    calibration: CalibrationTracker
     snapshot_version: int = 0
     snapshot_time: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     snapshotting: bool = False
     deleted: bool = False
+    applied: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
 
     @property
     def version(self) -> int:
@@ -116,6 +133,8 @@ class Engine:
         self.ready = False
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.applied = 0  # observations applied, all models, since start
+        self.rejected: Counter[str] = Counter()  # rejected update requests by error code
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -179,6 +198,8 @@ class Engine:
             state = decode_state(snap.tensors, meta["algorithm"], h.dtype, h.device)
             h.current = (snap.version, state)
             h.snapshot_version = snap.version
+            if "calibration" in meta:
+                h.calibration = CalibrationTracker.from_dict(meta["calibration"])
         for rec in await self.store.read_log(name, after=h.version):
             body = json.loads(rec.record)
             version, state = h.current
@@ -186,9 +207,19 @@ class Engine:
                 raise RuntimeError(
                     f"log of {name!r} is inconsistent: record {rec.version} follows {version}"
                 )
-            x, y = _tensor(body["x"], h), _tensor(body["y"], h)
-            new, _ = await anyio.to_thread.run_sync(h.filter.run, state, x, y)
+            new, obs = await anyio.to_thread.run_sync(self._replay, h, state, body)
             h.current = (rec.version, new)
+            self._score(h, version, obs)
+
+    @staticmethod
+    def _replay(h: Hosted, state: Any, body: dict[str, Any]) -> tuple[Any, list[Observation]]:
+        new, infos = h.filter.run(state, _tensor(body["x"], h), _tensor(body["y"], h))
+        return new, observations(h.filter, infos, body["y"])
+
+    @staticmethod
+    def _score(h: Hosted, version: int, obs: list[Observation]) -> None:
+        for i, o in enumerate(obs, start=1):
+            h.calibration.observe(o, version + i)
 
     def _host(self, spec: ModelSpec) -> Hosted:
         f = build_filter(spec)
@@ -201,7 +232,8 @@ class Engine:
             )
         device = resolve_device(spec.device, self.settings.device)
         dtype = DTYPES[spec.dtype]
-        return Hosted(spec, f, device, dtype, (0, f.init(dtype=dtype, device=device)))
+        tracker = CalibrationTracker(self.settings.calibration_window)
+        return Hosted(spec, f, device, dtype, (0, f.init(dtype=dtype, device=device)), tracker)
 
     # -- catalogue ---------------------------------------------------------------------------
 
@@ -224,7 +256,31 @@ class Engine:
             state_bytes=h.filter.state_bytes(state),
             snapshot_version=h.snapshot_version,
             device=str(h.device),
+            calibration=_summary(h.calibration.stats()),
         )
+
+    def calibration(self, name: str) -> CalibrationResponse:
+        """The model's calibration window: figures, histograms and its recent history."""
+        h = self._get(name)
+        stats = h.calibration.stats()
+        classes = h.spec.likelihood.type in ("bernoulli", "categorical")
+        return CalibrationResponse(
+            name=name,
+            likelihood=h.spec.likelihood.type,
+            version=h.version,
+            window=h.calibration.window,
+            levels=list(LEVELS),
+            summary=_summary(stats),
+            pit_histogram=stats.pit_histogram,
+            reliability=[ReliabilityBin(**b) for b in stats.reliability()] if classes else None,
+            history=[
+                CalibrationPoint(version=v, summary=_summary(s)) for v, s in h.calibration.history
+            ],
+        )
+
+    @property
+    def monitored(self) -> list[Hosted]:
+        return [h for h in self.models.values() if h.spec.monitor]
 
     def list_models(self) -> list[ModelInfo]:
         if not self.ready:
@@ -236,6 +292,11 @@ class Engine:
             raise NotReady("models are still being restored")
         if spec.name in self.models:
             raise AlreadyExists(f"a model named {spec.name!r} exists")
+        if spec.monitor and len(self.monitored) >= self.settings.max_monitored_models:
+            raise LimitReached(
+                f"{self.settings.max_monitored_models} models already have monitor: true, the "
+                "limit (POSTSERVE_MAX_MONITORED_MODELS); create this one without it"
+            )
         hosted = await anyio.to_thread.run_sync(self._host, spec)
         if not await self.store.create_model(spec.name, spec.model_dump_json().encode()):
             raise AlreadyExists(f"a model named {spec.name!r} exists")
@@ -265,6 +326,17 @@ class Engine:
                 )
 
     async def update(self, name: str, req: UpdateRequest) -> UpdateResponse:
+        try:
+            return await self._update(name, req)
+        except PostserveError as exc:
+            if not isinstance(exc, NotReady):
+                self.rejected[exc.code] += 1
+                h = self.models.get(name)
+                if h is not None:
+                    h.rejected[exc.code] += 1
+            raise
+
+    async def _update(self, name: str, req: UpdateRequest) -> UpdateResponse:
         h = self._get(name)
         self._check_rows(h, req.x, "update")
         if len(req.y) != len(req.x):
@@ -281,7 +353,7 @@ class Engine:
                         update={"duplicate": True}
                     )
             version, state = h.current
-            new, infos = await _compute(h, len(req.x), self._step, h, state, req)
+            new, infos, obs = await _compute(h, len(req.x), self._step, h, state, req)
             n = len(req.x)
             response = UpdateResponse(
                 version=version + n,
@@ -304,18 +376,24 @@ class Engine:
                 response.model_dump_json().encode() if req.request_id is not None else None,
             )
             h.current = (version + n, new)
+            self._score(h, version, obs)  # with the publish: snapshots see both or neither
+            h.applied += n
+            self.applied += n
         if version + n - h.snapshot_version >= self.settings.snapshot_every:
             self._spawn_snapshot(h)
         return response
 
     @staticmethod
-    def _step(h: Hosted, state: Any, req: UpdateRequest) -> tuple[Any, list[Any]]:
+    def _step(
+        h: Hosted, state: Any, req: UpdateRequest
+    ) -> tuple[Any, list[Any], list[Observation]]:
         x = _tensor(req.x, h)
         try:
             y = _tensor(req.y, h)
         except (ValueError, TypeError) as exc:
             raise InvalidInput(f"y rows must all have the same shape: {exc}") from exc
-        return h.filter.run(state, x, y)
+        new, infos = h.filter.run(state, x, y)
+        return new, infos, observations(h.filter, infos, req.y)
 
     async def predict(self, name: str, req: PredictRequest) -> PredictResponse:
         h = self._get(name)
@@ -368,8 +446,9 @@ class Engine:
 
     async def _snapshot(self, name: str, h: Hosted) -> int:
         version, state = h.current
+        extra = {"calibration": h.calibration.to_dict()}  # taken with the state it belongs to
         tensors, meta = await anyio.to_thread.run_sync(
-            encode_state, state, version, h.spec.filter.type
+            encode_state, state, version, h.spec.filter.type, extra
         )
         if not h.deleted:
             await self.store.put_snapshot(name, Snapshot(version, tensors, meta))
@@ -404,3 +483,7 @@ class Engine:
             for h in list(self.models.values()):
                 if h.version > h.snapshot_version and now - h.snapshot_time >= period:
                     self._spawn_snapshot(h)
+
+
+def _summary(stats: Stats) -> CalibrationSummary:
+    return CalibrationSummary(**stats.summary())

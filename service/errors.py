@@ -13,6 +13,7 @@ layer maps each class to a status in one table, so nothing else needs to know ab
     │                           the previous state is untouched and stays current
     ├── NotFound                no model of that name
     ├── AlreadyExists           a model of that name exists
+    ├── LimitReached            a configured count is used up (monitored models)
     ├── StoreUnavailable        the store could not make a write durable; nothing was applied
     ├── NotOwner                another replica holds the model's write lease
     ├── NotReady                models are still being restored
@@ -27,6 +28,7 @@ __all__ = [
     "Forbidden",
     "InvalidInput",
     "InvalidSpec",
+    "LimitReached",
     "NotFound",
     "NotOwner",
     "NotReady",
@@ -85,6 +87,12 @@ class NotFound(PostserveError):
 
 class AlreadyExists(PostserveError):
     code = "already_exists"
+
+
+class LimitReached(PostserveError):
+    """A configured count is used up: nothing was created."""
+
+    code = "limit_reached"
 
 
 class StoreUnavailable(PostserveError):

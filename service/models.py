@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from service.calibration import Observation
 from service.errors import InvalidSpec
 from service.filters import (
     EKF,
@@ -29,12 +30,20 @@ from service.filters import (
     OnlineFilter,
     Poisson,
     Prior,
+    StepInfo,
 )
 from service.filters.likelihoods import Likelihood
 from service.filters.networks import Network
 from service.schemas import ModelSpec
 
-__all__ = ["build_filter", "decode_state", "encode_state", "resolve_device", "state_bytes_estimate"]
+__all__ = [
+    "build_filter",
+    "decode_state",
+    "encode_state",
+    "observations",
+    "resolve_device",
+    "state_bytes_estimate",
+]
 
 _STATES: dict[str, type] = {
     "lofi": LoFiState,
@@ -119,13 +128,47 @@ def resolve_device(requested: str, default: str) -> torch.device:
     return device
 
 
-def encode_state(state: Any, version: int, algorithm: str) -> tuple[bytes, bytes]:
-    """(safetensors bytes, JSON metadata bytes) of a state at ``version``."""
+def observations(f: OnlineFilter, infos: list[StepInfo], y: list[Any]) -> list[Observation]:
+    """What calibration scores: each row's pre-update prediction against its raw label ``y``."""
+    if not infos:
+        return []
+    lik = f.likelihood
+    nll = [-float(i.log_likelihood) for i in infos]
+    if isinstance(lik, (Bernoulli, Categorical)):
+        return [
+            Observation(nll=n, probs=i.predictive.mean[0].tolist(), label=int(label))
+            for n, i, label in zip(nll, infos, y, strict=True)
+        ]
+    eta = torch.cat([i.eta for i in infos if i.eta is not None])
+    var_eta = torch.cat([i.var_eta for i in infos if i.var_eta is not None])
+    Y = f.encode(torch.tensor(y, dtype=eta.dtype)).to(device=eta.device)
+    pit = lik.pit(Y, eta, var_eta)
+    assert pit is not None
+    lo, hi = pit[0].tolist(), pit[1].tolist()
+    if not isinstance(lik, Gaussian):
+        return [
+            Observation(nll=n, pit=list(zip(a, b, strict=True)))
+            for n, a, b in zip(nll, lo, hi, strict=True)
+        ]
+    mean = torch.cat([i.predictive.mean for i in infos])
+    sd = torch.cat([i.predictive.variance for i in infos]).sqrt()
+    z = ((Y - mean) / sd).tolist()
+    return [
+        Observation(nll=n, pit=list(zip(a, a, strict=True)), z=zr)
+        for n, a, zr in zip(nll, lo, z, strict=True)
+    ]
+
+
+def encode_state(
+    state: Any, version: int, algorithm: str, extra: dict[str, Any] | None = None
+) -> tuple[bytes, bytes]:
+    """(safetensors bytes, JSON metadata bytes) of a state at ``version``; ``extra`` goes into
+    the metadata (the calibration window, so that it outlives a restart)."""
     tensors = {
         f.name: getattr(state, f.name).detach().to("cpu").contiguous()
         for f in dataclasses.fields(state)
     }
-    meta = {"version": version, "algorithm": algorithm, "format": 1}
+    meta = {"version": version, "algorithm": algorithm, "format": 1, **(extra or {})}
     return st_save(tensors), json.dumps(meta).encode()
 
 

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator
 
 __all__ = [
     "BernoulliSpec",
+    "CalibrationPoint",
+    "CalibrationResponse",
+    "CalibrationSummary",
     "CategoricalSpec",
     "DynamicsSpec",
     "EKFSpec",
@@ -33,6 +36,7 @@ __all__ = [
     "PredictRequest",
     "PredictResponse",
     "PriorSpec",
+    "ReliabilityBin",
     "RowPrediction",
     "SnapshotResponse",
     "UpdateRequest",
@@ -228,6 +232,49 @@ class PredictResponse(BaseModel):
     samples: list[list[list[float]]] = Field(default_factory=list)
 
 
+class CalibrationSummary(BaseModel):
+    """Scalar calibration figures over the current window (``service.calibration``); null where
+    the window holds nothing they apply to."""
+
+    observations: int = 0
+    nll: float | None = None
+    coverage: dict[str, float] | None = None
+    residual_mean: float | None = None
+    residual_variance: float | None = None
+    brier: float | None = None
+    log_loss: float | None = None
+    ece: float | None = None
+
+
+class ReliabilityBin(BaseModel):
+    lower: float
+    upper: float
+    count: int
+    confidence: float | None
+    accuracy: float | None
+
+
+class CalibrationPoint(BaseModel):
+    """One closed bucket of the window: the figures of its observations alone."""
+
+    version: int
+    summary: CalibrationSummary
+
+
+class CalibrationResponse(BaseModel):
+    """``GET /v1/models/{name}/calibration``."""
+
+    name: str
+    likelihood: str
+    version: int
+    window: int
+    levels: list[float]
+    summary: CalibrationSummary
+    pit_histogram: list[float] | None
+    reliability: list[ReliabilityBin] | None
+    history: list[CalibrationPoint]
+
+
 class ModelInfo(BaseModel):
     name: str
     spec: ModelSpec
@@ -236,7 +283,7 @@ class ModelInfo(BaseModel):
     state_bytes: int
     snapshot_version: int
     device: str
-    calibration: dict[str, float] = Field(default_factory=dict)
+    calibration: CalibrationSummary = Field(default_factory=CalibrationSummary)
 
 
 class ModelList(BaseModel):

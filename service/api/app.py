@@ -14,6 +14,7 @@ from service.api.auth import Authenticate, Keyring
 from service.api.routes import router
 from service.config import Settings
 from service.engine import Engine
+from service.metrics import RequestMetrics, make_registry
 from service.store import MemoryStore, RedisStore, SQLiteStore, Store
 
 __all__ = ["create_app", "make_store"]
@@ -104,8 +105,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app = FastAPI(title="Postserve", version=__version__, lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
+    app.state.registry = registry = make_registry(engine)
     app.include_router(router)
     errors.install(app)
     app.add_middleware(Authenticate, keyring=Keyring(settings.keys))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, registry=registry, routes=app.router.routes)  # outermost
     return app

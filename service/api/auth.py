@@ -1,11 +1,12 @@
 """API keys with scopes, sent as ``Authorization: Bearer KEY`` and compared in constant time.
 
-Scopes: ``read`` (predict, get, list), ``write`` (update), ``admin`` (create, delete, snapshot).
+Scopes: ``read`` (predict, get, list, calibration), ``write`` (update), ``admin`` (create, delete, snapshot).
 A key holds exactly the scopes it is listed with (a key may be listed once per scope). With no
 keys configured every route is open, and the CLI binds 127.0.0.1 only.
 
 Authentication is an ASGI middleware over the table :data:`RULES`, so a request without a valid
-key is refused (401/403) before its body is read or parsed. ``/healthz`` and ``/readyz`` are open;
+key is refused (401/403) before its body is read or parsed. ``/healthz``, ``/readyz`` and
+``/metrics`` are open (metrics name only models created with ``"monitor": true``);
 any other ``/v1`` path needs a valid key of some scope.
 """
 
@@ -32,6 +33,7 @@ RULES: list[tuple[str, re.Pattern[str], KeyScope]] = [
     ("DELETE", re.compile(rf"^{_MODEL}/?$"), "admin"),
     ("POST", re.compile(rf"^{_MODEL}/update$"), "write"),
     ("POST", re.compile(rf"^{_MODEL}/predict$"), "read"),
+    ("GET", re.compile(rf"^{_MODEL}/calibration$"), "read"),
     ("POST", re.compile(rf"^{_MODEL}/snapshot$"), "admin"),
 ]
 

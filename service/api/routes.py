@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.engine import Engine
 from service.schemas import (
+    CalibrationResponse,
     ModelInfo,
     ModelList,
     ModelSpec,
@@ -70,6 +72,11 @@ async def predict(name: str, body: PredictRequest, request: Request) -> PredictR
     return await _engine(request).predict(name, body)
 
 
+@router.get("/v1/models/{name}/calibration", response_model=CalibrationResponse)
+async def calibration(name: str, request: Request) -> CalibrationResponse:
+    return _engine(request).calibration(name)
+
+
 @router.post(
     "/v1/models/{name}/snapshot",
     response_model=SnapshotResponse,
@@ -81,6 +88,11 @@ async def snapshot(name: str, request: Request) -> SnapshotResponse:
 @router.get("/healthz")
 async def healthz() -> dict[str, bool]:
     return {"ok": True}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/readyz")

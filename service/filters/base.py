@@ -54,11 +54,15 @@ class StepInfo:
 
     ``predictive`` is the pre-update predictive of the row (fields of shape (1, C)), and
     ``log_likelihood`` the log predictive density of y under it (a 0-d tensor): the one-step-ahead
-    figures that calibration and NLPD are measured on.
+    figures that calibration and NLPD are measured on. ``eta`` (1, C) and ``var_eta`` (1, C, C)
+    are the network output and its linearised variance J Sigma J^T behind that predictive (what
+    ``Likelihood.pit`` takes).
     """
 
     predictive: Predictive
     log_likelihood: Tensor
+    eta: Tensor | None = None
+    var_eta: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -186,7 +186,7 @@ class OnlineFilter:
         pred = self.likelihood.predictive(eta, JSJ.unsqueeze(0))
         loglik = self.likelihood.log_predictive(y.unsqueeze(0), eta, JSJ.unsqueeze(0))[0]
         check_finite("the pre-update prediction", pred.mean, pred.variance, loglik)
-        return new, StepInfo(predictive=pred, log_likelihood=loglik)
+        return new, StepInfo(pred, loglik, eta, JSJ.unsqueeze(0))
 
     def step(self, state: Any, x: Tensor, y: Tensor) -> tuple[Any, StepInfo]:
         """predict, then update on one row."""
