@@ -330,11 +330,15 @@ class Engine:
             return await self._update(name, req)
         except PostserveError as exc:
             if not isinstance(exc, NotReady):
-                self.rejected[exc.code] += 1
-                h = self.models.get(name)
-                if h is not None:
-                    h.rejected[exc.code] += 1
+                self.note_rejected(name, exc.code)
             raise
+
+    def note_rejected(self, name: str, code: str) -> None:
+        """Count an update request refused with error ``code`` (here or at the HTTP edge)."""
+        self.rejected[code] += 1
+        h = self.models.get(name)
+        if h is not None:
+            h.rejected[code] += 1
 
     async def _update(self, name: str, req: UpdateRequest) -> UpdateResponse:
         h = self._get(name)

@@ -66,10 +66,12 @@ def _fmt(v: float | None) -> str:
 def _pit(ax: Any, cal: CalibrationResponse) -> None:
     hist = cal.pit_histogram or []
     k = len(hist) or 10
-    ax.bar([(i + 0.5) / k for i in range(len(hist))], hist, width=1 / k, edgecolor="white")
+    ax.bar(
+        [(i + 0.5) / k for i in range(len(hist))], hist, width=1 / k, edgecolor="white", alpha=0.8
+    )
     band = _band(1 / k, cal.summary.observations)
     ax.axhline(1 / k, color="k", lw=1, label="uniform (calibrated)")
-    ax.axhspan(1 / k - band, 1 / k + band, color="k", alpha=0.1, label="95% band")
+    ax.axhspan(1 / k - band, 1 / k + band, color="k", alpha=0.15, zorder=3, label="95% band")
     ax.set_xlim(0, 1)
     ax.set_xlabel("PIT = F(y) under the pre-update predictive")
     ax.set_ylabel("share of observations")

@@ -1,5 +1,5 @@
 """API keys and scopes against a real server: every route answers 401 without a (known) key, 403
-with a key lacking its scope and 2xx with the right one; /healthz and /readyz stay open. Without
+with a key lacking its scope and 2xx with the right one; /healthz, /readyz and /metrics stay open. Without
 keys the server refuses to listen beyond 127.0.0.1."""
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ ROUTES = [
         lambda c: ("POST", "/v1/models/guarded/predict", {"x": [[0.1, 0.2]], "num_samples": 2}),
     ),
     Route("snapshot", "admin", 200, lambda c: ("POST", "/v1/models/guarded/snapshot", None)),
+    Route("calibration", "read", 200, lambda c: ("GET", "/v1/models/guarded/calibration", None)),
 ]
 
 NO_KEY: list[tuple[str, dict[str, str]]] = [
@@ -203,6 +204,8 @@ def test_health_and_readiness_are_open(client: httpx.Client, server: Server) -> 
         assert r.status_code == 200 and r.json() == {"ok": True}
         r = client.get("/readyz", headers=headers)
         assert r.status_code == 200 and r.json()["ready"] is True
+        r = client.get("/metrics", headers=headers)  # for Prometheus, like the probes
+        assert r.status_code == 200 and "postserve_models " in r.text
     assert "binding 127.0.0.1 only" not in server.log_text()
     assert "0.0.0.0" in server.log_text()
     other = _non_loopback_ipv4()

@@ -110,5 +110,5 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     errors.install(app)
     app.add_middleware(Authenticate, keyring=Keyring(settings.keys))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, registry=registry, routes=app.router.routes)  # outermost
+    app.add_middleware(RequestMetrics, registry=registry, routes=router.routes)  # outermost
     return app

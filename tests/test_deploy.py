@@ -1,0 +1,128 @@
+"""The deployment files, checked by the tools that consume them.
+
+promtool (Debian's prometheus package; ``bash .ci/setup`` unpacks it into the venv) checks the
+Prometheus config and rules and runs the rules' unit tests; docker-compose validates the compose
+file; hadolint lints the Dockerfile. The Kubernetes manifests are parsed and cross-checked against
+the service itself: the probes and ports they name are routes and ports the server has.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.api.routes import router
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or str(Path(sys.executable).parent / name)
+    if not Path(path).exists():
+        pytest.skip(f"{name} is not installed (bash .ci/setup installs it)")
+    return path
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "config", "deploy/prometheus/prometheus.yml"),
+        ("check", "rules", "deploy/prometheus/alerts.yml"),
+        ("test", "rules", "deploy/prometheus/alerts_test.yml"),
+    ],
+    ids=["config", "rules", "rule-tests"],
+)
+def test_promtool(args: tuple[str, ...]) -> None:
+    done = run(tool("promtool"), *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout + done.stderr
+
+
+def test_every_alert_has_a_rule_test() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())
+    tested = {case["alertname"] for t in tests["tests"] for case in t.get("alert_rule_test", [])}
+    assert alerts and alerts <= tested, alerts - tested
+    for g in rules["groups"]:
+        for r in g["rules"]:
+            assert r.get("for"), f"{r['alert']} would fire on a single scrape"
+            assert r.get("annotations", {}).get("summary"), r["alert"]
+
+
+def test_compose_file_is_valid() -> None:
+    if shutil.which("docker-compose"):
+        done = run("docker-compose", "-f", "docker-compose.yml", "config", "-q")
+    elif shutil.which("docker") and run("docker", "compose", "version").returncode == 0:
+        done = run("docker", "compose", "-f", "docker-compose.yml", "config", "-q")
+    else:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    assert done.returncode == 0, done.stdout + done.stderr
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert set(compose["services"]) >= {"postserve", "redis", "prometheus", "grafana"}
+    redis_cmd = " ".join(compose["services"]["redis"]["command"])
+    assert "--appendonly yes" in redis_cmd
+    env = compose["services"]["postserve"]["environment"]
+    assert env["POSTSERVE_STORE"] == "redis" and env["POSTSERVE_API_KEYS"]
+    for service in ("prometheus", "grafana"):  # every mounted file or folder exists
+        for volume in compose["services"][service]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
+
+
+def test_dockerfile_lints_clean_and_has_what_production_needs() -> None:
+    done = run(tool("hadolint"), "Dockerfile")
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.count("\nFROM ") >= 2  # multi-stage
+    assert "ARG BASE_IMAGE" in text and "HEALTHCHECK" in text and "/healthz" in text
+    user = [line for line in text.splitlines() if line.startswith("USER ")]
+    assert user and not user[-1].split()[1].startswith(("root", "0"))
+
+
+def _manifests() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def test_kubernetes_probes_and_ports_are_the_servers() -> None:
+    paths = {getattr(r, "path", None) for r in router.routes}
+    docs = _manifests()
+    kinds = {d["kind"] for d in docs}
+    assert {"Service", "ConfigMap", "Ingress"} <= kinds
+    assert kinds & {"Deployment", "StatefulSet"}
+    workloads = [
+        d
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet") and "postserve" in d["metadata"]["name"]
+    ]
+    containers = [c for w in workloads for c in w["spec"]["template"]["spec"]["containers"]]
+    server = next(
+        c
+        for c in containers
+        if "postserve" in " ".join(c.get("command", c.get("args", ["postserve"])))
+        or c["name"] == "postserve"
+    )
+    assert server["livenessProbe"]["httpGet"]["path"] == "/healthz" in paths
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz" in paths
+    ports = {p["containerPort"] for p in server["ports"]}
+    assert 8000 in ports
+    env_names = {e["name"] for e in server.get("env", [])}
+    assert "POSTSERVE_REPLICA_ID" in env_names  # leases are held under the pod's name
+    ingress = next(d for d in docs if d["kind"] == "Ingress")
+    annotations = ingress["metadata"].get("annotations", {})
+    assert "upstream-hash-by" in " ".join(annotations), annotations
