@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./postserve-data")
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_lease_ms: int = Field(10_000, ge=100, description="write lease per model")
+    redis_lease_idle_s: float = Field(
+        120.0, gt=0, description="release a model's lease after this long without writes"
+    )
     redis_wait_aof: Literal["auto", "off"] = "auto"
     redis_timeout_s: float = Field(2.0, gt=0)
     replica_id: str = Field(

@@ -211,6 +211,48 @@ def test_two_replicas_one_writer_and_takeover_within_the_lease(tmp_path: Path) -
     print(f"takeover {took:.2f} s after the owner died (lease {lease_ms} ms)")
 
 
+def test_an_idle_lease_is_released_so_the_model_can_move(tmp_path: Path) -> None:
+    """After the traffic for a model moves to another replica (an ingress rehash), the old owner
+    lets the lease go once idle, and the new replica continues from the latest state."""
+    redis = RedisServer(tmp_path / "redis").start()
+    lease_ms, idle_s = 900, 1.2
+    env = _env(
+        redis,
+        POSTSERVE_REDIS_LEASE_MS=str(lease_ms),
+        POSTSERVE_REDIS_LEASE_IDLE_S=str(idle_s),
+        POSTSERVE_SNAPSHOT_INTERVAL_S="0.5",
+    )
+    a, b = Server(tmp_path / "a", env), Server(tmp_path / "b", env)
+    try:
+        a.start()
+        assert _post(a.url, "/v1/models", {"name": "m", **SPEC}).status_code == 201
+        b.start()
+        for i in range(5):
+            x, y = _row(i)
+            assert _post(a.url, "/v1/models/m/update", {"x": [x], "y": [y]}).status_code == 200
+        moved = time.monotonic()
+        x, y = _row(5)
+        while True:  # the traffic now goes to b only
+            r = _post(b.url, "/v1/models/m/update", {"x": [x], "y": [y]})
+            if r.status_code == 200:
+                break
+            assert r.status_code == 409 and r.json()["error"]["code"] == "not_owner", r.text
+            assert time.monotonic() - moved < idle_s + lease_ms / 1000 + 3.0, "never released"
+            time.sleep(0.05)
+        took = time.monotonic() - moved
+        assert r.json()["version"] == 6
+        assert took >= idle_s - 0.2  # a held it while it might still write
+        r = _post(a.url, "/v1/models/m/update", {"x": [x], "y": [y]})
+        assert r.status_code == 409, r.text  # and now b is the one writer
+        assert "released the idle lease of m" in a.log_text()
+        _check_against_fresh_replay(b, 6)
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()
+    print(f"moved after {took:.2f} s (idle {idle_s} s, lease {lease_ms} ms)")
+
+
 def test_redis_down_updates_503_predictions_200_then_recovers(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path / "redis").start()
     server = Server(tmp_path / "pa", _env(redis))

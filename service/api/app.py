@@ -30,6 +30,7 @@ def make_store(settings: Settings) -> Store:
             lease_ms=settings.redis_lease_ms,
             wait_aof=settings.redis_wait_aof,
             timeout_s=settings.redis_timeout_s,
+            idle_s=settings.redis_lease_idle_s,
             replica=settings.replica_id or None,
         )
     return SQLiteStore(settings.data_dir / "postserve.sqlite3", settings.idempotency_ttl_s)

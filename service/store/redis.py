@@ -15,9 +15,12 @@ key                                    contents
 One writer per model. A replica writes a model only while it holds the model's lease (taken
 when the key is free, or when it names this same replica: a restarted pod with a stable
 ``POSTSERVE_REPLICA_ID`` takes its model back at once instead of waiting out its own lease; two
-live processes must never share an id), renewed in the background every third of ``lease_ms``. Every log append and
-snapshot runs as a Lua script that first compares the lease with the writer's own
-``replica:token`` and writes nothing if they differ. A replica that lost its lease (paused, cut
+live processes must never share an id), renewed in the background every third of ``lease_ms``
+while the model is being written, and released once nothing has written it for ``idle_s``
+seconds (so that after the ingress moves a model to another replica, that replica can take it
+over within ``idle_s`` plus a renewal period). Every log append and snapshot runs as a Lua
+script that first compares the lease with the writer's own ``replica:token`` and writes nothing
+if they differ. A replica that lost its lease (paused, cut
 off, or expired) therefore cannot write, even if it still believes it owns the model. A stale
 version is refused by the Stream itself (entry ids only grow).
 
@@ -109,6 +112,7 @@ class RedisStore:
         prefix: str = "postserve:",
         replica: str | None = None,
         timeout_s: float = 2.0,
+        idle_s: float = 120.0,
     ) -> None:
         self._url, self._ttl_ms = url, max(1, int(idempotency_ttl_s * 1000))
         self._lease_ms, self._wait_aof, self._p = lease_ms, wait_aof, prefix
@@ -116,6 +120,8 @@ class RedisStore:
         self._timeout = timeout_s
         self._r: aioredis.Redis | None = None
         self._held: dict[str, tuple[str, float]] = {}  # name -> (holder value, local expiry)
+        self._used: dict[str, float] = {}  # name -> when this replica last asked to write it
+        self._idle_s = idle_s
         self._renewer: asyncio.Task[None] | None = None
         self._use_waitaof = False
         self._probed = False
@@ -196,6 +202,7 @@ class RedisStore:
         """Make sure this replica holds ``name``'s lease. True when it was newly taken (the
         caller's state may be behind the log), False when already held; NotOwner if another
         replica holds it."""
+        self._used[name] = time.monotonic()
         held = self._held.get(name)
         if held is not None and held[1] - time.monotonic() > self._lease_ms / 3000:
             return False
@@ -230,7 +237,13 @@ class RedisStore:
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self._lease_ms / 3000)
+            now = time.monotonic()
             for name, (value, _) in list(self._held.items()):
+                if now - self._used.get(name, now) > self._idle_s:
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.release(name)  # unused: let whoever the traffic goes to have it
+                        log.info("released the idle lease of %s", name)
+                    continue
                 try:
                     ok = await self._do(
                         self._renew(keys=[self._k("lease", name)], args=[value, self._lease_ms])
