@@ -19,10 +19,12 @@ from pydantic import BaseModel
 
 from service.schemas import (
     CalibrationResponse,
+    DecideResponse,
     ModelInfo,
     ModelList,
     ModelSpec,
     PredictResponse,
+    RewardResponse,
     SnapshotResponse,
     UpdateResponse,
 )
@@ -84,6 +86,29 @@ class _Calls:
     @staticmethod
     def snapshot(name: str) -> _Call:
         return _Call("POST", f"/v1/models/{name}/snapshot")
+
+    @staticmethod
+    def decide(
+        name: str,
+        actions: Any,
+        context: Any,
+        strategy: str,
+        epsilon: float,
+        event_id: str | None,
+        seed: int | None,
+    ) -> _Call:
+        body: dict[str, Any] = {"actions": _rows(actions), "strategy": strategy, "epsilon": epsilon}
+        if context is not None:
+            body["context"] = _list(context)
+        if event_id is not None:
+            body["event_id"] = event_id
+        if seed is not None:
+            body["seed"] = seed
+        return _Call("POST", f"/v1/models/{name}/decide", body)
+
+    @staticmethod
+    def reward(name: str, event_id: str, reward: float) -> _Call:
+        return _Call("POST", f"/v1/models/{name}/reward", {"event_id": event_id, "reward": reward})
 
     @staticmethod
     def calibration(name: str) -> _Call:
@@ -157,6 +182,24 @@ class Client:
     def calibration(self, name: str) -> CalibrationResponse:
         return _parse(self._send(_Calls.calibration(name)), CalibrationResponse)
 
+    def decide(
+        self,
+        name: str,
+        actions: Any,
+        context: Any = None,
+        strategy: str = "thompson",
+        epsilon: float = 0.1,
+        event_id: str | None = None,
+        seed: int | None = None,
+    ) -> DecideResponse:
+        """Choose an action (rows of ``actions``, each after the shared ``context``)."""
+        call = _Calls.decide(name, actions, context, strategy, epsilon, event_id, seed)
+        return _parse(self._send(call), DecideResponse)
+
+    def reward(self, name: str, event_id: str, reward: float) -> RewardResponse:
+        """Post the reward of a decision (at most once per event; rewards are maximised)."""
+        return _parse(self._send(_Calls.reward(name, event_id, float(reward))), RewardResponse)
+
     def close(self) -> None:
         self._http.close()
 
@@ -209,6 +252,24 @@ class AsyncClient:
 
     async def calibration(self, name: str) -> CalibrationResponse:
         return _parse(await self._send(_Calls.calibration(name)), CalibrationResponse)
+
+    async def decide(
+        self,
+        name: str,
+        actions: Any,
+        context: Any = None,
+        strategy: str = "thompson",
+        epsilon: float = 0.1,
+        event_id: str | None = None,
+        seed: int | None = None,
+    ) -> DecideResponse:
+        call = _Calls.decide(name, actions, context, strategy, epsilon, event_id, seed)
+        return _parse(await self._send(call), DecideResponse)
+
+    async def reward(self, name: str, event_id: str, reward: float) -> RewardResponse:
+        return _parse(
+            await self._send(_Calls.reward(name, event_id, float(reward))), RewardResponse
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()

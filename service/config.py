@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     max_samples: int = Field(1000, ge=0)
     max_state_bytes: int = Field(1 << 30, ge=1, description="cap on one model's state")
 
+    propensity_samples: int = Field(
+        256, ge=1, le=100_000, description="posterior draws behind Thompson-sampling propensities"
+    )
     calibration_window: int = Field(
         1000, ge=10, description="observations in each model's calibration window"
     )

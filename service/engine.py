@@ -30,6 +30,7 @@ import json
 import logging
 import secrets
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,15 +62,20 @@ from service.models import (
     resolve_device,
     state_bytes_estimate,
 )
+from service.policy import decide
 from service.schemas import (
     CalibrationPoint,
     CalibrationResponse,
     CalibrationSummary,
+    DecideRequest,
+    DecideResponse,
     ModelInfo,
     ModelSpec,
     PredictRequest,
     PredictResponse,
     ReliabilityBin,
+    RewardRequest,
+    RewardResponse,
     RowPrediction,
     SnapshotResponse,
     UpdateRequest,
@@ -438,6 +444,109 @@ class Engine:
             samples=samples,
         )
 
+    # -- bandits: decide now, reward later ----------------------------------------------------
+
+    async def decide(self, name: str, req: DecideRequest) -> DecideResponse:
+        """Choose one of the candidate actions and keep the event for its reward."""
+        h = self._get(name)
+        context = req.context or []
+        want = h.filter.network.input_dim
+        for i, action in enumerate(req.actions):
+            if len(context) + len(action) != want:
+                raise InvalidInput(
+                    f"decide: context ({len(context)} values) + action {i} ({len(action)} values) "
+                    f"makes {len(context) + len(action)} inputs, the model takes {want}"
+                )
+        rows = [context + action for action in req.actions]
+        self._check_rows(h, rows, "decide")
+        if req.event_id is not None:  # a retried decision gets the first answer
+            seen = await self.store.get_event(name, req.event_id)
+            if seen is not None:
+                return DecideResponse.model_validate_json(json.loads(seen)["response"])
+        version, state = h.current
+        work = len(rows) * (
+            1 + (self.settings.propensity_samples if req.strategy == "thompson" else 0)
+        )
+        choice = await _compute(h, work, self._decide, h, state, rows, req)
+        event_id = req.event_id or uuid.uuid4().hex
+        response = DecideResponse(
+            event_id=event_id,
+            action=choice.action,
+            scores=choice.scores,
+            propensity=choice.propensities[choice.action],
+            propensities=choice.propensities,
+            propensity_samples=choice.samples,
+            version=version,
+        )
+        record = {
+            "x": rows[choice.action],
+            "action": choice.action,
+            "propensity": response.propensity,
+            "strategy": req.strategy,
+            "version": version,
+            "response": response.model_dump_json(),
+        }
+        expires = time.time() + h.spec.events.ttl_s
+        if not await self.store.put_event(name, event_id, json.dumps(record).encode(), expires):
+            seen = await self.store.get_event(name, event_id)  # a concurrent twin won
+            if seen is None:
+                raise AlreadyExists(f"event {event_id!r} of model {name!r} exists and has expired")
+            return DecideResponse.model_validate_json(json.loads(seen)["response"])
+        return response
+
+    def _decide(self, h: Hosted, state: Any, rows: list[list[float]], req: DecideRequest) -> Any:
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        gen = torch.Generator(device=h.device).manual_seed(seed)
+        return decide(
+            h.filter,
+            h.filter.predict(state),
+            _tensor(rows, h),
+            req.strategy,
+            epsilon=req.epsilon,
+            generator=gen,
+            propensity_samples=self.settings.propensity_samples,
+        )
+
+    async def reward(self, name: str, req: RewardRequest) -> RewardResponse:
+        """Apply the event's reward as one update, at most once per event."""
+        h = self._get(name)
+        raw = await self.store.get_event(name, req.event_id)
+        if raw is None:
+            raise NotFound(
+                f"event {req.event_id!r} of model {name!r} is unknown or expired (events wait "
+                f"{h.spec.events.ttl_s:g} s for their reward, events.ttl_s)"
+            )
+        return await self._apply_reward(name, req.event_id, json.loads(raw), req.reward)
+
+    async def _apply_reward(
+        self, name: str, event_id: str, event: dict[str, Any], reward: float
+    ) -> RewardResponse:
+        update = UpdateRequest(x=[event["x"]], y=[reward], request_id=f"event:{event_id}")
+        done = await self.update(name, update)
+        await self.store.settle_event(name, event_id)
+        return RewardResponse(
+            event_id=event_id,
+            applied=not done.duplicate,
+            duplicate=done.duplicate,
+            version=done.version,
+        )
+
+    async def _expire_events(self) -> None:
+        """Give expired unrewarded events their model's default reward (if it has one)."""
+        now = time.time()
+        for name, h in list(self.models.items()):
+            try:
+                for event_id, raw in await self.store.expired_events(name, now):
+                    default = h.spec.events.default_reward
+                    if default is not None:
+                        await self._apply_reward(name, event_id, json.loads(raw), default)
+                    else:
+                        await self.store.settle_event(name, event_id)
+            except (NotOwner, StoreUnavailable, NotFound):
+                continue  # another replica writes it, or the store is away: next tick
+            except Exception:
+                log.exception("default rewards of %s failed", name)
+
     # -- snapshots ---------------------------------------------------------------------------
 
     async def snapshot(self, name: str) -> SnapshotResponse:
@@ -487,6 +596,7 @@ class Engine:
             for h in list(self.models.values()):
                 if h.version > h.snapshot_version and now - h.snapshot_time >= period:
                     self._spawn_snapshot(h)
+            await self._expire_events()
 
 
 def _summary(stats: Stats) -> CalibrationSummary:

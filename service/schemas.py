@@ -19,8 +19,11 @@ __all__ = [
     "CalibrationResponse",
     "CalibrationSummary",
     "CategoricalSpec",
+    "DecideRequest",
+    "DecideResponse",
     "DynamicsSpec",
     "EKFSpec",
+    "EventsSpec",
     "FilterSpec",
     "GaussianSpec",
     "KalmanSpec",
@@ -37,6 +40,8 @@ __all__ = [
     "PredictResponse",
     "PriorSpec",
     "ReliabilityBin",
+    "RewardRequest",
+    "RewardResponse",
     "RowPrediction",
     "SnapshotResponse",
     "UpdateRequest",
@@ -162,6 +167,18 @@ class DynamicsSpec(_Strict):
         return _finite(v, "dynamics.process_noise")
 
 
+class EventsSpec(_Strict):
+    """How long ``/decide`` events wait for their reward, and what an unrewarded one gets."""
+
+    ttl_s: float = Field(3600.0, gt=0, le=30 * 86400)
+    default_reward: float | None = None
+
+    @field_validator("default_reward")
+    @classmethod
+    def _finite_default(cls, v: float | None) -> float | None:
+        return None if v is None else _finite(v, "events.default_reward")
+
+
 class ModelSpec(_Strict):
     """The body of ``POST /v1/models``."""
 
@@ -175,6 +192,7 @@ class ModelSpec(_Strict):
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "auto"
     monitor: bool = False
+    events: EventsSpec = Field(default_factory=EventsSpec)
 
 
 Number = StrictFloat  # JSON numbers only: no booleans, no numeric strings
@@ -208,6 +226,59 @@ class PredictRequest(_Strict):
     def _finite_x(cls, v: list[list[float]]) -> list[list[float]]:
         _all_finite(v, "x")
         return v
+
+
+EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+class DecideRequest(_Strict):
+    """The body of ``POST /v1/models/{name}/decide``: one row per candidate action."""
+
+    actions: list[list[Number]] = Field(min_length=1)
+    context: list[Number] | None = None
+    strategy: Literal["thompson", "ucb", "greedy", "epsilon"] = "thompson"
+    epsilon: float = Field(0.1, ge=0, le=1)
+    event_id: str | None = Field(None, pattern=EVENT_ID_PATTERN)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    @field_validator("actions")
+    @classmethod
+    def _finite_actions(cls, v: list[list[float]]) -> list[list[float]]:
+        _all_finite(v, "actions")
+        return v
+
+    @field_validator("context")
+    @classmethod
+    def _finite_context(cls, v: list[float] | None) -> list[float] | None:
+        _all_finite(v, "context")
+        return v
+
+
+class DecideResponse(BaseModel):
+    event_id: str
+    action: int
+    scores: list[float]
+    propensity: float
+    propensities: list[float]
+    propensity_samples: int | None
+    version: int
+
+
+class RewardRequest(_Strict):
+    event_id: str = Field(pattern=EVENT_ID_PATTERN)
+    reward: Number
+
+    @field_validator("reward")
+    @classmethod
+    def _finite_reward(cls, v: float) -> float:
+        return _finite(v, "reward")
+
+
+class RewardResponse(BaseModel):
+    event_id: str
+    applied: bool
+    duplicate: bool
+    version: int
 
 
 class RowPrediction(BaseModel):

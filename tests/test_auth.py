@@ -70,6 +70,13 @@ def _delete(c: httpx.Client) -> tuple[str, str, Any]:
     return "DELETE", f"/v1/models/{name}", None
 
 
+def _reward(c: httpx.Client) -> tuple[str, str, Any]:
+    body = {"actions": [[0.1, 0.2], [0.3, 0.4]]}
+    r = c.post("/v1/models/guarded/decide", json=body, headers=_bearer("w-key"))
+    assert r.status_code == 200, r.text
+    return "POST", "/v1/models/guarded/reward", {"event_id": r.json()["event_id"], "reward": 1}
+
+
 ROUTES = [
     Route("create", "admin", 201, _create),
     Route("list", "read", 200, lambda c: ("GET", "/v1/models", None)),
@@ -89,6 +96,13 @@ ROUTES = [
     ),
     Route("snapshot", "admin", 200, lambda c: ("POST", "/v1/models/guarded/snapshot", None)),
     Route("calibration", "read", 200, lambda c: ("GET", "/v1/models/guarded/calibration", None)),
+    Route(
+        "decide",
+        "write",
+        200,
+        lambda c: ("POST", "/v1/models/guarded/decide", {"actions": [[0.1, 0.2], [0.3, 0.4]]}),
+    ),
+    Route("reward", "write", 200, _reward),
 ]
 
 NO_KEY: list[tuple[str, dict[str, str]]] = [

@@ -69,7 +69,7 @@ def test_readme_walkthrough_runs_verbatim(server: Server, tmp_path: Path) -> Non
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     commands = _walkthrough_commands()
-    assert len(commands) == 6, commands
+    assert len(commands) == 7, commands
     assert all(c.startswith("curl ") and README_URL in c for c in commands)
     # The status code comes from a curlrc (write-out), so the README's text runs unchanged but for
     # the URL: curl reads $CURL_HOME/.curlrc.
@@ -92,10 +92,10 @@ def test_readme_walkthrough_runs_verbatim(server: Server, tmp_path: Path) -> Non
         assert code.isdigit(), f"no status code after the body (curlrc ignored?): {done.stdout!r}"
         return int(code), body
 
-    create, update, predict, get, snapshot, delete = commands
+    create, update, predict, get, calibration, snapshot, delete = commands
     assert "-X POST" in create and "/v1/models " in create
     assert "/update" in update and "/predict" in predict
-    assert "/snapshot" in snapshot and "-X DELETE" in delete
+    assert "/snapshot" in snapshot and "-X DELETE" in delete and "/calibration" in calibration
 
     status, body = run(create)
     assert status == 201, body
@@ -146,6 +146,17 @@ def test_readme_walkthrough_runs_verbatim(server: Server, tmp_path: Path) -> Non
     assert info["name"] == "ctr-home" and info["version"] == 3
     assert info["spec"]["likelihood"] == {"type": "bernoulli"}
     assert info["state_bytes"] > 0
+
+    status, body = run(calibration)  # scored on the pre-update predictions the update returned
+    assert status == 200, body
+    cal = json.loads(body)
+    p_pre = np.array([row["mean"][0] for row in first["predictions"]])
+    y_sent = np.array([1.0, 0.0, 1.0])
+    assert cal["summary"]["observations"] == 3
+    assert cal["summary"]["brier"] == pytest.approx(np.mean((p_pre - y_sent) ** 2), rel=1e-6)
+    assert cal["summary"]["log_loss"] == pytest.approx(-np.mean(first["log_likelihood"]), rel=1e-6)
+    assert sum(b["count"] for b in cal["reliability"]) == 3
+    assert info["calibration"] == cal["summary"]
 
     status, body = run(snapshot)
     assert status == 200, body

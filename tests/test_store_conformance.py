@@ -286,3 +286,35 @@ def test_sqlite_acknowledged_appends_survive_sigkill(tmp_path: Path) -> None:
             await store.close()
 
     asyncio.run(main())
+
+
+def test_events_expire_settle_and_come_due(kind: str, tmp_path: Path) -> None:
+    async def body(s: Store) -> None:
+        await s.create_model("m", b"{}")
+        await s.create_model("n", b"{}")
+        now = time.time()
+        assert await s.put_event("m", "late", NOT_UTF8, now + 0.4)
+        assert await s.put_event("m", "later", b"2", now + 0.6)
+        assert await s.put_event("m", "rewarded", b"3", now + 0.5)
+        assert await s.put_event("m", "long", b"4", now + 3600)
+        assert await s.put_event("n", "late", b"other model", now + 0.4)
+        assert not await s.put_event("m", "late", b"again", now + 3600)  # ids are unique
+        assert await s.get_event("m", "late") == NOT_UTF8  # exact bytes, unchanged
+        assert await s.get_event("m", "nobody") is None
+        await s.settle_event("m", "rewarded")
+        assert await s.get_event("m", "rewarded") == b"3"  # readable until it expires
+        assert await s.expired_events("m", time.time()) == []
+        await asyncio.sleep(0.7)
+        assert await s.get_event("m", "late") is None  # expired
+        due = await s.expired_events("m", time.time())
+        assert due == [("late", NOT_UTF8), ("later", b"2")]  # oldest first; settled not due
+        assert await s.expired_events("m", time.time(), limit=1) == [("late", NOT_UTF8)]
+        await s.settle_event("m", "late")
+        await s.settle_event("m", "later")
+        assert await s.expired_events("m", time.time()) == []
+        assert await s.expired_events("n", time.time()) == [("late", b"other model")]
+        assert await s.delete_model("n")
+        assert await s.expired_events("n", time.time() + 7200) == []
+        assert await s.get_event("m", "long") == b"4"
+
+    _run(kind, tmp_path, body)

@@ -11,11 +11,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.engine import Engine
 from service.schemas import (
     CalibrationResponse,
+    DecideRequest,
+    DecideResponse,
     ModelInfo,
     ModelList,
     ModelSpec,
     PredictRequest,
     PredictResponse,
+    RewardRequest,
+    RewardResponse,
     SnapshotResponse,
     UpdateRequest,
     UpdateResponse,
@@ -70,6 +74,16 @@ async def update(name: str, body: UpdateRequest, request: Request) -> UpdateResp
 )
 async def predict(name: str, body: PredictRequest, request: Request) -> PredictResponse:
     return await _engine(request).predict(name, body)
+
+
+@router.post("/v1/models/{name}/decide", response_model=DecideResponse)
+async def decide(name: str, body: DecideRequest, request: Request) -> DecideResponse:
+    return await _engine(request).decide(name, body)
+
+
+@router.post("/v1/models/{name}/reward", response_model=RewardResponse)
+async def reward(name: str, body: RewardRequest, request: Request) -> RewardResponse:
+    return await _engine(request).reward(name, body)
 
 
 @router.get("/v1/models/{name}/calibration", response_model=CalibrationResponse)

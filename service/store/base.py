@@ -9,6 +9,9 @@ log           (name, version) -> record bytes; ``version`` is the model's versio
 requests      (name, request_id) -> the response first given (bytes), kept ``ttl`` seconds;
               written in the same atomic step as the log record it answered
 snapshots     name -> (version, tensors (safetensors bytes), meta (JSON bytes)), latest only
+events        (name, event_id) -> record bytes until ``expires_at`` (unix seconds), and
+              whether it is still *pending* (unrewarded): ``/decide`` writes them,
+              ``/reward`` settles them, expired pending ones may get a default reward
 ============  ======================================================================
 
 Durability: when ``append`` returns, the record is durable to the backend's stated guarantee
@@ -93,3 +96,22 @@ class Store(Protocol):
         ...
 
     async def get_snapshot(self, name: str) -> Snapshot | None: ...
+
+    async def put_event(self, name: str, event_id: str, record: bytes, expires_at: float) -> bool:
+        """Keep a pending event until ``expires_at``; False (and no change) if the id exists."""
+        ...
+
+    async def get_event(self, name: str, event_id: str) -> bytes | None:
+        """The event's record, or None if unknown or expired."""
+        ...
+
+    async def settle_event(self, name: str, event_id: str) -> None:
+        """The event got its reward: no longer pending (its record stays until it expires)."""
+        ...
+
+    async def expired_events(
+        self, name: str, now: float, limit: int = 100
+    ) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` pending events whose expiry is <= ``now``, oldest first; forgets
+        settled ones that expired."""
+        ...

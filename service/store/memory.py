@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from service.store.base import LogRecord, Snapshot
 
@@ -16,6 +17,7 @@ class MemoryStore:
         self._logs: dict[str, list[LogRecord]] = {}
         self._requests: dict[tuple[str, str], tuple[float, bytes]] = {}
         self._snapshots: dict[str, Snapshot] = {}
+        self._events: dict[tuple[str, str], _Event] = {}
 
     async def open(self) -> None:
         return None
@@ -46,6 +48,8 @@ class MemoryStore:
         self._snapshots.pop(name, None)
         for key in [k for k in self._requests if k[0] == name]:
             del self._requests[key]
+        for ekey in [k for k in self._events if k[0] == name]:
+            del self._events[ekey]
         return True
 
     async def list_models(self) -> dict[str, bytes]:
@@ -81,3 +85,38 @@ class MemoryStore:
 
     async def get_snapshot(self, name: str) -> Snapshot | None:
         return self._snapshots.get(name)
+
+    async def put_event(self, name: str, event_id: str, record: bytes, expires_at: float) -> bool:
+        if (name, event_id) in self._events:
+            return False
+        self._events[(name, event_id)] = _Event(expires_at, record)
+        return True
+
+    async def get_event(self, name: str, event_id: str) -> bytes | None:
+        hit = self._events.get((name, event_id))
+        return None if hit is None or hit.expires_at <= time.time() else hit.record
+
+    async def settle_event(self, name: str, event_id: str) -> None:
+        hit = self._events.get((name, event_id))
+        if hit is not None:
+            hit.pending = False
+
+    async def expired_events(
+        self, name: str, now: float, limit: int = 100
+    ) -> list[tuple[str, bytes]]:
+        due: list[tuple[float, str, bytes]] = []
+        for key, ev in list(self._events.items()):
+            if key[0] != name or ev.expires_at > now:
+                continue
+            if ev.pending:
+                due.append((ev.expires_at, key[1], ev.record))
+            else:
+                del self._events[key]
+        return [(event_id, record) for _, event_id, record in sorted(due)[:limit]]
+
+
+@dataclass
+class _Event:
+    expires_at: float
+    record: bytes
+    pending: bool = True

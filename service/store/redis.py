@@ -10,6 +10,9 @@ key                                    contents
 ``{p}lease:{name}``                    ``{replica}:{token}`` of the one replica that may write,
                                        expiring after ``lease_ms`` unless renewed
 ``{p}fence:{name}``                    counter; each new lease takes the next token
+``{p}event:{name}:{event_id}``         hash ``e`` (expiry, unix s), ``r`` (record); the key lives
+                                       a day past the expiry (for default rewards)
+``{p}events:{name}``                   sorted set of pending event ids by expiry
 =====================================  =========================================================
 
 One writer per model. A replica writes a model only while it holds the model's lease (taken
@@ -97,6 +100,20 @@ return 0
 """
 
 
+_PUT_EVENT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'e', ARGV[1], 'r', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
+return 1
+"""
+
+#: How long an event's record outlives its expiry, so that a default reward can still read it.
+_EVENT_GRACE_S = 86400.0
+
+
 def _replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -159,6 +176,7 @@ class RedisStore:
         self._renew = self._r.register_script(_RENEW)
         self._take = self._r.register_script(_TAKE)
         self._release = self._r.register_script(_RELEASE)
+        self._put_event = self._r.register_script(_PUT_EVENT)
         self._renewer = asyncio.create_task(self._renew_loop())
         try:
             await self._probe()
@@ -279,8 +297,10 @@ class RedisStore:
         pipe.hdel(self._k("models"), name)
         pipe.delete(self._k("log", name), self._k("snap", name), self._k("lease", name))
         removed = (await self._do(pipe.execute()))[0]
-        async for key in self.r.scan_iter(match=self._k("req", name, "*"), count=1000):
-            await self._do(self.r.delete(key))
+        for pattern in (self._k("req", name, "*"), self._k("event", name, "*")):
+            async for key in self.r.scan_iter(match=pattern, count=1000):
+                await self._do(self.r.delete(key))
+        await self._do(self.r.delete(self._k("events", name)))
         self._held.pop(name, None)
         return bool(removed)
 
@@ -355,3 +375,36 @@ class RedisStore:
         if not raw:
             return None
         return Snapshot(int(raw[b"version"]), bytes(raw[b"tensors"]), bytes(raw[b"meta"]))
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def put_event(self, name: str, event_id: str, record: bytes, expires_at: float) -> bool:
+        life_ms = max(1, int((expires_at - time.time() + _EVENT_GRACE_S) * 1000))
+        keys = [self._k("event", name, event_id), self._k("events", name)]
+        args: list[bytes | str | int] = [repr(expires_at), record, life_ms, event_id]
+        return bool(await self._do(self._put_event(keys=keys, args=args)))
+
+    async def get_event(self, name: str, event_id: str) -> bytes | None:
+        expires, record = await self._do(self.r.hmget(self._k("event", name, event_id), ["e", "r"]))
+        if expires is None or float(expires) <= time.time():
+            return None
+        return bytes(record)
+
+    async def settle_event(self, name: str, event_id: str) -> None:
+        await self._do(self.r.zrem(self._k("events", name), event_id))
+
+    async def expired_events(
+        self, name: str, now: float, limit: int = 100
+    ) -> list[tuple[str, bytes]]:
+        ids = await self._do(
+            self.r.zrangebyscore(self._k("events", name), "-inf", now, start=0, num=limit)
+        )
+        out: list[tuple[str, bytes]] = []
+        for raw_id in ids:
+            event_id = raw_id.decode()
+            record = await self._do(self.r.hget(self._k("event", name, event_id), "r"))
+            if record is None:  # outlived its grace period: nothing left to reward
+                await self.settle_event(name, event_id)
+            else:
+                out.append((event_id, bytes(record)))
+        return out

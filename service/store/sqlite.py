@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS requests (
     PRIMARY KEY (name, request_id));
 CREATE TABLE IF NOT EXISTS snapshots (
     name TEXT PRIMARY KEY, version INTEGER NOT NULL, tensors BLOB NOT NULL, meta BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    name TEXT NOT NULL, event_id TEXT NOT NULL, expires_at REAL NOT NULL, record BLOB NOT NULL,
+    pending INTEGER NOT NULL, PRIMARY KEY (name, event_id));
+CREATE INDEX IF NOT EXISTS events_due ON events (name, pending, expires_at);
 """
 
 
@@ -98,7 +102,7 @@ class SQLiteStore:
     async def delete_model(self, name: str) -> bool:
         def go(db: sqlite3.Connection) -> bool:
             cur = db.execute("DELETE FROM models WHERE name = ?", (name,))
-            for table in ("log", "requests", "snapshots"):
+            for table in ("log", "requests", "snapshots", "events"):
                 db.execute(f"DELETE FROM {table} WHERE name = ?", (name,))
             return cur.rowcount == 1
 
@@ -165,3 +169,45 @@ class SQLiteStore:
             ).fetchone()
         )
         return None if row is None else Snapshot(int(row[0]), bytes(row[1]), bytes(row[2]))
+
+    async def put_event(self, name: str, event_id: str, record: bytes, expires_at: float) -> bool:
+        def go(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, 1)",
+                (name, event_id, expires_at, record),
+            )
+            return cur.rowcount == 1
+
+        return await self._run(go)
+
+    async def get_event(self, name: str, event_id: str) -> bytes | None:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT record FROM events WHERE name = ? AND event_id = ? AND expires_at > ?",
+                (name, event_id, time.time()),
+            ).fetchone()
+        )
+        return None if row is None else bytes(row[0])
+
+    async def settle_event(self, name: str, event_id: str) -> None:
+        await self._run(
+            lambda db: db.execute(
+                "UPDATE events SET pending = 0 WHERE name = ? AND event_id = ?", (name, event_id)
+            )
+        )
+
+    async def expired_events(
+        self, name: str, now: float, limit: int = 100
+    ) -> list[tuple[str, bytes]]:
+        def go(db: sqlite3.Connection) -> list[tuple[str, bytes]]:
+            db.execute(
+                "DELETE FROM events WHERE name = ? AND pending = 0 AND expires_at <= ?", (name, now)
+            )
+            rows = db.execute(
+                "SELECT event_id, record FROM events WHERE name = ? AND pending = 1 "
+                "AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+                (name, now, limit),
+            ).fetchall()
+            return [(str(e), bytes(r)) for e, r in rows]
+
+        return await self._run(go)
