@@ -223,3 +223,19 @@ def test_an_acknowledged_reward_stays_applied_once_across_a_crash(make_server: M
         again = c.reward("durable", d.event_id, 0.7)
         assert again.duplicate and not again.applied and again.version == 1
         assert c.get_model("durable").version == 1
+
+
+def test_readme_bandit_block_runs(make_server: MakeServer) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## Bandits: decide, then reward\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    server = make_server()
+    namespace: dict[str, Any] = {}
+    exec(compile(code.replace("http://127.0.0.1:8000", server.url), "README.md", "exec"), namespace)
+    d = namespace["d"]
+    assert 0 <= d.action < 3 and math.isclose(sum(d.propensities), 1.0, abs_tol=1e-12)
+    with Client(server.url) as c:
+        assert c.get_model("home-feed").version == 1
+        assert c.reward("home-feed", d.event_id, 1).duplicate
