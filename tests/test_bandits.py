@@ -239,3 +239,22 @@ def test_readme_bandit_block_runs(make_server: MakeServer) -> None:
     with Client(server.url) as c:
         assert c.get_model("home-feed").version == 1
         assert c.reward("home-feed", d.event_id, 1).duplicate
+
+
+def test_example_bandit_loop_runs(make_server: MakeServer) -> None:
+    import subprocess
+    import sys
+
+    server = make_server()
+    example = Path(__file__).resolve().parents[1] / "examples" / "bandit_loop.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--url", server.url, "--rounds", "500"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "round 500: click rate" in done.stdout
+    with Client(server.url) as c:
+        assert c.get_model("banners").version == 500  # every reward applied once

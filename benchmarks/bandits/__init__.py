@@ -1,0 +1,1 @@
+"""Contextual-bandit benchmarks driven through the /decide and /reward endpoints."""
