@@ -44,11 +44,13 @@ from service.config import Settings
 from service.errors import (
     AlreadyExists,
     InvalidInput,
+    InvalidSpec,
     LimitReached,
     NotFound,
     NotOwner,
     NotReady,
     PostserveError,
+    StepRejected,
     StoreUnavailable,
     TooLarge,
 )
@@ -236,6 +238,14 @@ class Engine:
                 f"the state of this model would take {need} bytes, over the limit of "
                 f"{self.settings.max_state_bytes} (POSTSERVE_MAX_STATE_BYTES)"
             )
+        default = spec.events.default_reward
+        if default is not None:
+            try:
+                f.encode(torch.tensor([default], dtype=torch.float64))
+            except InvalidInput as exc:
+                raise InvalidSpec(
+                    f"events.default_reward {default:g} is not a label: {exc}"
+                ) from exc
         device = resolve_device(spec.device, self.settings.device)
         dtype = DTYPES[spec.dtype]
         tracker = CalibrationTracker(self.settings.calibration_window)
@@ -535,13 +545,16 @@ class Engine:
         """Give expired unrewarded events their model's default reward (if it has one)."""
         now = time.time()
         for name, h in list(self.models.items()):
+            default = h.spec.events.default_reward
             try:
                 for event_id, raw in await self.store.expired_events(name, now):
-                    default = h.spec.events.default_reward
                     if default is not None:
-                        await self._apply_reward(name, event_id, json.loads(raw), default)
-                    else:
-                        await self.store.settle_event(name, event_id)
+                        try:
+                            await self._apply_reward(name, event_id, json.loads(raw), default)
+                            continue
+                        except StepRejected as exc:  # the state stays; so does nothing else
+                            log.warning("default reward of %s/%s refused: %s", name, event_id, exc)
+                    await self.store.settle_event(name, event_id)
             except (NotOwner, StoreUnavailable, NotFound):
                 continue  # another replica writes it, or the store is away: next tick
             except Exception:

@@ -205,6 +205,15 @@ def test_bad_decide_and_reward_bodies_change_nothing(make_server: MakeServer) ->
         assert c.get_model("clicks").version == 0
         ok = c.reward("clicks", d.event_id, 1)  # the event survived the bad reward
         assert ok.applied and ok.version == 1
+        odd = {
+            **spec("odd"),
+            "likelihood": {"type": "bernoulli"},
+            "filter": {"type": "ekf"},
+            "events": {"default_reward": 0.5},
+        }
+        r = h.post("/v1/models", json=odd)
+        assert r.status_code == 422 and "default_reward" in r.json()["error"]["message"], r.text
+        assert h.get("/v1/models/odd").status_code == 404
         wide = {**spec("wide"), "network": {"type": "linear", "input_dim": 5, "output_dim": 2}}
         c.create_model(wide)
         with pytest.raises(PostserveHTTPError) as two:
