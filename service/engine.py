@@ -474,9 +474,8 @@ class Engine:
             if seen is not None:
                 return DecideResponse.model_validate_json(json.loads(seen)["response"])
         version, state = h.current
-        work = len(rows) * (
-            1 + (self.settings.propensity_samples if req.strategy == "thompson" else 0)
-        )
+        draws = req.strategy == "thompson" and not h.filter.outputs_linear
+        work = len(rows) * (1 + (self.settings.propensity_samples if draws else 0))
         choice = await _compute(h, work, self._decide, h, state, rows, req)
         event_id = req.event_id or uuid.uuid4().hex
         response = DecideResponse(

@@ -22,6 +22,7 @@ from service.filters import (
     Diagonal,
     Dynamics,
     Gaussian,
+    Kalman,
     Linear,
     LoFi,
     LoFiState,
@@ -168,6 +169,29 @@ def test_other_samplers_follow_their_posterior(algorithm) -> None:  # type: igno
     state, _ = f.run(f.init(F64), X, Y)
     draws = f.sample(state, 40_000, torch.Generator().manual_seed(15))
     _check_samples(draws, state.mean, algorithm.covariance(state))
+
+
+@pytest.mark.parametrize(
+    "algorithm", [Kalman(), LoFi(rank=2), Diagonal()], ids=["kalman", "lofi", "diag"]
+)
+def test_linear_thompson_outputs_follow_the_joint_predictive(algorithm) -> None:  # type: ignore[no-untyped-def]
+    """A linear network's Thompson draws are taken in output space: N C jointly Gaussian values
+    with mean g(m, x) and covariance J Sigma J^T from the dense Sigma; duplicate rows draw alike."""
+    net = Linear(4, 2)
+    f = OnlineFilter(net, Gaussian(0.5), algorithm, prior=Prior(0.8))
+    assert f.outputs_linear
+    X, Y = _stream(6, 4, 2, False, seed=19)
+    state, _ = f.run(f.init(F64), X, Y)
+    x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(20))
+    x = torch.cat([x, x[:1]])  # row 3 repeats row 0
+    out = f.sample_outputs(state, x, 40_000, torch.Generator().manual_seed(21))
+    assert out.shape == (40_000, 4, 2)
+    torch.testing.assert_close(out[:, 3], out[:, 0], rtol=0, atol=1e-12)
+    g, J = net.jacobian(state.mean, x[:3])
+    J = J.reshape(6, -1)
+    _check_samples(
+        out[:, :3].reshape(40_000, 6), g.reshape(6), J @ algorithm.covariance(state) @ J.T
+    )
 
 
 def test_float32_truncation_keeps_the_float64_answer() -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "check_finite",
     "check_positive",
     "cholesky",
+    "psd_sqrt",
     "symmetrise",
 ]
 
@@ -47,6 +48,19 @@ def cholesky(A: Tensor, *, what: str = "matrix", max_tries: int = 6) -> Tensor:
             return L
         jitter = jitter * 10.0
     raise StepRejected("not_psd", f"{what} is not positive definite")
+
+
+def psd_sqrt(A: Tensor) -> Tensor:
+    """A factor F with F F^T = A for a symmetric positive semi-definite ``A`` (n, n), by ``eigh``.
+
+    Unlike a Cholesky factor it exists for singular A (e.g. two identical rows of J in
+    J Sigma J^T); eigenvalues below ``n eps max|lambda|`` (rounding noise) count as zero, so
+    identical rows get identical factor rows.
+    """
+    lam, V = torch.linalg.eigh(symmetrise(A))
+    floor = A.shape[-1] * torch.finfo(A.dtype).eps * lam.abs().max()
+    F: Tensor = V * torch.where(lam > floor, lam, torch.zeros_like(lam)).sqrt()
+    return F
 
 
 def all_finite(*tensors: Tensor) -> bool:

@@ -34,7 +34,7 @@ from service.filters.base import Linearization, Predictive, StepInfo
 from service.filters.diagonal import Diagonal
 from service.filters.ekf import EKF, Kalman
 from service.filters.likelihoods import Gaussian, Likelihood
-from service.filters.linalg import all_finite, check_finite
+from service.filters.linalg import all_finite, check_finite, psd_sqrt
 from service.filters.lofi import LoFi
 from service.filters.networks import Linear, Network
 
@@ -252,10 +252,28 @@ class OnlineFilter:
     def sample_outputs(
         self, state: Any, x: Tensor, n: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Thompson samples mu(g(theta_k, x)) (n, N, C): draw k shares one theta_k across all rows."""
+        """Thompson samples mu(g(theta_k, x)) (n, N, C): draw k shares one theta_k across all rows.
+
+        A linear network's outputs are linear in theta, so the N C of them are jointly Gaussian,
+        N(g(m, x), J Sigma J^T): when N C <= D they are drawn there directly (the same law as
+        drawing theta, from an N C-dimensional draw instead of a D-dimensional one).
+        """
         theta = _mean_of(state)
-        eta = self.network.apply(self.sample(state, n, generator), self._rows(x, theta))
-        return self.likelihood.mean(eta)
+        x = self._rows(x, theta)
+        N, C = x.shape[0], self.network.output_dim
+        if self.outputs_linear and self.num_params >= N * C:  # fewer outputs than parameters
+            g, J = self.network.jacobian(theta, x)
+            cov = self.algorithm.project(state, J.reshape(1, N * C, -1))[0]
+            if all_finite(cov):  # else the parameter draw below says what is wrong
+                z = torch.randn((n, N * C), generator=generator, dtype=g.dtype, device=g.device)
+                eta = g.reshape(N * C) + z @ psd_sqrt(cov).mT
+                return self.likelihood.mean(eta.reshape(n, N, C))
+        return self.likelihood.mean(self.network.apply(self.sample(state, n, generator), x))
+
+    @property
+    def outputs_linear(self) -> bool:
+        """Whether g(theta, x) is linear in theta (then Thompson draws need no theta draw)."""
+        return isinstance(self.network, Linear)
 
     def state_bytes(self, state: Any) -> int:
         return int(self.algorithm.state_bytes(state))
