@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     )
     device: str = "auto"
     threads: int = Field(1, ge=1, description="torch intra-op threads")
+    compute_threads: int = Field(
+        0, ge=0, description="filter steps run at once off the event loop; 0: one per CPU core"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("api_keys")

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -120,11 +121,14 @@ INLINE_WORK = 1 << 18
 T = TypeVar("T")
 
 
-async def _compute(h: Hosted, rows: int, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(*args)`` inline when it is small, else off the event loop."""
+async def _compute(
+    h: Hosted, rows: int, limiter: anyio.CapacityLimiter, fn: Callable[..., T], *args: Any
+) -> T:
+    """Run ``fn(*args)`` inline when it is small, else off the event loop in at most
+    ``limiter`` threads at a time (more than one per core only adds contention)."""
     if h.filter.state_bytes(h.current[1]) * rows <= INLINE_WORK:
         return fn(*args)
-    return await anyio.to_thread.run_sync(fn, *args)
+    return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
 
 def _tensor(rows: list[Any], like: Hosted) -> torch.Tensor:
@@ -141,6 +145,7 @@ class Engine:
         self.ready = False
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._limiter = anyio.CapacityLimiter(settings.compute_threads or os.cpu_count() or 1)
         self.applied = 0  # observations applied, all models, since start
         self.rejected: Counter[str] = Counter()  # rejected update requests by error code
 
@@ -373,7 +378,9 @@ class Engine:
                         update={"duplicate": True}
                     )
             version, state = h.current
-            new, infos, obs = await _compute(h, len(req.x), self._step, h, state, req)
+            new, infos, obs = await _compute(
+                h, len(req.x), self._limiter, self._step, h, state, req
+            )
             n = len(req.x)
             response = UpdateResponse(
                 version=version + n,
@@ -425,7 +432,7 @@ class Engine:
             )
         version, state = h.current
         rows = len(req.x) * (1 + req.num_samples)
-        return await _compute(h, rows, self._predict, h, version, state, req)
+        return await _compute(h, rows, self._limiter, self._predict, h, version, state, req)
 
     @staticmethod
     def _predict(h: Hosted, version: int, state: Any, req: PredictRequest) -> PredictResponse:
@@ -476,7 +483,7 @@ class Engine:
         version, state = h.current
         draws = req.strategy == "thompson" and not h.filter.outputs_linear
         work = len(rows) * (1 + (self.settings.propensity_samples if draws else 0))
-        choice = await _compute(h, work, self._decide, h, state, rows, req)
+        choice = await _compute(h, work, self._limiter, self._decide, h, state, rows, req)
         event_id = req.event_id or uuid.uuid4().hex
         response = DecideResponse(
             event_id=event_id,
