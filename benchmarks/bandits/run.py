@@ -17,8 +17,9 @@ one draw of their own and do not depend on them).
 
 Throughput (``throughput.json``): decisions per second of the decide + reward loop through HTTP
 with ``AsyncClient`` at concurrency 1 and 32 (linear and neural Shuttle models, one model shared by
-all workers, a fresh server with default settings), next to VW's in-process predict + learn rate
-measured in the same run.
+all workers, a fresh server with default settings), with the CPU milliseconds per decision of the
+server process and of the load generator (this process), next to VW's in-process predict + learn
+rate measured in the same run.
 
     python -m benchmarks.bandits.data        # once: fetch the two Debian packages (apt-get)
     python -m benchmarks.bandits.run [--tasks shuttle mushroom] [--seeds 10] [--steps 5000] \
@@ -65,6 +66,13 @@ def free_port() -> int:
 @contextmanager
 def server(extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """A Postserve process on a free port with the memory store; yields its base URL."""
+    with server_process(extra_env) as (url, _):
+        yield url
+
+
+@contextmanager
+def server_process(extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """:func:`server`, yielding (base URL, process id)."""
     port = free_port()
     env = {**os.environ, "POSTSERVE_STORE": "memory", "POSTSERVE_LOG_LEVEL": "warning"}
     env.update(extra_env or {})
@@ -75,7 +83,7 @@ def server(extra_env: dict[str, str] | None = None) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -181,20 +189,34 @@ def vw_rate(task: data.Task, n: int = 2000) -> float:
     return rate
 
 
-def throughput(url: str, client: Client, with_vw: bool) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(url: str, pid: int, client: Client, with_vw: bool) -> dict[str, float]:
+    """Decisions/s per (agent, concurrency), with the CPU ms per decision of the server process
+    and of this one (the load generator: ``AsyncClient`` on one event loop)."""
     task = data.load("shuttle", 0, 2000)
     out: dict[str, float] = {}
     specs = {
         "linear-ts": ag.linear_spec("tp-linear", task),
         "neural-ts": ag.neural_spec("tp-neural", task, 0),
     }
+    n = THROUGHPUT_DECISIONS
     for agent_name, spec in specs.items():
         client.create_model(spec)
         for conc in (1, 32):
-            rate = asyncio.run(
-                _loop(url, spec["name"], task.contexts, task.n_arms, THROUGHPUT_DECISIONS, conc)
-            )
-            out[f"{agent_name} http c={conc}"] = rate
+            server0, client0 = cpu_seconds(pid), time.process_time()
+            rate = asyncio.run(_loop(url, spec["name"], task.contexts, task.n_arms, n, conc))
+            key = f"{agent_name} http c={conc}"
+            out[key] = rate
+            out[f"{key}: server cpu ms/decision"] = (cpu_seconds(pid) - server0) / n * 1e3
+            out[f"{key}: client cpu ms/decision"] = (time.process_time() - client0) / n * 1e3
         client.delete_model(spec["name"])
     if with_vw:
         out["vw in-process"] = vw_rate(task)
@@ -245,9 +267,9 @@ def markdown(summary: dict[str, Any], rates: dict[str, float], meta: dict[str, A
             )
         lines.append("")
     if rates:
-        lines += ["## Throughput (decisions / s, Shuttle models)", "", "| loop | decisions/s |",
+        lines += ["## Throughput (decisions / s, Shuttle models)", "", "| loop | value |",
                   "|---|---|"]  # fmt: skip
-        lines += [f"| {k} | {v:.0f} |" for k, v in rates.items()]
+        lines += [f"| {k} | {v:.3g} |" for k, v in rates.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -355,8 +377,8 @@ def main() -> None:
         checkpoint(args.out, results, meta)
     rates: dict[str, float] = {}
     if args.throughput != "no":
-        with server() as url, Client(url) as client:
-            rates = throughput(url, client, vw_error is None)
+        with server_process() as (url, pid), Client(url) as client:
+            rates = throughput(url, pid, client, vw_error is None)
         (args.out / "throughput.json").write_text(json.dumps(rates, indent=2))
     meta["wall_seconds"] = time.perf_counter() - started
     if args.throughput == "only":
