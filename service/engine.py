@@ -131,6 +131,14 @@ async def _compute(
     return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
 
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _tensor(rows: list[Any], like: Hosted) -> torch.Tensor:
     return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
@@ -145,7 +153,7 @@ class Engine:
         self.ready = False
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._limiter = anyio.CapacityLimiter(settings.compute_threads or os.cpu_count() or 1)
+        self._limiter = anyio.CapacityLimiter(settings.compute_threads or _cores())
         self.applied = 0  # observations applied, all models, since start
         self.rejected: Counter[str] = Counter()  # rejected update requests by error code
 
