@@ -260,14 +260,17 @@ class OnlineFilter:
         """
         theta = _mean_of(state)
         x = self._rows(x, theta)
-        N, C = x.shape[0], self.network.output_dim
-        if self.outputs_linear and self.num_params >= N * C:  # fewer outputs than parameters
-            g, J = self.network.jacobian(theta, x)
-            cov = self.algorithm.project(state, J.reshape(1, N * C, -1))[0]
-            if all_finite(cov):  # else the parameter draw below says what is wrong
-                z = torch.randn((n, N * C), generator=generator, dtype=g.dtype, device=g.device)
-                eta = g.reshape(N * C) + z @ psd_sqrt(cov).mT
-                return self.likelihood.mean(eta.reshape(n, N, C))
+        if self.outputs_linear:
+            # Repeated rows must draw exactly alike (an arg-max tie goes to the lowest index).
+            unique, inverse = torch.unique(x, dim=0, return_inverse=True)
+            N, C = unique.shape[0], self.network.output_dim
+            if self.num_params >= N * C:  # fewer outputs than parameters
+                g, J = self.network.jacobian(theta, unique)
+                cov = self.algorithm.project(state, J.reshape(1, N * C, -1))[0]
+                if all_finite(cov):  # else the parameter draw below says what is wrong
+                    z = torch.randn((n, N * C), generator=generator, dtype=g.dtype, device=g.device)
+                    eta = (g.reshape(N * C) + z @ psd_sqrt(cov).mT).reshape(n, N, C)
+                    return self.likelihood.mean(eta[:, inverse])
         return self.likelihood.mean(self.network.apply(self.sample(state, n, generator), x))
 
     @property
