@@ -9,9 +9,9 @@ engine, before anything is changed.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationInfo, field_validator
 
 __all__ = [
     "BernoulliSpec",
@@ -70,6 +70,12 @@ def _all_finite(values: object, what: str) -> None:
             stack.extend(v)
         elif isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"NaN or infinite values are not allowed in {what}")
+
+
+def _finite_field(value: Any, info: ValidationInfo) -> Any:
+    """A field validator: no NaN or infinity anywhere in the field's (nested) numbers."""
+    _all_finite(value, str(info.field_name))
+    return value
 
 
 class LinearSpec(_Strict):
@@ -203,17 +209,7 @@ class UpdateRequest(_Strict):
     y: list[Number | list[Number]] = Field(min_length=1)
     request_id: str | None = Field(None, min_length=1, max_length=200)
 
-    @field_validator("x")
-    @classmethod
-    def _finite_x(cls, v: list[list[float]]) -> list[list[float]]:
-        _all_finite(v, "x")
-        return v
-
-    @field_validator("y")
-    @classmethod
-    def _finite_y(cls, v: list[float | list[float]]) -> list[float | list[float]]:
-        _all_finite(v, "y")
-        return v
+    _check_finite = field_validator("x", "y")(_finite_field)
 
 
 class PredictRequest(_Strict):
@@ -221,11 +217,7 @@ class PredictRequest(_Strict):
     num_samples: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
-    @field_validator("x")
-    @classmethod
-    def _finite_x(cls, v: list[list[float]]) -> list[list[float]]:
-        _all_finite(v, "x")
-        return v
+    _check_finite = field_validator("x")(_finite_field)
 
 
 EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
@@ -241,17 +233,7 @@ class DecideRequest(_Strict):
     event_id: str | None = Field(None, pattern=EVENT_ID_PATTERN)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
-    @field_validator("actions")
-    @classmethod
-    def _finite_actions(cls, v: list[list[float]]) -> list[list[float]]:
-        _all_finite(v, "actions")
-        return v
-
-    @field_validator("context")
-    @classmethod
-    def _finite_context(cls, v: list[float] | None) -> list[float] | None:
-        _all_finite(v, "context")
-        return v
+    _check_finite = field_validator("actions", "context")(_finite_field)
 
 
 class DecideResponse(BaseModel):
