@@ -26,7 +26,7 @@ from service.engine import Engine
 from service.metrics import make_registry
 from service.models import build_filter, observations
 from service.schemas import ModelSpec
-from service.store import MemoryStore
+from service.store import Backend, MemoryStore, SoleWriter
 
 
 def _median_us(fn: Callable[[], Any], reps: int) -> float:
@@ -74,7 +74,7 @@ def update_path() -> None:
 
 def _scrape(n: int) -> tuple[float, int]:
     """Milliseconds to render /metrics with n monitored models with full windows, and bytes."""
-    engine = Engine(Settings(store="memory"), MemoryStore())
+    engine = Engine(Settings(store="memory"), Backend(MemoryStore(), SoleWriter()))
     engine.ready = True
     for i in range(n):
         spec = ModelSpec.model_validate(

@@ -84,7 +84,7 @@ from service.schemas import (
     UpdateRequest,
     UpdateResponse,
 )
-from service.store import Snapshot, Store
+from service.store import Backend, Snapshot
 
 __all__ = ["Engine", "Hosted"]
 
@@ -146,9 +146,10 @@ def _tensor(rows: list[Any], like: Hosted) -> torch.Tensor:
 class Engine:
     """Owns the hosted models; every public method is one API operation."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
-        self.store = store
+        self.store = backend.store
+        self.lease = backend.lease
         self.models: dict[str, Hosted] = {}
         self.ready = False
         self._ticker: asyncio.Task[None] | None = None
@@ -377,7 +378,7 @@ class Engine:
         async with h.lock:
             if h.deleted:
                 raise NotFound(f"no model named {name!r}")
-            if await self.store.acquire(name):  # newly the writer: catch up with the log first
+            if await self.lease.acquire(name):  # newly the writer: catch up with the log first
                 await self._catch_up(h)
             if req.request_id is not None:
                 first = await self.store.get_response(name, req.request_id)
@@ -579,7 +580,7 @@ class Engine:
     async def snapshot(self, name: str) -> SnapshotResponse:
         h = self._get(name)
         async with h.lock:
-            if await self.store.acquire(name):
+            if await self.lease.acquire(name):
                 await self._catch_up(h)
         size = await self._snapshot(name, h)
         return SnapshotResponse(name=name, version=h.snapshot_version, bytes=size)

@@ -15,6 +15,8 @@ layer maps each class to a status in one table, so nothing else needs to know ab
     ├── AlreadyExists           a model of that name exists
     ├── LimitReached            a configured count is used up (monitored models)
     ├── StoreUnavailable        the store could not make a write durable; nothing was applied
+    ├── VersionConflict         a log record at or below the log's latest version: another writer
+    │                           got there first; nothing was written
     ├── NotOwner                another replica holds the model's write lease
     ├── NotReady                models are still being restored
     ├── Unauthorized            no or unknown API key
@@ -37,6 +39,7 @@ __all__ = [
     "StoreUnavailable",
     "TooLarge",
     "Unauthorized",
+    "VersionConflict",
 ]
 
 
@@ -99,6 +102,13 @@ class StoreUnavailable(PostserveError):
     """The store did not acknowledge a write; the update was not applied."""
 
     code = "store_unavailable"
+
+
+class VersionConflict(PostserveError):
+    """A log record at or below the log's latest version: another writer got there first;
+    nothing was written."""
+
+    code = "version_conflict"
 
 
 class NotReady(PostserveError):

@@ -298,14 +298,14 @@ def test_a_replica_that_lost_its_lease_cannot_write(tmp_path: Path) -> None:
         await b.open()
         try:
             await a.create_model("m", b"{}")
-            assert await a.acquire("m")
+            assert await a.lease.acquire("m")
             await a.append("m", 1, b"one")
             with pytest.raises(NotOwner):
-                await b.acquire("m")
-            assert a._renewer is not None
-            a._renewer.cancel()  # a stalls: no more renewals
+                await b.lease.acquire("m")
+            assert a.lease._renewer is not None
+            a.lease._renewer.cancel()  # a stalls: no more renewals
             await asyncio.sleep(0.5)
-            assert await b.acquire("m")
+            assert await b.lease.acquire("m")
             await b.append("m", 2, b"two")
             with pytest.raises(NotOwner):
                 await a.append("m", 3, b"stale writer")  # a still thinks it holds the lease

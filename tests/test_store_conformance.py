@@ -1,6 +1,8 @@
 """One conformance suite for every store backend (the byte-level protocol of service.store.base).
 
-Add a backend by adding a branch to ``_open`` and its name to ``BACKENDS``.
+Add a backend by adding a branch to ``_make`` and its name to ``BACKENDS``. The write leases
+(service.store.lease: ``SoleWriter`` for the single-process stores, the Redis store's
+``RedisLease``) are tested at the end.
 """
 
 from __future__ import annotations
@@ -18,8 +20,18 @@ from pathlib import Path
 import pytest
 from redis_server import RedisServer
 
-from service.errors import StoreUnavailable
-from service.store import MemoryStore, RedisStore, Snapshot, SQLiteStore, Store
+from service.errors import NotOwner, StoreUnavailable, VersionConflict
+from service.store import (
+    Backend,
+    Lease,
+    MemoryStore,
+    RedisLease,
+    RedisStore,
+    Snapshot,
+    SoleWriter,
+    SQLiteStore,
+    Store,
+)
 
 BACKENDS = ["memory", "sqlite", "redis"]
 Body = Callable[[Store], Awaitable[None]]
@@ -28,28 +40,30 @@ Body = Callable[[Store], Awaitable[None]]
 _REDIS: dict[str, str] = {}
 
 
-def _make(kind: str, tmp_path: Path, ttl: float = 3600.0) -> Store:
+def _make(kind: str, tmp_path: Path, ttl: float = 3600.0) -> Backend:
+    """A store of that kind and its lease, as ``service.store.make_backend`` pairs them."""
     if kind == "memory":
-        return MemoryStore(ttl)
+        return Backend(MemoryStore(ttl), SoleWriter())
     if kind == "redis":
         # A fresh key prefix per test on the session's redis-server keeps tests independent.
-        return RedisStore(_REDIS["url"], ttl, prefix=f"t{time.monotonic_ns()}:", lease_ms=5000)
-    return SQLiteStore(tmp_path / "store.sqlite3", ttl)
+        redis = RedisStore(_REDIS["url"], ttl, prefix=f"t{time.monotonic_ns()}:", lease_ms=5000)
+        return Backend(redis, redis.lease)
+    return Backend(SQLiteStore(tmp_path / "store.sqlite3", ttl), SoleWriter())
 
 
 def _run(kind: str, tmp_path: Path, body: Body, ttl: float = 3600.0) -> None:
     """Open a fresh store, run the test body in one event loop, close it.
 
     The Redis store writes a model only while it holds the model's lease, so the body's writes
-    go through ``acquire`` first (a no-op for the single-process stores)."""
+    go through the lease's ``acquire`` first (``SoleWriter`` for the single-process stores)."""
 
     async def main() -> None:
-        store = _make(kind, tmp_path, ttl)
-        await store.open()
+        backend = _make(kind, tmp_path, ttl)
+        await backend.store.open()
         try:
-            await body(_Leased(store))
+            await body(_Leased(backend.store, backend.lease))
         finally:
-            await store.close()
+            await backend.store.close()
 
     asyncio.run(main())
 
@@ -57,18 +71,18 @@ def _run(kind: str, tmp_path: Path, body: Body, ttl: float = 3600.0) -> None:
 class _Leased:
     """Acquires a model's write lease before each append or snapshot, like the engine does."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, store: Store, lease: Lease) -> None:
+        self._store, self._lease = store, lease
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
 
     async def append(self, name: str, *args: object, **kw: object) -> None:
-        await self._store.acquire(name)
+        await self._lease.acquire(name)
         await self._store.append(name, *args, **kw)  # type: ignore[arg-type]
 
     async def put_snapshot(self, name: str, snapshot: Snapshot) -> None:
-        await self._store.acquire(name)
+        await self._lease.acquire(name)
         await self._store.put_snapshot(name, snapshot)
 
 
@@ -132,16 +146,35 @@ def test_log_order_filtering_and_exact_bytes(kind: str, tmp_path: Path) -> None:
     _run(kind, tmp_path, body)
 
 
-def test_stale_version_is_refused_atomically(kind: str, tmp_path: Path) -> None:
+def test_stale_or_repeated_version_is_a_conflict_and_changes_nothing(
+    kind: str, tmp_path: Path
+) -> None:
     async def body(s: Store) -> None:
         await s.create_model("m", b"{}")
+        await s.create_model("n", b"{}")
         await s.append("m", 3, b"a", "first", b"answer-1")
-        for stale in (3, 2):
-            with pytest.raises((ValueError, StoreUnavailable)):
+        for stale in (3, 2, 0):  # repeated, then behind
+            with pytest.raises(VersionConflict):
                 await s.append("m", stale, b"b", "second", b"answer-2")
+        with pytest.raises(VersionConflict):
+            await s.append("m", 3, b"b")  # without a request record as well
         assert [(r.version, r.record) for r in await s.read_log("m")] == [(3, b"a")]
         assert await s.get_response("m", "first") == b"answer-1"
         assert await s.get_response("m", "second") is None
+        await s.append("n", 1, b"other model")  # versions are per model
+        await s.append("m", 4, b"c")  # the log goes on past the refusals
+        await s.append("m", 5, b"d")
+        await s.put_snapshot("m", Snapshot(5, b"t", b"m"))  # trims every record
+        assert await s.read_log("m") == []
+        for stale in (5, 4):  # still refused when the records at or above it are trimmed
+            with pytest.raises(VersionConflict):
+                await s.append("m", stale, b"e", "third", b"answer-3")
+        assert await s.read_log("m") == []
+        assert await s.get_response("m", "third") is None
+        assert await s.get_snapshot("m") == Snapshot(5, b"t", b"m")
+        await s.append("m", 6, b"f")
+        assert [(r.version, r.record) for r in await s.read_log("m")] == [(6, b"f")]
+        assert [r.record for r in await s.read_log("n")] == [b"other model"]
 
     _run(kind, tmp_path, body)
 
@@ -318,3 +351,166 @@ def test_events_expire_settle_and_come_due(kind: str, tmp_path: Path) -> None:
         assert await s.get_event("m", "long") == b"4"
 
     _run(kind, tmp_path, body)
+
+
+def test_stores_leave_the_write_lease_to_the_lease(kind: str, tmp_path: Path) -> None:
+    store = _make(kind, tmp_path).store
+    assert not hasattr(store, "acquire")
+    assert not hasattr(store, "release")
+
+
+def test_the_sole_writer_always_holds_the_lease() -> None:
+    async def main() -> None:
+        lease: Lease = SoleWriter()
+        for _ in range(3):
+            assert await lease.acquire("m") is False  # nothing to catch up with, ever
+        await lease.release("m")
+        assert await lease.acquire("m") is False
+        await lease.release("never-acquired")
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_single_process_stores_write_without_a_lease(kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        store = _make(kind, tmp_path).store
+        await store.open()
+        try:
+            await store.create_model("m", b"{}")
+            await store.append("m", 1, b"r")
+            await store.put_snapshot("m", Snapshot(1, b"t", b"m"))
+            assert await store.get_snapshot("m") == Snapshot(1, b"t", b"m")
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def _replica(prefix: str, replica: str, lease_ms: int = 5000, idle_s: float = 120.0) -> RedisStore:
+    return RedisStore(
+        _REDIS["url"], prefix=prefix, replica=replica, lease_ms=lease_ms, idle_s=idle_s
+    )
+
+
+def _replicas(*stores: RedisStore) -> Callable[[Callable[[], Awaitable[None]]], None]:
+    """Run a body with the stores open (one event loop), closing them after."""
+
+    def run(body: Callable[[], Awaitable[None]]) -> None:
+        async def main() -> None:
+            for s in stores:
+                await s.open()
+            try:
+                await body()
+            finally:
+                for s in stores:
+                    await s.close()
+
+        asyncio.run(main())
+
+    return run
+
+
+def test_redis_lease_one_writer_per_model(redis_url: str) -> None:
+    prefix = f"t{time.monotonic_ns()}:"
+    a, b = _replica(prefix, "a"), _replica(prefix, "b")
+
+    async def body() -> None:
+        assert isinstance(a.lease, RedisLease)
+        assert (a.replica, a.lease.replica) == ("a", "a")
+        await a.create_model("m", b"{}")
+        with pytest.raises(NotOwner):
+            a.lease.holder("m")
+        with pytest.raises(NotOwner):
+            await a.append("m", 1, b"no lease yet")  # the store writes only under the lease
+        assert await a.lease.acquire("m") is True  # newly taken: catch up first
+        assert await a.lease.acquire("m") is False  # already held
+        assert a.lease.holder("m").startswith("a:")
+        await a.append("m", 1, b"one")
+        with pytest.raises(NotOwner, match="replica a"):
+            await b.lease.acquire("m")
+        with pytest.raises(NotOwner):
+            b.lease.holder("m")
+        with pytest.raises(NotOwner):
+            await b.append("m", 2, b"not b's to write")
+        await a.lease.release("m")
+        await a.lease.release("m")  # releasing what is not held does nothing
+        with pytest.raises(NotOwner):
+            await a.append("m", 2, b"released")
+        assert await b.lease.acquire("m") is True
+        assert int(b.lease.holder("m").rsplit(":", 1)[1]) > 1  # the fencing token went up
+        await b.append("m", 2, b"two")
+        with pytest.raises(NotOwner, match="replica b"):
+            await a.lease.acquire("m")
+        assert [r.record for r in await a.read_log("m")] == [b"one", b"two"]
+
+    _replicas(a, b)(body)
+
+
+def test_redis_lease_a_restarted_replica_takes_its_model_back_and_fences_the_old_one(
+    redis_url: str,
+) -> None:
+    prefix = f"t{time.monotonic_ns()}:"
+    old, new = _replica(prefix, "a"), _replica(prefix, "a")  # same stable replica id
+
+    async def body() -> None:
+        await old.create_model("m", b"{}")
+        assert await old.lease.acquire("m")
+        await old.append("m", 1, b"one")
+        assert await new.lease.acquire("m") is True  # at once, no waiting out its own lease
+        await new.append("m", 2, b"two")
+        with pytest.raises(NotOwner):
+            await old.append("m", 3, b"stale writer")  # the fence: the token moved on
+        with pytest.raises(NotOwner):
+            old.lease.holder("m")  # and the old one forgot its lease
+        with pytest.raises(NotOwner):
+            await old.put_snapshot("m", Snapshot(2, b"t", b"m"))
+        assert [r.record for r in await new.read_log("m")] == [b"one", b"two"]
+        assert await new.get_snapshot("m") is None
+
+    _replicas(old, new)(body)
+
+
+def test_redis_lease_is_renewed_while_used_and_released_when_idle(redis_url: str) -> None:
+    prefix = f"t{time.monotonic_ns()}:"
+    a, b = _replica(prefix, "a", lease_ms=300, idle_s=0.8), _replica(prefix, "b", lease_ms=300)
+
+    async def body() -> None:
+        await a.create_model("m", b"{}")
+        assert await a.lease.acquire("m")
+        for _ in range(6):  # 0.6 s, twice the lease: the renewer keeps it
+            await asyncio.sleep(0.1)
+            with pytest.raises(NotOwner):
+                await b.lease.acquire("m")
+        assert await a.lease.acquire("m") is False  # still held, not taken afresh
+        deadline = time.monotonic() + 5
+        while True:  # unused for idle_s: released, and b may take it
+            try:
+                assert await b.lease.acquire("m") is True
+                break
+            except NotOwner:
+                assert time.monotonic() < deadline, "the idle lease was never released"
+                await asyncio.sleep(0.1)
+        with pytest.raises(NotOwner):
+            a.lease.holder("m")
+
+    _replicas(a, b)(body)
+
+
+def test_redis_delete_forgets_the_lease_and_close_releases_it(redis_url: str) -> None:
+    prefix = f"t{time.monotonic_ns()}:"
+    a, b = _replica(prefix, "a"), _replica(prefix, "b")
+
+    async def body() -> None:
+        await a.create_model("m", b"{}")
+        await a.create_model("n", b"{}")
+        assert await a.lease.acquire("m")
+        assert await a.lease.acquire("n")
+        assert await a.delete_model("m")
+        with pytest.raises(NotOwner):
+            a.lease.holder("m")
+        assert await b.lease.acquire("m")  # the lease key went with the model
+        await a.lease.close()  # stops renewing, releases "n"
+        assert await b.lease.acquire("n")
+
+    _replicas(a, b)(body)

@@ -1,4 +1,8 @@
-"""``create_app(settings)``: the FastAPI application, everything passed in, no globals."""
+"""``create_app(settings)``: the FastAPI application, everything passed in, no globals.
+
+The store and its write lease come from ``service.store.make_backend(settings)`` unless a
+``backend`` is given.
+"""
 
 from __future__ import annotations
 
@@ -15,25 +19,9 @@ from service.api.routes import router
 from service.config import Settings
 from service.engine import Engine
 from service.metrics import RequestMetrics, make_registry
-from service.store import MemoryStore, RedisStore, SQLiteStore, Store
+from service.store import Backend, make_backend
 
-__all__ = ["create_app", "make_store"]
-
-
-def make_store(settings: Settings) -> Store:
-    if settings.store == "memory":
-        return MemoryStore(settings.idempotency_ttl_s)
-    if settings.store == "redis":
-        return RedisStore(
-            settings.redis_url,
-            settings.idempotency_ttl_s,
-            lease_ms=settings.redis_lease_ms,
-            wait_aof=settings.redis_wait_aof,
-            timeout_s=settings.redis_timeout_s,
-            idle_s=settings.redis_lease_idle_s,
-            replica=settings.replica_id or None,
-        )
-    return SQLiteStore(settings.data_dir / "postserve.sqlite3", settings.idempotency_ttl_s)
+__all__ = ["create_app"]
 
 
 class BodyLimit:
@@ -91,9 +79,9 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
     return replayed
 
 
-def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
     settings = settings or Settings()
-    engine = Engine(settings, store or make_store(settings))
+    engine = Engine(settings, backend or make_backend(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -23,6 +23,7 @@ from service.errors import (
     StoreUnavailable,
     TooLarge,
     Unauthorized,
+    VersionConflict,
 )
 
 __all__ = ["STATUS", "error_response", "install", "response_for"]
@@ -39,6 +40,7 @@ STATUS: list[tuple[type[PostserveError], int]] = [
     (AlreadyExists, 409),
     (LimitReached, 409),
     (NotOwner, 409),
+    (VersionConflict, 409),
     (Unauthorized, 401),
     (Forbidden, 403),
     (StoreUnavailable, 503),

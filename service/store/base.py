@@ -15,8 +15,11 @@ events        (name, event_id) -> record bytes until ``expires_at`` (unix second
 ============  ======================================================================
 
 Durability: when ``append`` returns, the record is durable to the backend's stated guarantee
-(sqlite: fsync'd WAL commit). Any failure raises :class:`~service.errors.StoreUnavailable` and
-leaves nothing half-written.
+(sqlite: fsync'd WAL commit). A record at or below the log's latest version raises
+:class:`~service.errors.VersionConflict`; any other failure raises
+:class:`~service.errors.StoreUnavailable`. Either way nothing is half-written.
+
+Who may write a model is not the store's business but its lease's (``service.store.lease``).
 """
 
 from __future__ import annotations
@@ -49,19 +52,6 @@ class Store(Protocol):
         """True when the store can take writes."""
         ...
 
-    async def acquire(self, name: str) -> bool:
-        """Make sure this process may write ``name`` (one writer per model).
-
-        True when the right to write was newly taken, so the caller's state may lag the log and
-        must catch up before writing; False when it was already held. Raises NotOwner when
-        another writer holds it. Single-process stores always answer False.
-        """
-        ...
-
-    async def release(self, name: str) -> None:
-        """Give the right to write ``name`` back (no-op for single-process stores)."""
-        ...
-
     async def create_model(self, name: str, spec: bytes) -> bool:
         """Add to the catalogue; False (and no change) if the name exists."""
         ...
@@ -80,7 +70,11 @@ class Store(Protocol):
         request_id: str | None = None,
         response: bytes | None = None,
     ) -> None:
-        """Durably append one log record (and its request record), atomically."""
+        """Durably append one log record (and its request record), atomically.
+
+        VersionConflict (and nothing written) when ``version`` is at or below the log's latest
+        version, counting records already trimmed by a snapshot.
+        """
         ...
 
     async def read_log(self, name: str, after: int = 0) -> list[LogRecord]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from service.errors import VersionConflict
 from service.store.base import LogRecord, Snapshot
 
 __all__ = ["MemoryStore"]
@@ -27,12 +28,6 @@ class MemoryStore:
 
     async def ping(self) -> bool:
         return True
-
-    async def acquire(self, name: str) -> bool:
-        return False  # one process, one writer
-
-    async def release(self, name: str) -> None:
-        return None
 
     async def create_model(self, name: str, spec: bytes) -> bool:
         if name in self._models:
@@ -64,8 +59,12 @@ class MemoryStore:
         response: bytes | None = None,
     ) -> None:
         log = self._logs.setdefault(name, [])
-        if log and log[-1].version >= version:
-            raise ValueError(f"log of {name!r} is at version {log[-1].version}, got {version}")
+        snap = self._snapshots.get(name)  # versions up to it may have been trimmed
+        latest = max([r.version for r in log[-1:]] + ([snap.version] if snap else []), default=None)
+        if latest is not None and latest >= version:
+            raise VersionConflict(
+                f"the log of {name!r} is at version {latest}, got {version}; nothing was written"
+            )
         log.append(LogRecord(version, record))
         if request_id is not None and response is not None:
             self._requests[(name, request_id)] = (time.time(), response)

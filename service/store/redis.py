@@ -1,4 +1,4 @@
-"""The Redis store: catalogue, snapshots, a Stream per model log, leases with fencing tokens.
+"""The Redis store: catalogue, snapshots, a Stream per model log, events; writes fenced by a lease.
 
 =====================================  =========================================================
 key                                    contents
@@ -8,24 +8,21 @@ key                                    contents
 ``{p}snap:{name}``                     hash: ``version``, ``tensors``, ``meta`` (one HSET)
 ``{p}req:{name}:{request_id}``         the first response, expiring after the idempotency TTL
 ``{p}lease:{name}``                    ``{replica}:{token}`` of the one replica that may write,
-                                       expiring after ``lease_ms`` unless renewed
-``{p}fence:{name}``                    counter; each new lease takes the next token
+                                       expiring after ``lease_ms`` unless renewed (the lease,
+                                       ``service.store.redis_lease``)
+``{p}fence:{name}``                    counter; each new lease takes the next token (the lease)
 ``{p}event:{name}:{event_id}``         hash ``e`` (expiry, unix s), ``r`` (record); the key lives
                                        a day past the expiry (for default rewards)
 ``{p}events:{name}``                   sorted set of pending event ids by expiry
 =====================================  =========================================================
 
-One writer per model. A replica writes a model only while it holds the model's lease (taken
-when the key is free, or when it names this same replica: a restarted pod with a stable
-``POSTSERVE_REPLICA_ID`` takes its model back at once instead of waiting out its own lease; two
-live processes must never share an id), renewed in the background every third of ``lease_ms``
-while the model is being written, and released once nothing has written it for ``idle_s``
-seconds (so that after the ingress moves a model to another replica, that replica can take it
-over within ``idle_s`` plus a renewal period). Every log append and snapshot runs as a Lua
-script that first compares the lease with the writer's own ``replica:token`` and writes nothing
-if they differ. A replica that lost its lease (paused, cut
-off, or expired) therefore cannot write, even if it still believes it owns the model. A stale
-version is refused by the Stream itself (entry ids only grow).
+One writer per model: who that is, is the business of the store's lease
+(:class:`~service.store.redis_lease.RedisLease`, ``store.lease``; taken, renewed and released
+there). Every log append and snapshot runs as a Lua script that first compares the lease key
+with the writer's own ``replica:token`` (``lease.holder(name)``) and writes nothing if they
+differ (:class:`~service.errors.NotOwner`): a replica that lost its lease cannot write, even if
+it still believes it owns the model. A stale version is refused by the Stream itself (entry ids
+only grow, even past a trim): :class:`~service.errors.VersionConflict`.
 
 Durability. An append is acknowledged when Redis has answered the script; what that survives
 depends on the server's persistence (see the README's table). When ``wait_aof`` is on and the
@@ -35,12 +32,7 @@ local AOF before acknowledging.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
-import secrets
-import socket
 import time
 from typing import Any, Literal
 
@@ -49,13 +41,25 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.errors import NotOwner, StoreUnavailable
+from service.errors import NotOwner, StoreUnavailable, VersionConflict
 from service.store.base import LogRecord, Snapshot
+from service.store.redis_lease import RedisLease
 
 __all__ = ["RedisStore"]
 
 log = logging.getLogger("postserve.store.redis")
 
+# KEYS[1] - lease key
+# KEYS[2] - log stream
+# KEYS[3] - request record key (unused when ARGV[4] is empty)
+# ARGV[1] - the writer's lease value, ``{replica}:{token}``
+# ARGV[2] - the model's version after the record (the entry id is ``{version}-1``)
+# ARGV[3] - record bytes
+# ARGV[4] - "1" to also keep the request record, "" not to
+# ARGV[5] - response bytes for the request record
+# ARGV[6] - the request record's time to live in milliseconds
+# return 1 once written; a POSTSERVE_NOT_OWNER error (nothing written) if the lease is not the
+# writer's; XADD's own error (nothing written) for a version at or below the stream's top
 _APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('POSTSERVE_NOT_OWNER')
@@ -67,6 +71,15 @@ end
 return 1
 """
 
+# KEYS[1] - lease key
+# KEYS[2] - snapshot hash
+# KEYS[3] - log stream
+# ARGV[1] - the writer's lease value, ``{replica}:{token}``
+# ARGV[2] - the snapshot's version (log entries at or below it are trimmed)
+# ARGV[3] - tensors (safetensors bytes)
+# ARGV[4] - meta (JSON bytes)
+# return 1 once written; a POSTSERVE_NOT_OWNER error (nothing written) if the lease is not the
+# writer's
 _SNAPSHOT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('POSTSERVE_NOT_OWNER')
@@ -76,30 +89,13 @@ redis.call('XTRIM', KEYS[3], 'MINID', tostring(tonumber(ARGV[2]) + 1) .. '-0')
 return 1
 """
 
-_TAKE = """
-local cur = redis.call('GET', KEYS[1])
-if cur == false or string.sub(cur, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. ':' then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-  return 1
-end
-return 0
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-
+# KEYS[1] - event hash
+# KEYS[2] - the model's sorted set of pending events
+# ARGV[1] - expiry (unix seconds, as text)
+# ARGV[2] - record bytes
+# ARGV[3] - the event hash's time to live in milliseconds (the expiry plus a grace period)
+# ARGV[4] - event id
+# return 1 if the event was kept, 0 (and no change) if its id exists
 _PUT_EVENT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
@@ -112,10 +108,6 @@ return 1
 
 #: How long an event's record outlives its expiry, so that a default reward can still read it.
 _EVENT_GRACE_S = 86400.0
-
-
-def _replica_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 class RedisStore:
@@ -132,14 +124,13 @@ class RedisStore:
         idle_s: float = 120.0,
     ) -> None:
         self._url, self._ttl_ms = url, max(1, int(idempotency_ttl_s * 1000))
-        self._lease_ms, self._wait_aof, self._p = lease_ms, wait_aof, prefix
-        self.replica = replica or _replica_id()
+        self._wait_aof, self._p = wait_aof, prefix
         self._timeout = timeout_s
         self._r: aioredis.Redis | None = None
-        self._held: dict[str, tuple[str, float]] = {}  # name -> (holder value, local expiry)
-        self._used: dict[str, float] = {}  # name -> when this replica last asked to write it
-        self._idle_s = idle_s
-        self._renewer: asyncio.Task[None] | None = None
+        self.lease = RedisLease(
+            lambda: self.r, self._k, self._do, replica=replica, lease_ms=lease_ms, idle_s=idle_s
+        )
+        self.replica = self.lease.replica
         self._use_waitaof = False
         self._probed = False
 
@@ -173,11 +164,8 @@ class RedisStore:
         )
         self._append = self._r.register_script(_APPEND)
         self._snapshot = self._r.register_script(_SNAPSHOT)
-        self._renew = self._r.register_script(_RENEW)
-        self._take = self._r.register_script(_TAKE)
-        self._release = self._r.register_script(_RELEASE)
         self._put_event = self._r.register_script(_PUT_EVENT)
-        self._renewer = asyncio.create_task(self._renew_loop())
+        await self.lease.start()
         try:
             await self._probe()
         except StoreUnavailable as exc:  # not fatal: the engine retries until Redis answers
@@ -197,13 +185,8 @@ class RedisStore:
         )
 
     async def close(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-        for name in list(self._held):
-            with contextlib.suppress(Exception):
-                await self.release(name)
+        """Close the lease (stop renewing, release what it holds), then the connection."""
+        await self.lease.close()
         if self._r is not None:
             await self._r.aclose()
             self._r = None
@@ -214,77 +197,11 @@ class RedisStore:
         except StoreUnavailable:
             return False
 
-    # -- leases ------------------------------------------------------------------------------
-
-    async def acquire(self, name: str) -> bool:
-        """Make sure this replica holds ``name``'s lease. True when it was newly taken (the
-        caller's state may be behind the log), False when already held; NotOwner if another
-        replica holds it."""
-        self._used[name] = time.monotonic()
-        held = self._held.get(name)
-        if held is not None and held[1] - time.monotonic() > self._lease_ms / 3000:
-            return False
-        if held is not None:
-            ok = await self._do(
-                self._renew(keys=[self._k("lease", name)], args=[held[0], self._lease_ms])
-            )
-            if ok:
-                self._held[name] = (held[0], time.monotonic() + self._lease_ms / 1000)
-                return False
-            self._held.pop(name, None)
-        token = await self._do(self.r.incr(self._k("fence", name)))
-        value = f"{self.replica}:{token}"
-        got = await self._do(
-            self._take(keys=[self._k("lease", name)], args=[value, self.replica, self._lease_ms])
-        )
-        if not got:
-            owner = await self._do(self.r.get(self._k("lease", name)))
-            who = owner.decode().rsplit(":", 1)[0] if owner else "another replica"
-            raise NotOwner(
-                f"model {name!r} is being written by replica {who}; send updates there, or retry "
-                f"after its lease ({self._lease_ms} ms) lapses"
-            )
-        self._held[name] = (value, time.monotonic() + self._lease_ms / 1000)
-        return True
-
-    async def release(self, name: str) -> None:
-        held = self._held.pop(name, None)
-        if held is not None:
-            await self._do(self._release(keys=[self._k("lease", name)], args=[held[0]]))
-
-    async def _renew_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._lease_ms / 3000)
-            now = time.monotonic()
-            for name, (value, _) in list(self._held.items()):
-                if now - self._used.get(name, now) > self._idle_s:
-                    with contextlib.suppress(StoreUnavailable):
-                        await self.release(name)  # unused: let whoever the traffic goes to have it
-                        log.info("released the idle lease of %s", name)
-                    continue
-                try:
-                    ok = await self._do(
-                        self._renew(keys=[self._k("lease", name)], args=[value, self._lease_ms])
-                    )
-                except StoreUnavailable:
-                    continue  # the Lua fence still guards every write
-                if ok:
-                    self._held[name] = (value, time.monotonic() + self._lease_ms / 1000)
-                else:
-                    log.warning("lost the lease of %s", name)
-                    self._held.pop(name, None)
-
-    def _holder(self, name: str) -> str:
-        held = self._held.get(name)
-        if held is None:
-            raise NotOwner(f"this replica does not hold the lease of model {name!r}")
-        return held[0]
-
     async def _fenced(self, script: Any, keys: list[str], args: list[Any], name: str) -> None:
         try:
             await self._do(script(keys=keys, args=args))
         except ResponseError as exc:
-            self._held.pop(name, None)
+            self.lease.forget(name)
             raise NotOwner(f"this replica lost the lease of model {name!r}") from exc
 
     # -- catalogue ---------------------------------------------------------------------------
@@ -301,7 +218,7 @@ class RedisStore:
             async for key in self.r.scan_iter(match=pattern, count=1000):
                 await self._do(self.r.delete(key))
         await self._do(self.r.delete(self._k("events", name)))
-        self._held.pop(name, None)
+        self.lease.forget(name)
         return bool(removed)
 
     async def list_models(self) -> dict[str, bytes]:
@@ -318,7 +235,7 @@ class RedisStore:
         request_id: str | None = None,
         response: bytes | None = None,
     ) -> None:
-        holder = self._holder(name)
+        holder = self.lease.holder(name)
         if not self._probed:
             await self._probe()
         with_request = request_id is not None and response is not None
@@ -339,9 +256,14 @@ class RedisStore:
             await self._do(self._append(keys=keys, args=args))
         except ResponseError as exc:
             if "POSTSERVE_NOT_OWNER" in str(exc):
-                self._held.pop(name, None)
+                self.lease.forget(name)
                 raise NotOwner(f"this replica lost the lease of model {name!r}") from exc
-            raise ValueError(f"log of {name!r} refused version {version}: {exc}") from exc
+            if "equal or smaller than the target stream top item" in str(exc):
+                raise VersionConflict(
+                    f"the log of {name!r} is already at version {version} or past it; "
+                    "nothing was written"
+                ) from exc
+            raise StoreUnavailable(f"redis refused the append to {name!r}: {exc}") from exc
         if self._use_waitaof:
             wait = self.r.execute_command("WAITAOF", 1, 0, int(self._timeout * 1000))  # type: ignore[no-untyped-call]
             await self._do(wait)
@@ -365,7 +287,7 @@ class RedisStore:
     # -- snapshots ---------------------------------------------------------------------------
 
     async def put_snapshot(self, name: str, snapshot: Snapshot) -> None:
-        holder = self._holder(name)
+        holder = self.lease.holder(name)
         keys = [self._k("lease", name), self._k("snap", name), self._k("log", name)]
         args = [holder, snapshot.version, snapshot.tensors, snapshot.meta]
         await self._fenced(self._snapshot, keys, args, name)

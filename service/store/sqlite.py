@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from service.errors import StoreUnavailable
+from service.errors import StoreUnavailable, VersionConflict
 from service.store.base import LogRecord, Snapshot
 
 __all__ = ["SQLiteStore"]
@@ -86,12 +86,6 @@ class SQLiteStore:
             return False
         return True
 
-    async def acquire(self, name: str) -> bool:
-        return False  # one process, one writer
-
-    async def release(self, name: str) -> None:
-        return None
-
     async def create_model(self, name: str, spec: bytes) -> bool:
         def go(db: sqlite3.Connection) -> bool:
             cur = db.execute("INSERT OR IGNORE INTO models VALUES (?, ?)", (name, spec))
@@ -121,9 +115,15 @@ class SQLiteStore:
         response: bytes | None = None,
     ) -> None:
         def go(db: sqlite3.Connection) -> None:
-            last = db.execute("SELECT MAX(version) FROM log WHERE name = ?", (name,)).fetchone()[0]
+            last = db.execute(
+                "SELECT MAX(v) FROM (SELECT MAX(version) AS v FROM log WHERE name = ? "
+                "UNION ALL SELECT version FROM snapshots WHERE name = ?)",
+                (name, name),
+            ).fetchone()[0]
             if last is not None and last >= version:
-                raise ValueError(f"log of {name!r} is at version {last}, got {version}")
+                raise VersionConflict(
+                    f"the log of {name!r} is at version {last}, got {version}; nothing was written"
+                )
             db.execute("INSERT INTO log VALUES (?, ?, ?)", (name, version, record))
             if request_id is not None and response is not None:
                 db.execute(
