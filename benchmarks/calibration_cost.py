@@ -1,7 +1,7 @@
 """What calibration costs on the update path, and what a scrape of /metrics costs.
 
 Per row, the engine runs the filter step (``OnlineFilter.run``) and then scores the row's
-pre-update prediction (``service.models.observations`` + ``CalibrationTracker.observe``). This
+pre-update prediction (the likelihood kind's ``score`` + ``CalibrationTracker.observe``). This
 times both, interleaved in one run, for the models of the HTTP benchmark (one row per update, as
 there) and reports the scoring's cost as a ratio to the step's. It then times rendering /metrics
 (``generate_latest``) with 1, 10 and 100 monitored models, each with a full calibration window.
@@ -21,10 +21,11 @@ from prometheus_client import generate_latest
 
 from benchmarks.http.bench_http import COMMON, MODELS
 from service.calibration import CalibrationTracker
+from service.components import LIKELIHOODS
+from service.components.build import build_filter
 from service.config import Settings
-from service.engine import Engine
+from service.hosting import Engine
 from service.metrics import make_registry
-from service.models import build_filter, observations
 from service.schemas import ModelSpec
 from service.store import Backend, MemoryStore, SoleWriter
 
@@ -47,6 +48,7 @@ def _time_model(name: str, body: dict[str, Any]) -> tuple[float, float]:
     y_raw = [0.3]
     y = torch.tensor(y_raw)
     tracker = CalibrationTracker()
+    score_rows = LIKELIHOODS[spec.likelihood.type].score
     for _ in range(50):  # warm-up
         state, infos = f.run(state, x, y)
 
@@ -54,7 +56,7 @@ def _time_model(name: str, body: dict[str, Any]) -> tuple[float, float]:
         f.run(state, x, y)
 
     def score() -> None:
-        for o in observations(f, infos, y_raw):
+        for o in score_rows(f.likelihood, infos, y_raw):
             tracker.observe(o, 1)
 
     steps, scores = [], []
@@ -75,17 +77,17 @@ def update_path() -> None:
 def _scrape(n: int) -> tuple[float, int]:
     """Milliseconds to render /metrics with n monitored models with full windows, and bytes."""
     engine = Engine(Settings(store="memory"), Backend(MemoryStore(), SoleWriter()))
-    engine.ready = True
+    catalogue = engine.catalogue
+    catalogue.ready = True
     for i in range(n):
         spec = ModelSpec.model_validate(
             {"name": f"m{i}", "monitor": True, **COMMON, **MODELS["linear16-kalman"]}
         )
-        h = engine._host(spec)
+        h = catalogue.host(spec)
         x, y = torch.randn(1000, 16), torch.randn(1000)
-        _, infos = h.filter.run(h.current[1], x, y)
-        for v, o in enumerate(observations(h.filter, infos, y.tolist()), start=1):
-            h.calibration.observe(o, v)
-        engine.models[spec.name] = h
+        _, _, obs = h.step(h.current.state, x.tolist(), y.tolist())
+        h.score(0, obs)
+        catalogue.models[spec.name] = h
     registry = make_registry(engine)
     return _median_us(lambda: generate_latest(registry), 20) / 1000, len(generate_latest(registry))
 

@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.calibration import BINS, LEVELS
-from service.engine import Engine
+from service.hosting import Engine, EngineStats, ModelStats
 
 __all__ = ["EngineCollector", "RequestMetrics", "make_registry"]
 
@@ -89,168 +89,183 @@ def _gauge(name: str, doc: str, labels: Sequence[str] = ()) -> GaugeMetricFamily
 
 
 class EngineCollector(Collector):
-    """Reads the engine at scrape time: totals for all models, series for monitored ones."""
+    """Reads ``engine.stats()`` at scrape time: totals for all models, series for monitored ones."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        e = self.engine
-        now = time.monotonic()
-        models = list(e.models.values())
-        applied = CounterMetricFamily(
-            "postserve_observations_applied", "Observations (rows) applied, all models."
-        )
-        applied.add_metric([], e.applied)
-        yield applied
-        rejected = CounterMetricFamily(
-            "postserve_updates_rejected",
-            "Update requests refused by the engine, by error code; nothing of them was applied.",
-            labels=["reason"],
-        )
-        for reason, n in sorted(e.rejected.items()):
-            rejected.add_metric([reason], n)
-        yield rejected
-        pending = [h for h in models if h.version > h.snapshot_version]
-        for name, doc, value in (
-            ("postserve_models", "Models hosted.", len(models)),
-            ("postserve_models_monitored", 'Models with "monitor": true.', len(e.monitored)),
-            (
-                "postserve_state_bytes",
-                "Bytes of all hosted posterior states.",
-                sum(h.filter.state_bytes(h.current[1]) for h in models),
-            ),
-            (
-                "postserve_snapshot_age_max_seconds",
-                "Oldest snapshot among models with observations not yet in one (0: none).",
-                max((now - h.snapshot_time for h in pending), default=0.0),
-            ),
-            (
-                "postserve_log_observations",
-                "Observations in the logs after the latest snapshots (replayed at a restart).",
-                sum(h.version - h.snapshot_version for h in models),
-            ),
-            ("postserve_ready", "1 when every model is restored, else 0.", int(e.ready)),
-        ):
-            g = _gauge(name, doc)
-            g.add_metric([], value)
-            yield g
-        yield from self._per_model(now)
+        stats = self.engine.stats()
+        yield from _totals(stats)
+        monitored = stats.monitored
+        yield from _model_series(monitored)
+        yield from _calibration_series(monitored)
 
-    def _per_model(self, now: float) -> Iterator[Metric]:
-        monitored = sorted(self.engine.monitored, key=lambda h: h.spec.name)
-        info = _gauge(
-            "postserve_model_info", "1 per monitored model.", ["model", "likelihood", "filter"]
-        )
-        version = _gauge("postserve_model_version", "Observations applied to the model.", ["model"])
-        applied = CounterMetricFamily(
-            "postserve_model_observations_applied",
-            "Observations applied by this replica since it started.",
-            labels=["model"],
-        )
-        rejected = CounterMetricFamily(
-            "postserve_model_updates_rejected",
-            "Update requests refused, by error code.",
-            labels=["model", "reason"],
-        )
-        state = _gauge("postserve_model_state_bytes", "Bytes of the posterior state.", ["model"])
-        age = _gauge(
-            "postserve_model_snapshot_age_seconds", "Seconds since the last snapshot.", ["model"]
-        )
-        log_len = _gauge(
-            "postserve_model_log_observations",
-            "Observations in the log after the latest snapshot.",
+
+def _totals(stats: EngineStats) -> Iterator[Metric]:
+    models = stats.models
+    applied = CounterMetricFamily(
+        "postserve_observations_applied", "Observations (rows) applied, all models."
+    )
+    applied.add_metric([], stats.applied)
+    yield applied
+    rejected = CounterMetricFamily(
+        "postserve_updates_rejected",
+        "Update requests refused by the engine, by error code; nothing of them was applied.",
+        labels=["reason"],
+    )
+    for reason, n in sorted(stats.rejected.items()):
+        rejected.add_metric([reason], n)
+    yield rejected
+    for name, doc, value in (
+        ("postserve_models", "Models hosted.", len(models)),
+        ("postserve_models_monitored", 'Models with "monitor": true.', len(stats.monitored)),
+        (
+            "postserve_state_bytes",
+            "Bytes of all hosted posterior states.",
+            sum(m.state_bytes for m in models),
+        ),
+        (
+            "postserve_snapshot_age_max_seconds",
+            "Oldest snapshot among models with observations not yet in one (0: none).",
+            max((m.snapshot_age_s for m in models if m.unsnapshotted > 0), default=0.0),
+        ),
+        (
+            "postserve_log_observations",
+            "Observations in the logs after the latest snapshots (replayed at a restart).",
+            sum(m.unsnapshotted for m in models),
+        ),
+        ("postserve_ready", "1 when every model is restored, else 0.", int(stats.ready)),
+    ):
+        g = _gauge(name, doc)
+        g.add_metric([], value)
+        yield g
+
+
+def _model_series(monitored: list[ModelStats]) -> Iterator[Metric]:
+    """Per-model counters and gauges of the monitored models."""
+    info = _gauge(
+        "postserve_model_info", "1 per monitored model.", ["model", "likelihood", "filter"]
+    )
+    version = _gauge("postserve_model_version", "Observations applied to the model.", ["model"])
+    applied = CounterMetricFamily(
+        "postserve_model_observations_applied",
+        "Observations applied by this replica since it started.",
+        labels=["model"],
+    )
+    rejected = CounterMetricFamily(
+        "postserve_model_updates_rejected",
+        "Update requests refused, by error code.",
+        labels=["model", "reason"],
+    )
+    state = _gauge("postserve_model_state_bytes", "Bytes of the posterior state.", ["model"])
+    age = _gauge(
+        "postserve_model_snapshot_age_seconds", "Seconds since the last snapshot.", ["model"]
+    )
+    log_len = _gauge(
+        "postserve_model_log_observations",
+        "Observations in the log after the latest snapshot.",
+        ["model"],
+    )
+    for m in monitored:
+        info.add_metric([m.name, m.likelihood, m.filter], 1)
+        version.add_metric([m.name], m.version)
+        applied.add_metric([m.name], m.applied)
+        for reason, n in sorted(m.rejected.items()):
+            rejected.add_metric([m.name, reason], n)
+        state.add_metric([m.name], m.state_bytes)
+        age.add_metric([m.name], m.snapshot_age_s)
+        log_len.add_metric([m.name], m.unsnapshotted)
+    yield from (info, version, applied, rejected, state, age, log_len)
+
+
+def _calibration_families() -> dict[str, GaugeMetricFamily]:
+    return {
+        "window": _gauge(
+            "postserve_calibration_window_observations",
+            "Observations in the calibration window.",
             ["model"],
-        )
-        cal: dict[str, GaugeMetricFamily] = {
-            "window": _gauge(
-                "postserve_calibration_window_observations",
-                "Observations in the calibration window.",
-                ["model"],
-            ),
-            "nll": _gauge(
-                "postserve_calibration_nll",
-                "Mean negative log predictive density of the window's labels (nats), "
-                "each under the prediction made before it was learned.",
-                ["model"],
-            ),
-            "coverage": _gauge(
-                "postserve_calibration_coverage_ratio",
-                "Share of labels inside the central predictive interval of the given level "
-                "(should equal the level).",
-                ["model", "level"],
-            ),
-            "pit": _gauge(
-                "postserve_calibration_pit_bin_ratio",
-                "Share of PIT values in the bin with this upper edge (uniform: 0.1 each).",
-                ["model", "bin"],
-            ),
-            "z_mean": _gauge(
-                "postserve_calibration_standardized_residual_mean",
-                "Mean of (y - mean) / sd over the window (gaussian; calibrated: 0).",
-                ["model"],
-            ),
-            "z_var": _gauge(
-                "postserve_calibration_standardized_residual_variance",
-                "Variance of (y - mean) / sd over the window (gaussian; calibrated: 1).",
-                ["model"],
-            ),
-            "brier": _gauge("postserve_calibration_brier_score", "Mean Brier score.", ["model"]),
-            "log_loss": _gauge(
-                "postserve_calibration_log_loss", "Mean log loss (nats).", ["model"]
-            ),
-            "ece": _gauge(
-                "postserve_calibration_ece",
-                "Expected calibration error over 10 equal-width bins.",
-                ["model"],
-            ),
-            "rel_n": _gauge(
-                "postserve_calibration_reliability_observations",
-                "Observations per reliability bin (by the bin's upper edge).",
-                ["model", "bin"],
-            ),
-            "rel_conf": _gauge(
-                "postserve_calibration_reliability_confidence",
-                "Mean predicted probability in the reliability bin.",
-                ["model", "bin"],
-            ),
-            "rel_acc": _gauge(
-                "postserve_calibration_reliability_accuracy",
-                "Observed frequency in the reliability bin.",
-                ["model", "bin"],
-            ),
-        }
-        edges = [f"{(b + 1) / BINS:g}" for b in range(BINS)]
-        for h in monitored:
-            m = h.spec.name
-            info.add_metric([m, h.spec.likelihood.type, h.spec.filter.type], 1)
-            version.add_metric([m], h.version)
-            applied.add_metric([m], h.applied)
-            for reason, n in sorted(h.rejected.items()):
-                rejected.add_metric([m, reason], n)
-            state.add_metric([m], h.filter.state_bytes(h.current[1]))
-            age.add_metric([m], now - h.snapshot_time)
-            log_len.add_metric([m], h.version - h.snapshot_version)
-            s = h.calibration.stats()
-            cal["window"].add_metric([m], s.n)
-            _maybe(cal["nll"], [m], s.nll)
-            if (cov := s.coverage) is not None:
-                for level in LEVELS:
-                    cal["coverage"].add_metric([m, f"{level:g}"], cov[level])
-            if (pit := s.pit_histogram) is not None:
-                for edge, share in zip(edges, pit, strict=True):
-                    cal["pit"].add_metric([m, edge], share)
-            _maybe(cal["z_mean"], [m], s.residual_mean)
-            _maybe(cal["z_var"], [m], s.residual_variance)
-            _maybe(cal["brier"], [m], s.brier)
-            _maybe(cal["log_loss"], [m], s.log_loss)
-            _maybe(cal["ece"], [m], s.ece)
-            if s.labels:
-                for edge, b in zip(edges, s.reliability(), strict=True):
-                    cal["rel_n"].add_metric([m, edge], b["count"] or 0)
-                    _maybe(cal["rel_conf"], [m, edge], b["confidence"])
-                    _maybe(cal["rel_acc"], [m, edge], b["accuracy"])
-        yield from (info, version, applied, rejected, state, age, log_len, *cal.values())
+        ),
+        "nll": _gauge(
+            "postserve_calibration_nll",
+            "Mean negative log predictive density of the window's labels (nats), "
+            "each under the prediction made before it was learned.",
+            ["model"],
+        ),
+        "coverage": _gauge(
+            "postserve_calibration_coverage_ratio",
+            "Share of labels inside the central predictive interval of the given level "
+            "(should equal the level).",
+            ["model", "level"],
+        ),
+        "pit": _gauge(
+            "postserve_calibration_pit_bin_ratio",
+            "Share of PIT values in the bin with this upper edge (uniform: 0.1 each).",
+            ["model", "bin"],
+        ),
+        "z_mean": _gauge(
+            "postserve_calibration_standardized_residual_mean",
+            "Mean of (y - mean) / sd over the window (gaussian; calibrated: 0).",
+            ["model"],
+        ),
+        "z_var": _gauge(
+            "postserve_calibration_standardized_residual_variance",
+            "Variance of (y - mean) / sd over the window (gaussian; calibrated: 1).",
+            ["model"],
+        ),
+        "brier": _gauge("postserve_calibration_brier_score", "Mean Brier score.", ["model"]),
+        "log_loss": _gauge("postserve_calibration_log_loss", "Mean log loss (nats).", ["model"]),
+        "ece": _gauge(
+            "postserve_calibration_ece",
+            "Expected calibration error over 10 equal-width bins.",
+            ["model"],
+        ),
+        "rel_n": _gauge(
+            "postserve_calibration_reliability_observations",
+            "Observations per reliability bin (by the bin's upper edge).",
+            ["model", "bin"],
+        ),
+        "rel_conf": _gauge(
+            "postserve_calibration_reliability_confidence",
+            "Mean predicted probability in the reliability bin.",
+            ["model", "bin"],
+        ),
+        "rel_acc": _gauge(
+            "postserve_calibration_reliability_accuracy",
+            "Observed frequency in the reliability bin.",
+            ["model", "bin"],
+        ),
+    }
+
+
+def _calibration_series(monitored: list[ModelStats]) -> Iterator[Metric]:
+    """The calibration window of each monitored model."""
+    cal = _calibration_families()
+    edges = [f"{(b + 1) / BINS:g}" for b in range(BINS)]
+    for m in monitored:
+        s = m.calibration
+        if s is None:
+            continue
+        labels = [m.name]
+        cal["window"].add_metric(labels, s.n)
+        _maybe(cal["nll"], labels, s.nll)
+        if (cov := s.coverage) is not None:
+            for level in LEVELS:
+                cal["coverage"].add_metric([m.name, f"{level:g}"], cov[level])
+        if (pit := s.pit_histogram) is not None:
+            for edge, share in zip(edges, pit, strict=True):
+                cal["pit"].add_metric([m.name, edge], share)
+        _maybe(cal["z_mean"], labels, s.residual_mean)
+        _maybe(cal["z_var"], labels, s.residual_variance)
+        _maybe(cal["brier"], labels, s.brier)
+        _maybe(cal["log_loss"], labels, s.log_loss)
+        _maybe(cal["ece"], labels, s.ece)
+        if s.labels:
+            for edge, b in zip(edges, s.reliability(), strict=True):
+                cal["rel_n"].add_metric([m.name, edge], b["count"] or 0)
+                _maybe(cal["rel_conf"], [m.name, edge], b["confidence"])
+                _maybe(cal["rel_acc"], [m.name, edge], b["accuracy"])
+    yield from cal.values()
 
 
 def _maybe(family: GaugeMetricFamily, labels: list[str], value: Any) -> None:

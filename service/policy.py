@@ -23,13 +23,14 @@ Ties go to the lowest index.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from service.errors import InvalidInput
 from service.filters import OnlineFilter
+from service.filters.algorithm import S
 
 __all__ = ["UCB_WIDTH", "Decision", "Strategy", "decide"]
 
@@ -47,8 +48,8 @@ class Decision:
 
 
 def decide(
-    f: OnlineFilter,
-    belief: Any,
+    f: OnlineFilter[S],
+    belief: S,
     X: Tensor,
     strategy: Strategy,
     *,

@@ -1,4 +1,4 @@
-"""The v1 HTTP contract as pydantic models (architecture.md section 3).
+"""The v1 HTTP contract as pydantic models (``docs/architecture.md``, the HTTP contract).
 
 Shared by the engine (which returns the response models), the routes and the Python client. Bodies
 are validated here at the edge: shapes that do not depend on a model, finiteness of every number,
@@ -8,10 +8,15 @@ engine, before anything is changed.
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, StrictFloat, field_validator
+
+from service.components import ALGORITHMS, LIKELIHOODS, NETWORKS, TypedSpec
+from service.components.algorithms import DiagonalSpec, EKFSpec, KalmanSpec, LoFiSpec
+from service.components.likelihoods import BernoulliSpec, CategoricalSpec, GaussianSpec, PoissonSpec
+from service.components.networks import LinearSpec, MLPSpec
+from service.validation import Strict, all_finite, finite, finite_field
 
 __all__ = [
     "BernoulliSpec",
@@ -21,6 +26,7 @@ __all__ = [
     "CategoricalSpec",
     "DecideRequest",
     "DecideResponse",
+    "DiagonalSpec",
     "DynamicsSpec",
     "EKFSpec",
     "EventsSpec",
@@ -51,118 +57,35 @@ __all__ = [
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"
 ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _finite(value: float, what: str) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value}")
-    return value
-
-
-def _all_finite(values: object, what: str) -> None:
-    stack = [values]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, list):
-            stack.extend(v)
-        elif isinstance(v, float) and not math.isfinite(v):
-            raise ValueError(f"NaN or infinite values are not allowed in {what}")
+# The discriminated unions of the extension points, from their registries (in registration
+# order); to mypy each is the kinds' common base.
+if TYPE_CHECKING:
+    NetworkSpec = TypedSpec
+    LikelihoodSpec = TypedSpec
+    FilterSpec = TypedSpec
+else:
+    NetworkSpec = NETWORKS.spec_union()
+    LikelihoodSpec = LIKELIHOODS.spec_union()
+    FilterSpec = ALGORITHMS.spec_union()
 
 
-def _finite_field(value: Any, info: ValidationInfo) -> Any:
-    """A field validator: no NaN or infinity anywhere in the field's (nested) numbers."""
-    _all_finite(value, str(info.field_name))
-    return value
-
-
-class LinearSpec(_Strict):
-    type: Literal["linear"]
-    input_dim: int = Field(ge=1, le=1_000_000)
-    output_dim: int = Field(1, ge=1, le=10_000)
-    bias: bool = True
-
-
-class MLPSpec(_Strict):
-    type: Literal["mlp"]
-    input_dim: int = Field(ge=1, le=1_000_000)
-    hidden: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(min_length=1, max_length=16)
-    output_dim: int = Field(1, ge=1, le=10_000)
-    activation: Literal["relu", "tanh", "gelu", "elu"] = "relu"
-
-
-NetworkSpec = Annotated[LinearSpec | MLPSpec, Field(discriminator="type")]
-
-
-class GaussianSpec(_Strict):
-    type: Literal["gaussian"]
-    noise_variance: float | list[float] = 1.0
-
-    @field_validator("noise_variance")
-    @classmethod
-    def _positive(cls, v: float | list[float]) -> float | list[float]:
-        for r in v if isinstance(v, list) else [v]:
-            if not (math.isfinite(r) and r > 0):
-                raise ValueError(f"noise_variance must be finite and > 0, got {r}")
-        return v
-
-
-class BernoulliSpec(_Strict):
-    type: Literal["bernoulli"]
-
-
-class CategoricalSpec(_Strict):
-    type: Literal["categorical"]
-
-
-class PoissonSpec(_Strict):
-    type: Literal["poisson"]
-
-
-LikelihoodSpec = Annotated[
-    GaussianSpec | BernoulliSpec | CategoricalSpec | PoissonSpec, Field(discriminator="type")
-]
-
-
-class LoFiSpec(_Strict):
-    type: Literal["lofi"]
-    rank: int = Field(10, ge=0, le=1000)
-
-
-class EKFSpec(_Strict):
-    type: Literal["ekf"]
-
-
-class DiagonalSpec(_Strict):
-    type: Literal["diagonal"]
-
-
-class KalmanSpec(_Strict):
-    type: Literal["kalman"]
-
-
-FilterSpec = Annotated[LoFiSpec | EKFSpec | DiagonalSpec | KalmanSpec, Field(discriminator="type")]
-
-
-class PriorSpec(_Strict):
+class PriorSpec(Strict):
     variance: float = Field(1.0, gt=0)
     mean: list[float] | None = None
 
     @field_validator("variance")
     @classmethod
     def _finite_variance(cls, v: float) -> float:
-        return _finite(v, "prior.variance")
+        return finite(v, "prior.variance")
 
     @field_validator("mean")
     @classmethod
     def _finite_mean(cls, v: list[float] | None) -> list[float] | None:
-        _all_finite(v, "prior.mean")
+        all_finite(v, "prior.mean")
         return v
 
 
-class DynamicsSpec(_Strict):
+class DynamicsSpec(Strict):
     process_noise: float = Field(0.0, ge=0)
     decay: float = Field(1.0, gt=0, le=1)
     steady_state: bool = False
@@ -170,10 +93,10 @@ class DynamicsSpec(_Strict):
     @field_validator("process_noise")
     @classmethod
     def _finite_q(cls, v: float) -> float:
-        return _finite(v, "dynamics.process_noise")
+        return finite(v, "dynamics.process_noise")
 
 
-class EventsSpec(_Strict):
+class EventsSpec(Strict):
     """How long ``/decide`` events wait for their reward, and what an unrewarded one gets."""
 
     ttl_s: float = Field(3600.0, gt=0, le=30 * 86400)
@@ -182,10 +105,10 @@ class EventsSpec(_Strict):
     @field_validator("default_reward")
     @classmethod
     def _finite_default(cls, v: float | None) -> float | None:
-        return None if v is None else _finite(v, "events.default_reward")
+        return None if v is None else finite(v, "events.default_reward")
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """The body of ``POST /v1/models``."""
 
     name: ModelName
@@ -204,26 +127,26 @@ class ModelSpec(_Strict):
 Number = StrictFloat  # JSON numbers only: no booleans, no numeric strings
 
 
-class UpdateRequest(_Strict):
+class UpdateRequest(Strict):
     x: list[list[Number]] = Field(min_length=1)
     y: list[Number | list[Number]] = Field(min_length=1)
     request_id: str | None = Field(None, min_length=1, max_length=200)
 
-    _check_finite = field_validator("x", "y")(_finite_field)
+    _check_finite = field_validator("x", "y")(finite_field)
 
 
-class PredictRequest(_Strict):
+class PredictRequest(Strict):
     x: list[list[Number]] = Field(min_length=1)
     num_samples: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
-    _check_finite = field_validator("x")(_finite_field)
+    _check_finite = field_validator("x")(finite_field)
 
 
 EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
-class DecideRequest(_Strict):
+class DecideRequest(Strict):
     """The body of ``POST /v1/models/{name}/decide``: one row per candidate action."""
 
     actions: list[list[Number]] = Field(min_length=1)
@@ -233,7 +156,7 @@ class DecideRequest(_Strict):
     event_id: str | None = Field(None, pattern=EVENT_ID_PATTERN)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
-    _check_finite = field_validator("actions", "context")(_finite_field)
+    _check_finite = field_validator("actions", "context")(finite_field)
 
 
 class DecideResponse(BaseModel):
@@ -246,14 +169,14 @@ class DecideResponse(BaseModel):
     version: int
 
 
-class RewardRequest(_Strict):
+class RewardRequest(Strict):
     event_id: str = Field(pattern=EVENT_ID_PATTERN)
     reward: Number
 
     @field_validator("reward")
     @classmethod
     def _finite_reward(cls, v: float) -> float:
-        return _finite(v, "reward")
+        return finite(v, "reward")
 
 
 class RewardResponse(BaseModel):

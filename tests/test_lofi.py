@@ -179,7 +179,7 @@ def test_linear_thompson_outputs_follow_the_joint_predictive(algorithm) -> None:
     with mean g(m, x) and covariance J Sigma J^T from the dense Sigma; duplicate rows draw alike."""
     net = Linear(4, 2)
     f = OnlineFilter(net, Gaussian(0.5), algorithm, prior=Prior(0.8))
-    assert f.outputs_linear
+    assert f.network.linear_in_params
     X, Y = _stream(6, 4, 2, False, seed=19)
     state, _ = f.run(f.init(F64), X, Y)
     x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(20))

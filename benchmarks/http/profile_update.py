@@ -61,7 +61,7 @@ async def main_async(model: str, n: int, rounds: int, profile: str | None) -> No
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
             r = await client.post("/v1/models", json={"name": model, **COMMON, **MODELS[model]})
             r.raise_for_status()
-            h = engine.models[model]
+            h = engine.catalogue.get(model)
             upd = UpdateRequest(x=[ROW], y=[0.5])
             pred0 = PredictRequest(x=[ROW])
             pred10 = PredictRequest(x=[ROW], num_samples=10, seed=1)
@@ -70,11 +70,11 @@ async def main_async(model: str, n: int, rounds: int, profile: str | None) -> No
             path = f"/v1/models/{model}"
 
             async def filt_update() -> None:
-                h.filter.run(h.current[1], x, y)
+                h.filter.run(h.current.state, x, y)
 
             async def filt_predict() -> None:
                 f = h.filter
-                f.predictive(f.predict(h.current[1]), x)
+                f.predictive(f.predict(h.current.state), x)
 
             async def eng_update() -> None:
                 await engine.update(model, upd)

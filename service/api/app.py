@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
@@ -17,7 +18,7 @@ from service.api import errors
 from service.api.auth import Authenticate, Keyring
 from service.api.routes import router
 from service.config import Settings
-from service.engine import Engine
+from service.hosting import Engine
 from service.metrics import RequestMetrics, make_registry
 from service.store import Backend, make_backend
 
@@ -91,13 +92,18 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         finally:
             await engine.stop()
 
-    app = FastAPI(title="Postserve", version=__version__, lifespan=lifespan)
+    registry = make_registry(engine)
+    # The middleware stack, outermost first: every request is counted and timed, including
+    # those refused for their size or their key.
+    middleware = [
+        Middleware(RequestMetrics, registry=registry, routes=router.routes),
+        Middleware(BodyLimit, limit=settings.max_body_bytes),
+        Middleware(Authenticate, keyring=Keyring(settings.keys)),
+    ]
+    app = FastAPI(title="Postserve", version=__version__, lifespan=lifespan, middleware=middleware)
     app.state.engine = engine
     app.state.settings = settings
-    app.state.registry = registry = make_registry(engine)
+    app.state.registry = registry
     app.include_router(router)
     errors.install(app)
-    app.add_middleware(Authenticate, keyring=Keyring(settings.keys))
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, registry=registry, routes=router.routes)  # outermost
     return app

@@ -79,9 +79,6 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {msg}" if where else msg)
-    route = request.scope.get("route")
-    if getattr(route, "path", "").endswith("/update"):  # refused at the edge: count it as well
-        request.app.state.engine.note_rejected(request.path_params.get("name", ""), "invalid_input")
     return error_response(422, "invalid_input", "; ".join(parts) or "invalid request body")
 
 

@@ -4,11 +4,16 @@ Authentication happens before the routes, in :mod:`service.api.auth`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.engine import Engine
+from service.hosting import Engine
 from service.schemas import (
     CalibrationResponse,
     DecideRequest,
@@ -25,14 +30,33 @@ from service.schemas import (
     UpdateResponse,
 )
 
-__all__ = ["router"]
-
-router = APIRouter()
+__all__ = ["router", "updates"]
 
 
 def _engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
+
+
+class CountsRefusals(APIRoute):
+    """A route whose bodies are updates: one refused by validation is counted as a refused
+    update (``invalid_input``), as the engine counts the ones it refuses itself."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def counted(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError:
+                _engine(request).refused(request.path_params.get("name", ""), "invalid_input")
+                raise
+
+        return counted
+
+
+router = APIRouter()
+updates = APIRouter(route_class=CountsRefusals)
 
 
 @router.post(
@@ -60,7 +84,7 @@ async def delete_model(name: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.post(
+@updates.post(
     "/v1/models/{name}/update",
     response_model=UpdateResponse,
 )
@@ -111,10 +135,12 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    engine = _engine(request)
-    store_ok = await engine.store.ping()
-    ready = engine.ready and store_ok
+    restored, store_ok = await _engine(request).readiness()
+    ready = restored and store_ok
     return JSONResponse(
-        {"ready": ready, "models_restored": engine.ready, "store": store_ok},
+        {"ready": ready, "models_restored": restored, "store": store_ok},
         status_code=200 if ready else 503,
     )
+
+
+router.include_router(updates)  # keeps each route's class

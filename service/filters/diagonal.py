@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 from service.filters.base import Linearization, innovation
+from service.filters.likelihoods import Likelihood
 from service.filters.linalg import check_finite, check_positive, cholesky
+from service.filters.networks import Network
 
 __all__ = ["DiagState", "Diagonal"]
 
@@ -36,6 +38,9 @@ class Diagonal:
     """The variational diagonal EKF."""
 
     name: str = "diagonal"
+
+    def check_model(self, network: Network, likelihood: Likelihood) -> None:
+        """Any network and likelihood."""
 
     def init(self, mean: Tensor, variance: float) -> DiagState:
         return DiagState(mean=mean, var=torch.full_like(mean, variance))

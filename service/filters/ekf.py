@@ -23,8 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from service.errors import InvalidSpec
 from service.filters.base import Linearization, innovation
+from service.filters.likelihoods import Gaussian, Likelihood
 from service.filters.linalg import check_finite, check_positive, cholesky, symmetrise
+from service.filters.networks import Network
 
 __all__ = ["EKF", "GaussState", "Kalman"]
 
@@ -43,6 +46,9 @@ class EKF:
 
     name: str = "ekf"
     joseph: bool = False
+
+    def check_model(self, network: Network, likelihood: Likelihood) -> None:
+        """Any network and likelihood (the EKF linearises whatever it is given)."""
 
     def init(self, mean: Tensor, variance: float) -> GaussState:
         eye = torch.eye(mean.shape[0], dtype=mean.dtype, device=mean.device)
@@ -103,3 +109,10 @@ class Kalman(EKF):
 
     name: str = "kalman"
     joseph: bool = True
+
+    def check_model(self, network: Network, likelihood: Likelihood) -> None:
+        if not (network.linear_in_params and isinstance(likelihood, Gaussian)):
+            raise InvalidSpec(
+                "the kalman filter is exact only for a linear network with a gaussian "
+                "likelihood; use ekf, diagonal or lofi"
+            )

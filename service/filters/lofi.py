@@ -49,7 +49,9 @@ from torch import Tensor
 
 from service.errors import InvalidSpec
 from service.filters.base import Linearization, innovation
+from service.filters.likelihoods import Likelihood
 from service.filters.linalg import check_finite, check_positive, cholesky, symmetrise
+from service.filters.networks import Network
 
 __all__ = ["LoFi", "LoFiState"]
 
@@ -79,6 +81,9 @@ class LoFi:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 0:
             raise InvalidSpec(f"lofi rank must be an integer >= 0, got {self.rank!r}")
+
+    def check_model(self, network: Network, likelihood: Likelihood) -> None:
+        """Any network and likelihood."""
 
     def init(self, mean: Tensor, variance: float) -> LoFiState:
         D = mean.shape[0]

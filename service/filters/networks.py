@@ -1,6 +1,6 @@
 """Networks as pure functions h(theta, x) of a flat parameter vector.
 
-Symbols (``docs``: ``../shared/design/algorithms.md``):
+Symbols (``docs/algorithms.md`` section 1):
 
 =========  =============  ===============================================================
 symbol     shape          meaning
@@ -58,6 +58,12 @@ class Network(Protocol):
 
     @property
     def num_params(self) -> int: ...
+
+    @property
+    def linear_in_params(self) -> bool:
+        """Whether g(theta, x) is linear in theta (then the linearised predictive is exact and
+        Thompson draws of the outputs need no draw of theta)."""
+        ...
 
     def apply(self, theta: Tensor, x: Tensor) -> Tensor:
         """g = h(theta, x): (N, C) for theta (D,), (S, N, C) for theta (S, D)."""
@@ -138,6 +144,10 @@ class Linear:
     def num_params(self) -> int:
         return self.output_dim * self.input_dim + (self.output_dim if self.bias else 0)
 
+    @property
+    def linear_in_params(self) -> bool:
+        return True
+
     def apply(self, theta: Tensor, x: Tensor) -> Tensor:
         (layer,) = _layers((self.input_dim, self.output_dim), self.bias)
         W, b = _unflatten(theta, layer, self.bias)
@@ -207,6 +217,10 @@ class MLP:
     @property
     def num_params(self) -> int:
         return sum(i * o + o for i, o in zip(self.sizes[:-1], self.sizes[1:], strict=True))
+
+    @property
+    def linear_in_params(self) -> bool:
+        return False
 
     def apply(self, theta: Tensor, x: Tensor) -> Tensor:
         layers = _layers(self.sizes, True)

@@ -1,6 +1,6 @@
 """One online filter: a network, a likelihood, an algorithm, the dynamics and the prior.
 
-The state-space model (algorithms.md 0)::
+The state-space model (``docs/algorithms.md`` section 0)::
 
     theta_t = gamma theta_{t-1} + w_t,   w_t ~ N(0, q I),       theta_0 ~ N(mu_0, sigma_0^2 I)
     y_t | theta_t ~ moment-matched N(mu(g(theta_t, x_t)), R)
@@ -14,6 +14,7 @@ Everything is a pure function of immutable states: a step that fails (non-finite
 result) raises :class:`~service.errors.StepRejected` and the caller's state is untouched.
 
 >>> import torch
+>>> from service.filters import Gaussian, Kalman, Linear
 >>> f = OnlineFilter(Linear(input_dim=1, bias=False), Gaussian(noise_variance=1.0), Kalman())
 >>> state = f.init(dtype=torch.float64)
 >>> state, info = f.step(state, torch.tensor([1.0]), torch.tensor([2.0]))
@@ -24,59 +25,22 @@ result) raises :class:`~service.errors.StepRejected` and the caller's state is u
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Generic, Literal
 
 import torch
 from torch import Tensor
 
 from service.errors import InvalidInput, InvalidSpec
-from service.filters.base import Linearization, Predictive, StepInfo
-from service.filters.diagonal import Diagonal
-from service.filters.ekf import EKF, Kalman
-from service.filters.likelihoods import Gaussian, Likelihood
+from service.filters.algorithm import Algorithm, S
+from service.filters.base import Predictive, StepInfo
+from service.filters.likelihoods import Likelihood
 from service.filters.linalg import all_finite, check_finite, psd_sqrt
-from service.filters.lofi import LoFi
-from service.filters.networks import Linear, Network
+from service.filters.networks import Network
 
-__all__ = ["Algorithm", "Dynamics", "OnlineFilter", "Prior"]
-
-S = TypeVar("S")
+__all__ = ["Dynamics", "OnlineFilter", "Prior"]
 
 #: Rows per chunk in ``predictive`` so that J (rows, C, D) stays under about 2**24 numbers.
 _CHUNK_NUMBERS = 1 << 24
-
-
-class Algorithm(Protocol[S]):
-    """The approximation: how a Gaussian belief is represented, propagated and conditioned."""
-
-    @property
-    def name(self) -> str: ...
-
-    def init(self, mean: Tensor, variance: float) -> S: ...
-
-    def predict(self, state: S, decay: float, process_noise: float) -> S: ...
-
-    def project(self, state: S, J: Tensor) -> Tensor:
-        """J Sigma J^T (N, C, C) for J (N, C, D)."""
-        ...
-
-    def condition_on(self, state: S, lin: Linearization, y: Tensor) -> tuple[S, Tensor]:
-        """(posterior, J Sigma J^T of the prior belief) for one row."""
-        ...
-
-    def validate(self, state: S) -> None:
-        """Raise StepRejected unless ``state`` is a finite, positive-definite belief."""
-        ...
-
-    def sample(self, state: S, n: int, generator: torch.Generator | None) -> Tensor:
-        """n exact draws theta ~ N(m, Sigma), (n, D)."""
-        ...
-
-    def covariance(self, state: S) -> Tensor:
-        """Dense Sigma (D, D): for tests and small D."""
-        ...
-
-    def state_bytes(self, state: S) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -114,26 +78,22 @@ class Prior:
 
 
 @dataclass(frozen=True)
-class OnlineFilter:
-    """Binds network, likelihood, algorithm, dynamics and prior; every method is pure."""
+class OnlineFilter(Generic[S]):
+    """Binds network, likelihood, algorithm, dynamics and prior; every method is pure.
+
+    Generic over the algorithm's belief type ``S`` (``LoFiState``, ``GaussState``, ...): every
+    state it takes and returns is one of those.
+    """
 
     network: Network
     likelihood: Likelihood
-    algorithm: Any = field(default_factory=lambda: LoFi(10))
+    algorithm: Algorithm[S]
     dynamics: Dynamics = field(default_factory=Dynamics)
     prior: Prior = field(default_factory=Prior)
 
     def __post_init__(self) -> None:
         self.likelihood.check_output_dim(self.network.output_dim)
-        if isinstance(self.algorithm, Kalman) and not (
-            isinstance(self.network, Linear) and isinstance(self.likelihood, Gaussian)
-        ):
-            raise InvalidSpec(
-                "the kalman filter is exact only for a linear network with a gaussian likelihood; "
-                "use ekf, diagonal or lofi"
-            )
-        if not isinstance(self.algorithm, (EKF, Diagonal, LoFi)):
-            raise InvalidSpec(f"unknown filter algorithm {self.algorithm!r}")
+        self.algorithm.check_model(self.network, self.likelihood)
         mean = self.prior.mean
         if mean is not None:
             if mean.shape != (self.network.num_params,):
@@ -157,7 +117,7 @@ class OnlineFilter:
 
     # -- belief ------------------------------------------------------------------------------
 
-    def init(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
+    def init(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> S:
         """The prior belief N(mu_0, sigma_0^2 I) on ``dtype`` / ``device``."""
         if self.prior.mean is not None:
             mean = self.prior.mean
@@ -166,19 +126,19 @@ class OnlineFilter:
             mean = self.network.init_mean(gen)
         return self.algorithm.init(mean.to(dtype=dtype, device=device), self.prior.variance)
 
-    def predict(self, state: Any) -> Any:
+    def predict(self, state: S) -> S:
         """p(theta_t | D_{1:t-1}) from p(theta_{t-1} | D_{1:t-1})."""
         return self.algorithm.predict(state, self.dynamics.decay, self.process_noise)
 
-    def update(self, state: Any, x: Tensor, y: Tensor) -> tuple[Any, StepInfo]:
+    def update(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
         """Condition the (already predicted) belief on one row: x (I,), y encoded (C,)."""
-        theta = _mean_of(state)
+        theta = state.mean
         x = self._rows(x.unsqueeze(0) if x.ndim == 1 else x, theta)
         return self._update(state, x, y.to(dtype=theta.dtype, device=theta.device).reshape(-1))
 
-    def _update(self, state: Any, x: Tensor, y: Tensor) -> tuple[Any, StepInfo]:
+    def _update(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
         """``update`` on a validated row x (1, I) and target y (C,) of the state's dtype."""
-        theta = _mean_of(state)
+        theta = state.mean
         eta, J = self.network.jacobian(theta, x)
         lin = self.likelihood.linearize(eta[0], J[0])
         new, JSJ = self.algorithm.condition_on(state, lin, y)
@@ -188,13 +148,13 @@ class OnlineFilter:
         check_finite("the pre-update prediction", pred.mean, pred.variance, loglik)
         return new, StepInfo(pred, loglik, eta, JSJ.unsqueeze(0))
 
-    def step(self, state: Any, x: Tensor, y: Tensor) -> tuple[Any, StepInfo]:
+    def step(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
         """predict, then update on one row."""
         return self.update(self.predict(state), x, y)
 
-    def run(self, state: Any, x: Tensor, y: Tensor) -> tuple[Any, list[StepInfo]]:
+    def run(self, state: S, x: Tensor, y: Tensor) -> tuple[S, list[StepInfo]]:
         """``step`` over the rows of x (N, I) with raw targets y (see ``encode``), in order."""
-        theta = _mean_of(state)
+        theta = state.mean
         x = self._rows(x, theta)
         Y = self.encode(y).to(dtype=theta.dtype, device=theta.device)
         if Y.shape[0] != x.shape[0]:
@@ -213,7 +173,7 @@ class OnlineFilter:
 
     def predictive(
         self,
-        state: Any,
+        state: S,
         x: Tensor,
         *,
         method: Literal["linearized", "mc"] = "linearized",
@@ -221,7 +181,7 @@ class OnlineFilter:
         generator: torch.Generator | None = None,
     ) -> Predictive:
         """Predictive moments for rows x (N, I): linearised (probit for classes) or Monte Carlo."""
-        theta = _mean_of(state)
+        theta = state.mean
         x = self._rows(x, theta)
         if method == "mc":
             eta = self.network.apply(self.sample(state, num_samples, generator), x)  # (S, N, C)
@@ -244,13 +204,12 @@ class OnlineFilter:
             aleatoric=torch.cat([p.aleatoric for p in parts]),
         )
 
-    def sample(self, state: Any, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, state: S, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n exact draws of theta from the belief, (n, D)."""
-        draws: Tensor = self.algorithm.sample(state, n, generator)
-        return draws
+        return self.algorithm.sample(state, n, generator)
 
     def sample_outputs(
-        self, state: Any, x: Tensor, n: int, generator: torch.Generator | None = None
+        self, state: S, x: Tensor, n: int, generator: torch.Generator | None = None
     ) -> Tensor:
         """Thompson samples mu(g(theta_k, x)) (n, N, C): draw k shares one theta_k across all rows.
 
@@ -258,9 +217,9 @@ class OnlineFilter:
         N(g(m, x), J Sigma J^T): when N C <= D they are drawn there directly (the same law as
         drawing theta, from an N C-dimensional draw instead of a D-dimensional one).
         """
-        theta = _mean_of(state)
+        theta = state.mean
         x = self._rows(x, theta)
-        if self.outputs_linear:
+        if self.network.linear_in_params:
             # Repeated rows must draw exactly alike (an arg-max tie goes to the lowest index).
             unique, inverse = torch.unique(x, dim=0, return_inverse=True)
             N, C = unique.shape[0], self.network.output_dim
@@ -273,13 +232,8 @@ class OnlineFilter:
                     return self.likelihood.mean(eta[:, inverse])
         return self.likelihood.mean(self.network.apply(self.sample(state, n, generator), x))
 
-    @property
-    def outputs_linear(self) -> bool:
-        """Whether g(theta, x) is linear in theta (then Thompson draws need no theta draw)."""
-        return isinstance(self.network, Linear)
-
-    def state_bytes(self, state: Any) -> int:
-        return int(self.algorithm.state_bytes(state))
+    def state_bytes(self, state: S) -> int:
+        return self.algorithm.state_bytes(state)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -292,9 +246,3 @@ class OnlineFilter:
         if not all_finite(x):
             raise InvalidInput("x holds NaN or infinite values")
         return x
-
-
-def _mean_of(state: Any) -> Tensor:
-    mean = state.mean
-    assert isinstance(mean, Tensor)
-    return mean

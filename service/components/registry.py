@@ -1,0 +1,137 @@
+"""One registry per extension point, keyed by the spec's ``type``.
+
+A *kind* is everything the service needs to know about one network, likelihood or algorithm: its
+spec class (a pydantic model whose ``type`` field is a one-value ``Literal``), the function that
+builds the math object from a validated spec, and the few facts the hosting layer asks of it
+(the state class of an algorithm, its size, a likelihood's calibration extractor). The request
+contract (:mod:`service.schemas`) takes its discriminated unions from the registries, so adding a
+kind means: its math module, its spec class, one ``register`` call.
+
+>>> from service.components import NETWORKS
+>>> NETWORKS.names()
+('linear', 'mlp')
+>>> NETWORKS["conv"]
+Traceback (most recent call last):
+...
+service.errors.InvalidSpec: unknown network type 'conv'; registered: linear, mlp
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Generic, Protocol, TypeVar, Union
+
+from pydantic import Field
+
+from service.calibration import Observation
+from service.errors import InvalidSpec
+from service.filters import Algorithm, Likelihood, Network, StepInfo
+from service.filters.algorithm import S
+from service.validation import Strict
+
+__all__ = [
+    "AlgorithmKind",
+    "Label",
+    "LikelihoodKind",
+    "NetworkKind",
+    "Registry",
+    "Scorer",
+    "TypedSpec",
+]
+
+
+class TypedSpec(Strict):
+    """The base of every kind's spec: ``type`` names the kind (a ``Literal`` in each subclass)."""
+
+    type: str
+
+
+SpecT = TypeVar("SpecT", bound=TypedSpec)
+
+#: One raw label of ``/update``'s ``y``: a number, or a list of numbers for several outputs.
+Label = float | list[float]
+#: Each row's pre-update prediction against its raw label, for the calibration window.
+Scorer = Callable[[Likelihood, list[StepInfo], Sequence[Label]], list[Observation]]
+
+
+@dataclass(frozen=True)
+class NetworkKind(Generic[SpecT]):
+    """A network: its spec and how to build it."""
+
+    spec: type[SpecT]
+    build: Callable[[SpecT], Network]
+
+
+@dataclass(frozen=True)
+class LikelihoodKind(Generic[SpecT]):
+    """An observation model: its spec, how to build it, how its rows are scored for calibration
+    (``score``), and whether its labels are classes (reliability diagrams apply)."""
+
+    spec: type[SpecT]
+    build: Callable[[SpecT], Likelihood]
+    score: Scorer
+    classes: bool = False
+
+
+@dataclass(frozen=True)
+class AlgorithmKind(Generic[SpecT, S]):
+    """An approximation: its spec, how to build it, the class of its state (what snapshots
+    decode into) and ``numbers(spec, D)``, the count of numbers its state holds for D
+    parameters (checked against the size limit before anything is allocated)."""
+
+    spec: type[SpecT]
+    build: Callable[[SpecT], Algorithm[S]]
+    state: type[S]
+    numbers: Callable[[SpecT, int], int]
+
+
+class _Kind(Protocol):
+    @property
+    def spec(self) -> type[TypedSpec]: ...
+
+
+K = TypeVar("K", bound=_Kind)
+
+
+class Registry(Generic[K]):
+    """The kinds of one extension point (``point``: "network", "likelihood", "filter")."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        self._kinds: dict[str, K] = {}
+
+    def register(self, kind: K) -> K:
+        """Add ``kind`` under the one value of its spec's ``type`` Literal."""
+        annotation = kind.spec.model_fields["type"].annotation
+        values = typing.get_args(annotation)
+        if typing.get_origin(annotation) is not typing.Literal or len(values) != 1:
+            raise TypeError(f"{kind.spec.__name__}.type must be a Literal of one value")
+        name = str(values[0])
+        if name in self._kinds:
+            raise ValueError(f"{self.point} type {name!r} is registered already")
+        self._kinds[name] = kind
+        return kind
+
+    def __getitem__(self, name: str) -> K:
+        kind = self._kinds.get(name)
+        if kind is None:
+            raise InvalidSpec(
+                f"unknown {self.point} type {name!r}; registered: {', '.join(self._kinds)}"
+            )
+        return kind
+
+    def __iter__(self) -> Iterator[tuple[str, K]]:
+        return iter(self._kinds.items())
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._kinds)
+
+    def spec_union(self) -> Any:
+        """The pydantic type of this point's field in a model spec: the registered spec classes
+        as a union discriminated by ``type`` (in registration order)."""
+        specs = tuple(kind.spec for kind in self._kinds.values())
+        if len(specs) == 1:
+            return specs[0]
+        return Annotated[Union[specs], Field(discriminator="type")]  # noqa: UP007

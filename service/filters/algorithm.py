@@ -1,0 +1,84 @@
+"""What an approximation must provide: the :class:`Algorithm` protocol over its state type.
+
+An algorithm (``docs/algorithms.md`` section 3) decides how a Gaussian belief over the flat
+parameters theta (D,) is represented, propagated by the dynamics and conditioned on one
+linearised observation. Its state is a frozen dataclass of tensors (a :class:`Belief`); every
+method is pure and returns new states.
+
+============  ==================  =========================================================
+method        shapes              meaning
+============  ==================  =========================================================
+init          m (D,) -> S         the prior N(m, sigma_0^2 I)
+predict       S -> S              theta_t = gamma theta_{t-1} + N(0, q I)
+project       J (N, C, D)         J Sigma J^T, (N, C, C)
+condition_on  lin, y (C,)         (posterior, J Sigma J^T of the prior belief (C, C))
+validate      S                   raise StepRejected unless finite and positive definite
+sample        n                   n exact draws theta ~ N(m, Sigma), (n, D)
+covariance    S -> (D, D)         dense Sigma, for tests and small D
+============  ==================  =========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import Field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+from service.filters.base import Linearization
+
+if TYPE_CHECKING:
+    from service.filters.likelihoods import Likelihood
+    from service.filters.networks import Network
+
+__all__ = ["Algorithm", "Belief", "S"]
+
+
+class Belief(Protocol):
+    """A belief state: a frozen dataclass of tensors with (at least) the mean m (D,)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    @property
+    def mean(self) -> Tensor: ...
+
+
+S = TypeVar("S", bound=Belief)
+
+
+class Algorithm(Protocol[S]):
+    """The approximation: how a Gaussian belief is represented, propagated and conditioned."""
+
+    @property
+    def name(self) -> str: ...
+
+    def check_model(self, network: Network, likelihood: Likelihood) -> None:
+        """Raise InvalidSpec when this approximation cannot serve that network and likelihood."""
+        ...
+
+    def init(self, mean: Tensor, variance: float) -> S: ...
+
+    def predict(self, state: S, decay: float, process_noise: float) -> S: ...
+
+    def project(self, state: S, J: Tensor) -> Tensor:
+        """J Sigma J^T (N, C, C) for J (N, C, D)."""
+        ...
+
+    def condition_on(self, state: S, lin: Linearization, y: Tensor) -> tuple[S, Tensor]:
+        """(posterior, J Sigma J^T of the prior belief) for one row."""
+        ...
+
+    def validate(self, state: S) -> None:
+        """Raise StepRejected unless ``state`` is a finite, positive-definite belief."""
+        ...
+
+    def sample(self, state: S, n: int, generator: torch.Generator | None) -> Tensor:
+        """n exact draws theta ~ N(m, Sigma), (n, D)."""
+        ...
+
+    def covariance(self, state: S) -> Tensor:
+        """Dense Sigma (D, D): for tests and small D."""
+        ...
+
+    def state_bytes(self, state: S) -> int: ...

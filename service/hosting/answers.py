@@ -1,0 +1,104 @@
+"""From domain results to the response models of the HTTP contract (:mod:`service.schemas`).
+
+The operations compute with filters, states and calibration trackers; this module alone knows
+how those become answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from service.calibration import LEVELS, Stats
+from service.components import LIKELIHOODS
+from service.filters import Predictive, StepInfo
+from service.hosting.hosted import Hosted
+from service.policy import Decision
+from service.schemas import (
+    CalibrationPoint,
+    CalibrationResponse,
+    CalibrationSummary,
+    DecideResponse,
+    ModelInfo,
+    PredictResponse,
+    ReliabilityBin,
+    RowPrediction,
+    UpdateResponse,
+)
+
+__all__ = ["calibration", "decision", "model_info", "prediction", "summary", "update"]
+
+
+def summary(stats: Stats) -> CalibrationSummary:
+    return CalibrationSummary(**stats.summary())
+
+
+def update(version: int, infos: list[StepInfo]) -> UpdateResponse:
+    """``/update``: the version after the rows, each row's pre-update predictive and NLPD."""
+    return UpdateResponse(
+        version=version,
+        applied=len(infos),
+        predictions=[
+            RowPrediction(
+                mean=i.predictive.mean[0].tolist(), variance=i.predictive.variance[0].tolist()
+            )
+            for i in infos
+        ],
+        log_likelihood=[float(i.log_likelihood) for i in infos],
+    )
+
+
+def prediction(version: int, pred: Predictive, draws: Tensor | None) -> PredictResponse:
+    samples: list[list[list[float]]] = [] if draws is None else draws.tolist()
+    return PredictResponse(
+        version=version,
+        mean=pred.mean.tolist(),
+        variance=pred.variance.tolist(),
+        epistemic_variance=pred.epistemic.tolist(),
+        aleatoric_variance=pred.aleatoric.tolist(),
+        samples=samples,
+    )
+
+
+def decision(event_id: str, choice: Decision, version: int) -> DecideResponse:
+    return DecideResponse(
+        event_id=event_id,
+        action=choice.action,
+        scores=choice.scores,
+        propensity=choice.propensities[choice.action],
+        propensities=choice.propensities,
+        propensity_samples=choice.samples,
+        version=version,
+    )
+
+
+def model_info(h: Hosted[Any]) -> ModelInfo:
+    current = h.current
+    return ModelInfo(
+        name=h.name,
+        spec=h.spec,
+        version=current.version,
+        num_params=h.filter.num_params,
+        state_bytes=h.filter.state_bytes(current.state),
+        snapshot_version=h.snapshot_version,
+        device=str(h.device),
+        calibration=summary(h.calibration.stats()),
+    )
+
+
+def calibration(h: Hosted[Any]) -> CalibrationResponse:
+    """The model's calibration window: figures, histograms and its recent history."""
+    stats = h.calibration.stats()
+    classes = LIKELIHOODS[h.spec.likelihood.type].classes
+    return CalibrationResponse(
+        name=h.name,
+        likelihood=h.spec.likelihood.type,
+        version=h.version,
+        window=h.calibration.window,
+        levels=list(LEVELS),
+        summary=summary(stats),
+        pit_histogram=stats.pit_histogram,
+        reliability=[ReliabilityBin(**b) for b in stats.reliability()] if classes else None,
+        history=[CalibrationPoint(version=v, summary=summary(s)) for v, s in h.calibration.history],
+    )

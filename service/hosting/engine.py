@@ -1,0 +1,166 @@
+"""The engine: a thin facade with one method per API operation over the hosting services.
+
+=============  ===============================================================================
+module         concern
+=============  ===============================================================================
+catalogue      the hosted models by name; create, delete, restore at start
+recovery       catch-up: a newer snapshot, then a replay of the log after it
+updates        the write-ahead update pipeline (``/update`` and rewards); refusal counters
+predictions    ``/predict`` on the published state
+bandits        ``/decide``, ``/reward`` and default rewards of expired events (own ticker)
+snapshots      snapshots on demand, every N observations and from their own ticker
+answers        domain results -> response models
+stats          the counters and per-model figures that metrics read
+=============  ===============================================================================
+
+No service re-enters another's public entry point: a reward goes to the update pipeline's
+``apply``, never back through :meth:`Engine.update`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import torch
+
+from service.config import Settings
+from service.errors import StoreUnavailable
+from service.hosting import answers
+from service.hosting.bandits import Bandits
+from service.hosting.catalogue import Catalogue
+from service.hosting.compute import Compute
+from service.hosting.limits import Limits
+from service.hosting.predictions import Predictions
+from service.hosting.records import LogEntry
+from service.hosting.recovery import Recovery
+from service.hosting.snapshots import Snapshots
+from service.hosting.stats import EngineStats, collect
+from service.hosting.updates import Updates
+from service.schemas import (
+    CalibrationResponse,
+    DecideRequest,
+    DecideResponse,
+    ModelInfo,
+    ModelSpec,
+    PredictRequest,
+    PredictResponse,
+    RewardRequest,
+    RewardResponse,
+    SnapshotResponse,
+    UpdateRequest,
+    UpdateResponse,
+)
+from service.store import Backend
+
+__all__ = ["Engine"]
+
+log = logging.getLogger("postserve.engine")
+
+
+class Engine:
+    """Owns the hosted models; every public method is one API operation."""
+
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.store, self.lease = backend.store, backend.lease
+        limits = Limits(settings)
+        compute = Compute(settings.compute_threads)
+        recovery = Recovery(self.store, compute)
+        self.catalogue = Catalogue(settings, self.store, limits, compute, recovery)
+        self.snapshots = Snapshots(
+            settings, self.store, self.lease, self.catalogue, compute, recovery
+        )
+        self.updates = Updates(
+            settings, self.store, self.lease, self.catalogue, limits, compute, recovery,
+            self.snapshots,
+        )  # fmt: skip
+        self.predictions = Predictions(limits, compute)
+        self.bandits = Bandits(settings, self.store, self.catalogue, limits, compute, self.updates)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.catalogue.ready
+
+    async def start(self) -> None:
+        """Open the store; restore every model in the background, then become ready."""
+        torch.set_num_threads(self.settings.threads)
+        await self.store.open()
+        self._tasks.append(asyncio.create_task(self._restore_then_tick()))
+
+    async def _restore_then_tick(self) -> None:
+        """Restore every model, retrying while the store is unreachable; then the tickers."""
+        while True:
+            try:
+                await self.catalogue.restore()
+                break
+            except StoreUnavailable as exc:
+                log.warning("restore waits for the store: %s", exc)
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("restoring the models failed; retrying in 5 s")
+                await asyncio.sleep(5.0)
+        self.catalogue.ready = True
+        self._tasks.append(asyncio.create_task(self.bandits.tick()))
+        await self.snapshots.tick()
+
+    async def stop(self) -> None:
+        self.catalogue.ready = False
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.snapshots.drain()
+        await self.store.close()
+
+    async def readiness(self) -> tuple[bool, bool]:
+        """(every model restored, the store answers)."""
+        return self.ready, await self.store.ping()
+
+    def stats(self) -> EngineStats:
+        """Counters and per-model figures, for metrics."""
+        return collect(self.ready, self.updates.counters, self.catalogue.all())
+
+    # -- catalogue ---------------------------------------------------------------------------
+
+    async def create(self, spec: ModelSpec) -> ModelInfo:
+        return answers.model_info(await self.catalogue.create(spec))
+
+    def info(self, name: str) -> ModelInfo:
+        return answers.model_info(self.catalogue.get(name))
+
+    def list_models(self) -> list[ModelInfo]:
+        return [answers.model_info(self.catalogue.get(n)) for n in self.catalogue.names()]
+
+    async def delete(self, name: str) -> None:
+        await self.catalogue.delete(name)
+
+    def calibration(self, name: str) -> CalibrationResponse:
+        return answers.calibration(self.catalogue.get(name))
+
+    # -- data plane --------------------------------------------------------------------------
+
+    async def update(self, name: str, req: UpdateRequest) -> UpdateResponse:
+        return await self.updates.apply_to(name, LogEntry(req.x, list(req.y), req.request_id))
+
+    def refused(self, name: str, code: str) -> None:
+        """Count an update refused at the HTTP edge (its body did not validate)."""
+        self.updates.refused(name, code)
+
+    async def predict(self, name: str, req: PredictRequest) -> PredictResponse:
+        return await self.predictions.predict(self.catalogue.get(name), req)
+
+    async def decide(self, name: str, req: DecideRequest) -> DecideResponse:
+        return await self.bandits.decide(self.catalogue.get(name), req)
+
+    async def reward(self, name: str, req: RewardRequest) -> RewardResponse:
+        return await self.bandits.reward(self.catalogue.get(name), req)
+
+    async def snapshot(self, name: str) -> SnapshotResponse:
+        h = self.catalogue.get(name)
+        size = await self.snapshots.now(h)
+        return SnapshotResponse(name=name, version=h.snapshot_version, bytes=size)

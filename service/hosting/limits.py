@@ -1,0 +1,54 @@
+"""Admission: the configured limits a request or a new model must fit, checked before any work.
+
+Each refusal names the setting behind it (``POSTSERVE_*``), so an operator knows what to raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from service.config import Settings
+from service.errors import InvalidInput, LimitReached, TooLarge
+
+__all__ = ["Limits"]
+
+
+class Limits:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def rows(self, x: Sequence[Sequence[float]], input_dim: int, what: str) -> None:
+        """At most ``max_rows`` rows, each of ``input_dim`` values."""
+        if len(x) > self.settings.max_rows:
+            raise TooLarge(
+                f"{len(x)} rows is over the limit of {self.settings.max_rows} per request "
+                "(POSTSERVE_MAX_ROWS)"
+            )
+        for i, row in enumerate(x):
+            if len(row) != input_dim:
+                raise InvalidInput(
+                    f"{what}: row {i} of x has {len(row)} values, the model takes {input_dim}"
+                )
+
+    def samples(self, n: int) -> None:
+        if n > self.settings.max_samples:
+            raise TooLarge(
+                f"num_samples {n} is over the limit of {self.settings.max_samples} "
+                "(POSTSERVE_MAX_SAMPLES)"
+            )
+
+    def state(self, need: int) -> None:
+        """A new model's state of ``need`` bytes."""
+        if need > self.settings.max_state_bytes:
+            raise TooLarge(
+                f"the state of this model would take {need} bytes, over the limit of "
+                f"{self.settings.max_state_bytes} (POSTSERVE_MAX_STATE_BYTES)"
+            )
+
+    def monitored(self, count: int) -> None:
+        """One more model with ``monitor: true`` when ``count`` already have it."""
+        if count >= self.settings.max_monitored_models:
+            raise LimitReached(
+                f"{self.settings.max_monitored_models} models already have monitor: true, the "
+                "limit (POSTSERVE_MAX_MONITORED_MODELS); create this one without it"
+            )

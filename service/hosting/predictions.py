@@ -1,0 +1,54 @@
+"""``/predict``: the one-step-ahead predictive of the published state, and Thompson samples.
+
+Reads the published (version, state) pair once, without a lock. Sample k uses one parameter draw
+theta_k for all rows (``docs/algorithms.md`` section 4), which is what makes Thompson sampling
+across candidate rows correct.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import torch
+
+from service.errors import InvalidInput
+from service.hosting import answers
+from service.hosting.compute import Compute
+from service.hosting.hosted import Hosted, Published
+from service.hosting.limits import Limits
+from service.schemas import PredictRequest, PredictResponse
+
+__all__ = ["Predictions", "predict"]
+
+
+class Predictions:
+    def __init__(self, limits: Limits, compute: Compute) -> None:
+        self.limits, self.compute = limits, compute
+
+    async def predict(self, h: Hosted[Any], req: PredictRequest) -> PredictResponse:
+        self.limits.rows(req.x, h.filter.network.input_dim, "predict")
+        self.limits.samples(req.num_samples)
+        current = h.current
+        work = h.filter.state_bytes(current.state) * len(req.x) * (1 + req.num_samples)
+        return await self.compute.run(work, predict, h, current, req)
+
+
+def predict(h: Hosted[Any], current: Published[Any], req: PredictRequest) -> PredictResponse:
+    """The answer to ``req`` under ``current`` (pure but for the random seed it may draw)."""
+    f = h.filter
+    x = h.tensor(req.x)
+    ahead = f.predict(current.state)  # the one-step-ahead belief p(theta_{t+1} | D_{1:t})
+    pred = f.predictive(ahead, x)
+    draws = None
+    if req.num_samples:
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        gen = torch.Generator(device=h.device).manual_seed(seed)
+        draws = f.sample_outputs(ahead, x, req.num_samples, gen)
+    for t in (pred.mean, pred.epistemic, pred.aleatoric, draws):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise InvalidInput(
+                "the prediction for these inputs is not finite (values too large for the "
+                f"model's {h.spec.dtype} arithmetic)"
+            )
+    return answers.prediction(current.version, pred, draws)

@@ -1,0 +1,49 @@
+"""Bringing a hosted model up to the store's latest: a newer snapshot, then the log after it.
+
+Runs at start (every model in the catalogue), and when this replica newly takes a model's write
+lease (another replica may have written it meanwhile). Replaying a log record repeats the same
+deterministic steps, so the state comes back bit for bit on the same device and dtype; the
+calibration window travels in the snapshot's metadata and the replay refills the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from service.calibration import CalibrationTracker
+from service.components.build import decode_state
+from service.hosting.compute import Compute
+from service.hosting.hosted import Hosted
+from service.hosting.records import LogEntry
+from service.store import Store
+
+__all__ = ["Recovery"]
+
+
+class Recovery:
+    def __init__(self, store: Store, compute: Compute) -> None:
+        self.store, self.compute = store, compute
+
+    async def catch_up(self, h: Hosted[Any]) -> None:
+        """Apply what the store has beyond ``h.version``; the caller holds ``h.lock`` (or ``h``
+        is not published yet)."""
+        snap = await self.store.get_snapshot(h.name)
+        if snap is not None and snap.version > h.version:
+            meta = json.loads(snap.meta)
+            h.publish(
+                snap.version, decode_state(snap.tensors, meta["algorithm"], h.dtype, h.device)
+            )
+            h.snapshot_version = snap.version
+            if "calibration" in meta:
+                h.calibration = CalibrationTracker.from_dict(meta["calibration"])
+        for rec in await self.store.read_log(h.name, after=h.version):
+            entry = LogEntry.from_bytes(rec.record)
+            version, state = h.current.version, h.current.state
+            if version + len(entry.x) != rec.version:
+                raise RuntimeError(
+                    f"log of {h.name!r} is inconsistent: record {rec.version} follows {version}"
+                )
+            new, _, obs = await self.compute.offload(h.step, state, entry.x, entry.y)
+            h.publish(rec.version, new)
+            h.score(version, obs)

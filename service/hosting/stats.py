@@ -1,0 +1,75 @@
+"""What the engine tells its observers: an explicit snapshot of counters and per-model figures.
+
+:mod:`service.metrics` renders these at scrape time; it never reads hosted models directly.
+Calibration figures are computed for monitored models only (the ones with Prometheus series).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from service.calibration import Stats
+from service.hosting.hosted import Counters, Hosted
+
+__all__ = ["EngineStats", "ModelStats", "collect"]
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    name: str
+    likelihood: str
+    filter: str
+    monitored: bool
+    version: int
+    snapshot_version: int
+    snapshot_age_s: float  # seconds since the last snapshot (or since hosting, if none)
+    state_bytes: int
+    applied: int  # observations applied by this process since it started
+    rejected: dict[str, int]  # update requests refused, by error code
+    calibration: Stats | None  # the window's figures; None unless monitored
+
+    @property
+    def unsnapshotted(self) -> int:
+        """Observations after the latest snapshot (what a restart replays)."""
+        return self.version - self.snapshot_version
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    ready: bool
+    applied: int  # observations applied, all models, since start
+    rejected: dict[str, int]  # update requests refused, by error code, all models
+    models: list[ModelStats]  # sorted by name
+
+    @property
+    def monitored(self) -> list[ModelStats]:
+        return [m for m in self.models if m.monitored]
+
+
+def _model(h: Hosted[Any], now: float) -> ModelStats:
+    current = h.current
+    return ModelStats(
+        name=h.name,
+        likelihood=h.spec.likelihood.type,
+        filter=h.spec.filter.type,
+        monitored=h.spec.monitor,
+        version=current.version,
+        snapshot_version=h.snapshot_version,
+        snapshot_age_s=now - h.snapshot_time,
+        state_bytes=h.filter.state_bytes(current.state),
+        applied=h.applied,
+        rejected=dict(h.rejected),
+        calibration=h.calibration.stats() if h.spec.monitor else None,
+    )
+
+
+def collect(ready: bool, counters: Counters, models: list[Hosted[Any]]) -> EngineStats:
+    now = time.monotonic()
+    return EngineStats(
+        ready=ready,
+        applied=counters.applied,
+        rejected=dict(counters.rejected),
+        models=sorted((_model(h, now) for h in models), key=lambda m: m.name),
+    )

@@ -1,0 +1,44 @@
+"""The building blocks of the request and spec models: a strict frozen base, finiteness checks.
+
+Shared by :mod:`service.schemas` (the HTTP contract) and the spec classes of the extension
+points (:mod:`service.components`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo
+
+__all__ = ["Strict", "all_finite", "finite", "finite_field"]
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused; instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def finite(value: float, what: str) -> float:
+    """``value`` if finite, else ValueError naming ``what``."""
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value}")
+    return value
+
+
+def all_finite(values: object, what: str) -> None:
+    """ValueError naming ``what`` if any float nested in ``values`` is NaN or infinite."""
+    stack = [values]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"NaN or infinite values are not allowed in {what}")
+
+
+def finite_field(value: Any, info: ValidationInfo) -> Any:
+    """A field validator: no NaN or infinity anywhere in the field's (nested) numbers."""
+    all_finite(value, str(info.field_name))
+    return value
