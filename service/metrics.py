@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -268,7 +267,7 @@ def _calibration_series(monitored: list[ModelStats]) -> Iterator[Metric]:
     yield from cal.values()
 
 
-def _maybe(family: GaugeMetricFamily, labels: list[str], value: Any) -> None:
+def _maybe(family: GaugeMetricFamily, labels: list[str], value: float | None) -> None:
     if value is not None:
         family.add_metric(labels, float(value))
 

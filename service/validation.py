@@ -7,11 +7,13 @@ points (:mod:`service.components`).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo
 
 __all__ = ["Strict", "all_finite", "finite", "finite_field"]
+
+T = TypeVar("T")
 
 
 class Strict(BaseModel):
@@ -38,7 +40,7 @@ def all_finite(values: object, what: str) -> None:
             raise ValueError(f"NaN or infinite values are not allowed in {what}")
 
 
-def finite_field(value: Any, info: ValidationInfo) -> Any:
+def finite_field(value: T, info: ValidationInfo) -> T:
     """A field validator: no NaN or infinity anywhere in the field's (nested) numbers."""
     all_finite(value, str(info.field_name))
     return value

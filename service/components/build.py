@@ -29,7 +29,7 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def build_filter(spec: ModelSpec) -> OnlineFilter[Any]:
+def build_filter(spec: ModelSpec) -> OnlineFilter[Belief]:
     """The filter a spec describes; raises InvalidSpec naming what does not fit."""
     mean = spec.prior.mean
     try:
@@ -84,8 +84,10 @@ def encode_state(
     return st_save(tensors), json.dumps(meta).encode()
 
 
-def decode_state(tensors: bytes, algorithm: str, dtype: torch.dtype, device: torch.device) -> Any:
+def decode_state(
+    tensors: bytes, algorithm: str, dtype: torch.dtype, device: torch.device
+) -> Belief:
     """The state ``encode_state`` wrote, as the registered state class of ``algorithm``."""
-    cls = ALGORITHMS[algorithm].state
+    cls: type[Belief] = ALGORITHMS[algorithm].state
     loaded = st_load(tensors)
     return cls(**{k: v.to(dtype=dtype, device=device) for k, v in loaded.items()})

@@ -37,5 +37,5 @@ def _mlp(spec: MLPSpec) -> MLP:
     return MLP(spec.input_dim, tuple(spec.hidden), spec.output_dim, spec.activation)
 
 
-NETWORKS.register(NetworkKind(LinearSpec, _linear))
-NETWORKS.register(NetworkKind(MLPSpec, _mlp))
+NETWORKS.register(NetworkKind(LinearSpec, _linear, {"input_dim": 3}))
+NETWORKS.register(NetworkKind(MLPSpec, _mlp, {"input_dim": 3, "hidden": [4], "activation": "tanh"}))

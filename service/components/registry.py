@@ -19,7 +19,7 @@ service.errors.InvalidSpec: unknown network type 'conv'; registered: linear, mlp
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, Protocol, TypeVar, Union
 
@@ -58,10 +58,12 @@ Scorer = Callable[[Likelihood, list[StepInfo], Sequence[Label]], list[Observatio
 
 @dataclass(frozen=True)
 class NetworkKind(Generic[SpecT]):
-    """A network: its spec and how to build it."""
+    """A network: its spec, how to build it, and ``example``, the fields of a small valid spec
+    besides ``type`` and ``output_dim`` (what the conformance suite builds it with)."""
 
     spec: type[SpecT]
     build: Callable[[SpecT], Network]
+    example: Mapping[str, object]
 
 
 @dataclass(frozen=True)

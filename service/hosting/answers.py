@@ -6,14 +6,12 @@ how those become answers.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from service.calibration import LEVELS, Stats
 from service.components import LIKELIHOODS
 from service.filters import Predictive, StepInfo
-from service.hosting.hosted import Hosted
+from service.hosting.hosted import HostedModel
 from service.policy import Decision
 from service.schemas import (
     CalibrationPoint,
@@ -73,7 +71,7 @@ def decision(event_id: str, choice: Decision, version: int) -> DecideResponse:
     )
 
 
-def model_info(h: Hosted[Any]) -> ModelInfo:
+def model_info(h: HostedModel) -> ModelInfo:
     current = h.current
     return ModelInfo(
         name=h.name,
@@ -87,7 +85,7 @@ def model_info(h: Hosted[Any]) -> ModelInfo:
     )
 
 
-def calibration(h: Hosted[Any]) -> CalibrationResponse:
+def calibration(h: HostedModel) -> CalibrationResponse:
     """The model's calibration window: figures, histograms and its recent history."""
     stats = h.calibration.stats()
     classes = LIKELIHOODS[h.spec.likelihood.type].classes

@@ -14,7 +14,6 @@ import logging
 import secrets
 import time
 import uuid
-from typing import Any
 
 import torch
 
@@ -27,10 +26,11 @@ from service.errors import (
     StepRejected,
     StoreUnavailable,
 )
+from service.filters import Belief
 from service.hosting import answers
 from service.hosting.catalogue import Catalogue
 from service.hosting.compute import Compute
-from service.hosting.hosted import Hosted
+from service.hosting.hosted import HostedModel
 from service.hosting.limits import Limits
 from service.hosting.records import EventRecord, LogEntry
 from service.hosting.updates import Updates
@@ -56,7 +56,7 @@ class Bandits:
         self.settings, self.store, self.catalogue = settings, store, catalogue
         self.limits, self.compute, self.updates = limits, compute, updates
 
-    async def decide(self, h: Hosted[Any], req: DecideRequest) -> DecideResponse:
+    async def decide(self, h: HostedModel, req: DecideRequest) -> DecideResponse:
         """Choose one of the candidate actions and keep the event for its reward."""
         context = req.context or []
         want = h.filter.network.input_dim
@@ -97,14 +97,14 @@ class Bandits:
             return seen
         return response
 
-    async def _answer_of(self, h: Hosted[Any], event_id: str) -> DecideResponse | None:
+    async def _answer_of(self, h: HostedModel, event_id: str) -> DecideResponse | None:
         raw = await self.store.get_event(h.name, event_id)
         if raw is None:
             return None
         return DecideResponse.model_validate_json(EventRecord.from_bytes(raw).response)
 
     def _choose(
-        self, h: Hosted[Any], state: Any, rows: list[list[float]], req: DecideRequest
+        self, h: HostedModel, state: Belief, rows: list[list[float]], req: DecideRequest
     ) -> Decision:
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         gen = torch.Generator(device=h.device).manual_seed(seed)
@@ -118,7 +118,7 @@ class Bandits:
             propensity_samples=self.settings.propensity_samples,
         )
 
-    async def reward(self, h: Hosted[Any], req: RewardRequest) -> RewardResponse:
+    async def reward(self, h: HostedModel, req: RewardRequest) -> RewardResponse:
         """Apply the event's reward as one update, at most once per event."""
         raw = await self.store.get_event(h.name, req.event_id)
         if raw is None:
@@ -129,7 +129,7 @@ class Bandits:
         return await self._settle(h, req.event_id, EventRecord.from_bytes(raw), req.reward)
 
     async def _settle(
-        self, h: Hosted[Any], event_id: str, event: EventRecord, reward: float
+        self, h: HostedModel, event_id: str, event: EventRecord, reward: float
     ) -> RewardResponse:
         entry = LogEntry(x=[event.x], y=[reward], request_id=f"event:{event_id}")
         done = await self.updates.apply(h, entry)

@@ -7,7 +7,6 @@ between replicas); restore at start rebuilds every model the store lists.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
@@ -17,7 +16,7 @@ from service.components.build import DTYPES, build_filter, resolve_device, state
 from service.config import Settings
 from service.errors import AlreadyExists, InvalidInput, InvalidSpec, NotFound, NotReady
 from service.hosting.compute import Compute
-from service.hosting.hosted import Hosted, Published
+from service.hosting.hosted import Hosted, HostedModel, Published
 from service.hosting.limits import Limits
 from service.hosting.recovery import Recovery
 from service.schemas import ModelSpec
@@ -39,10 +38,10 @@ class Catalogue:
     ) -> None:
         self.settings, self.store, self.limits = settings, store, limits
         self.compute, self.recovery = compute, recovery
-        self.models: dict[str, Hosted[Any]] = {}
+        self.models: dict[str, HostedModel] = {}
         self.ready = False
 
-    def get(self, name: str) -> Hosted[Any]:
+    def get(self, name: str) -> HostedModel:
         if not self.ready:
             raise NotReady("models are still being restored")
         hosted = self.models.get(name)
@@ -50,7 +49,7 @@ class Catalogue:
             raise NotFound(f"no model named {name!r}")
         return hosted
 
-    def find(self, name: str) -> Hosted[Any] | None:
+    def find(self, name: str) -> HostedModel | None:
         """The model if hosted (restored or not), else None; never raises."""
         return self.models.get(name)
 
@@ -59,13 +58,13 @@ class Catalogue:
             raise NotReady("models are still being restored")
         return sorted(self.models)
 
-    def all(self) -> list[Hosted[Any]]:
+    def all(self) -> list[HostedModel]:
         return list(self.models.values())
 
-    def monitored(self) -> list[Hosted[Any]]:
+    def monitored(self) -> list[HostedModel]:
         return [h for h in self.models.values() if h.spec.monitor]
 
-    def host(self, spec: ModelSpec) -> Hosted[Any]:
+    def host(self, spec: ModelSpec) -> HostedModel:
         """Build the model a spec describes at its prior (not yet in the catalogue)."""
         f = build_filter(spec)
         self.limits.state(state_bytes_estimate(spec, f.num_params))
@@ -89,7 +88,7 @@ class Catalogue:
             scorer=LIKELIHOODS[spec.likelihood.type].score,
         )
 
-    async def create(self, spec: ModelSpec) -> Hosted[Any]:
+    async def create(self, spec: ModelSpec) -> HostedModel:
         if not self.ready:
             raise NotReady("models are still being restored")
         if spec.name in self.models:

@@ -20,11 +20,11 @@ from service.calibration import CalibrationTracker, Observation
 from service.components import Label
 from service.components.registry import Scorer
 from service.errors import InvalidInput
-from service.filters import OnlineFilter, StepInfo
+from service.filters import Belief, OnlineFilter, StepInfo
 from service.filters.algorithm import S
 from service.schemas import ModelSpec
 
-__all__ = ["Counters", "Hosted", "Published"]
+__all__ = ["Counters", "Hosted", "HostedModel", "Published"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,10 @@ class Hosted(Generic[S]):
         """Add the observations applied after ``version`` to the calibration window."""
         for i, o in enumerate(observations, start=1):
             self.calibration.observe(o, version + i)
+
+
+#: A hosted model of whichever algorithm: the hosting layer knows only that its state is a belief.
+HostedModel = Hosted[Belief]
 
 
 @dataclass

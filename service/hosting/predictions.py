@@ -8,14 +8,14 @@ across candidate rows correct.
 from __future__ import annotations
 
 import secrets
-from typing import Any
 
 import torch
 
 from service.errors import InvalidInput
+from service.filters import Belief
 from service.hosting import answers
 from service.hosting.compute import Compute
-from service.hosting.hosted import Hosted, Published
+from service.hosting.hosted import HostedModel, Published
 from service.hosting.limits import Limits
 from service.schemas import PredictRequest, PredictResponse
 
@@ -26,7 +26,7 @@ class Predictions:
     def __init__(self, limits: Limits, compute: Compute) -> None:
         self.limits, self.compute = limits, compute
 
-    async def predict(self, h: Hosted[Any], req: PredictRequest) -> PredictResponse:
+    async def predict(self, h: HostedModel, req: PredictRequest) -> PredictResponse:
         self.limits.rows(req.x, h.filter.network.input_dim, "predict")
         self.limits.samples(req.num_samples)
         current = h.current
@@ -34,7 +34,7 @@ class Predictions:
         return await self.compute.run(work, predict, h, current, req)
 
 
-def predict(h: Hosted[Any], current: Published[Any], req: PredictRequest) -> PredictResponse:
+def predict(h: HostedModel, current: Published[Belief], req: PredictRequest) -> PredictResponse:
     """The answer to ``req`` under ``current`` (pure but for the random seed it may draw)."""
     f = h.filter
     x = h.tensor(req.x)

@@ -9,12 +9,11 @@ calibration window travels in the snapshot's metadata and the replay refills the
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from service.calibration import CalibrationTracker
 from service.components.build import decode_state
 from service.hosting.compute import Compute
-from service.hosting.hosted import Hosted
+from service.hosting.hosted import HostedModel
 from service.hosting.records import LogEntry
 from service.store import Store
 
@@ -25,7 +24,7 @@ class Recovery:
     def __init__(self, store: Store, compute: Compute) -> None:
         self.store, self.compute = store, compute
 
-    async def catch_up(self, h: Hosted[Any]) -> None:
+    async def catch_up(self, h: HostedModel) -> None:
         """Apply what the store has beyond ``h.version``; the caller holds ``h.lock`` (or ``h``
         is not published yet)."""
         snap = await self.store.get_snapshot(h.name)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 from service.components.build import encode_state
 from service.config import Settings
 from service.errors import NotOwner
 from service.hosting.catalogue import Catalogue
 from service.hosting.compute import Compute
-from service.hosting.hosted import Hosted
+from service.hosting.hosted import HostedModel
 from service.hosting.recovery import Recovery
 from service.store import Lease, Snapshot, Store
 
@@ -41,7 +40,7 @@ class Snapshots:
         self.catalogue, self.compute, self.recovery = catalogue, compute, recovery
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def now(self, h: Hosted[Any]) -> int:
+    async def now(self, h: HostedModel) -> int:
         """Snapshot ``h`` at the store's latest (catching up first if newly its writer); the
         bytes written."""
         async with h.lock:
@@ -49,7 +48,7 @@ class Snapshots:
                 await self.recovery.catch_up(h)
         return await self.take(h)
 
-    async def take(self, h: Hosted[Any]) -> int:
+    async def take(self, h: HostedModel) -> int:
         """Store a snapshot of what ``h`` publishes now; the bytes written."""
         current = h.current
         extra = {"calibration": h.calibration.to_dict()}  # taken with the state it belongs to
@@ -62,11 +61,11 @@ class Snapshots:
             h.snapshot_time = time.monotonic()
         return len(tensors) + len(meta)
 
-    def due(self, h: Hosted[Any]) -> bool:
+    def due(self, h: HostedModel) -> bool:
         """Enough observations since the last snapshot to take one now."""
         return h.version - h.snapshot_version >= self.settings.snapshot_every
 
-    def spawn(self, h: Hosted[Any]) -> None:
+    def spawn(self, h: HostedModel) -> None:
         """Take a snapshot of ``h`` in the background (at most one at a time per model)."""
         if h.snapshotting:
             return

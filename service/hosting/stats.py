@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from service.calibration import Stats
-from service.hosting.hosted import Counters, Hosted
+from service.hosting.hosted import Counters, HostedModel
 
 __all__ = ["EngineStats", "ModelStats", "collect"]
 
@@ -48,7 +47,7 @@ class EngineStats:
         return [m for m in self.models if m.monitored]
 
 
-def _model(h: Hosted[Any], now: float) -> ModelStats:
+def _model(h: HostedModel, now: float) -> ModelStats:
     current = h.current
     return ModelStats(
         name=h.name,
@@ -65,7 +64,7 @@ def _model(h: Hosted[Any], now: float) -> ModelStats:
     )
 
 
-def collect(ready: bool, counters: Counters, models: list[Hosted[Any]]) -> EngineStats:
+def collect(ready: bool, counters: Counters, models: list[HostedModel]) -> EngineStats:
     now = time.monotonic()
     return EngineStats(
         ready=ready,

@@ -16,14 +16,12 @@ Every refusal is counted here (:class:`~service.hosting.hosted.Counters`), by er
 
 from __future__ import annotations
 
-from typing import Any
-
 from service.config import Settings
 from service.errors import InvalidInput, NotFound, NotReady, PostserveError
 from service.hosting import answers
 from service.hosting.catalogue import Catalogue
 from service.hosting.compute import Compute
-from service.hosting.hosted import Counters, Hosted
+from service.hosting.hosted import Counters, HostedModel
 from service.hosting.limits import Limits
 from service.hosting.records import LogEntry
 from service.hosting.recovery import Recovery
@@ -56,7 +54,7 @@ class Updates:
         HTTP edge's body validation)."""
         self.counters.note_rejected(self.catalogue.find(name), code)
 
-    async def apply(self, h: Hosted[Any], entry: LogEntry) -> UpdateResponse:
+    async def apply(self, h: HostedModel, entry: LogEntry) -> UpdateResponse:
         """Apply one log entry to ``h`` by the protocol above; refusals are counted."""
         try:
             return await self._apply(h, entry)
@@ -74,7 +72,7 @@ class Updates:
             raise
         return await self.apply(h, entry)
 
-    async def _apply(self, h: Hosted[Any], entry: LogEntry) -> UpdateResponse:
+    async def _apply(self, h: HostedModel, entry: LogEntry) -> UpdateResponse:
         self.limits.rows(entry.x, h.filter.network.input_dim, "update")
         if len(entry.y) != len(entry.x):
             raise InvalidInput(f"x has {len(entry.x)} rows but y has {len(entry.y)}")
