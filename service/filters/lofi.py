@@ -42,6 +42,7 @@ References: Chang, Duran-Martin, Shestopaloff, Jones, Murphy (2023), arXiv 2305.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,11 +65,14 @@ class LoFiState:
     W: Tensor
     upsilon: Tensor
 
-
-def _capacitance(W: Tensor, upsilon: Tensor) -> Tensor:
-    """I_d + W Upsilon^{-1} W^T (d, d)."""
-    eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
-    return symmetrise(eye + (W / upsilon) @ W.mT)
+    @functools.cached_property
+    def capacitance_factor(self) -> Tensor:
+        """L (d, d), lower, with L L^T = I_d + W Upsilon^{-1} W^T: the capacitance of the
+        Woodbury identity, factored once per state (the state is immutable) and shared by every
+        ``project`` chunk and ``sample`` call on it, as torch's LowRankMultivariateNormal does."""
+        W = self.W
+        eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+        return cholesky(symmetrise(eye + (W / self.upsilon) @ W.mT), what="the LoFi capacitance")
 
 
 @dataclass(frozen=True)
@@ -119,8 +123,7 @@ class LoFi:
         if not self.rank:
             return JUJ
         B = state.W @ Ju.mT  # (N, d, C)
-        L = cholesky(_capacitance(state.W, state.upsilon), what="the LoFi capacitance")
-        LB = torch.linalg.solve_triangular(L, B, upper=False)
+        LB = torch.linalg.solve_triangular(state.capacitance_factor, B, upper=False)
         return symmetrise(JUJ - LB.mT @ LB)
 
     def condition_on(
@@ -173,10 +176,9 @@ class LoFi:
         if not self.rank:
             return state.mean + x
         e = torch.randn((n, self.rank), generator=generator, dtype=dtype, device=device)
-        Lc = cholesky(_capacitance(state.W, state.upsilon), what="the LoFi capacitance")
         # M^{-1} W Upsilon^{-1} (d, D): a d x d inverse, then one pass (a solve against the wide
         # right-hand side is an order of magnitude slower).
-        Lt = torch.cholesky_inverse(Lc) @ (state.W / state.upsilon)
+        Lt = torch.cholesky_inverse(state.capacitance_factor) @ (state.W / state.upsilon)
         return state.mean + x + (e - x @ state.W.mT) @ Lt
 
     def precision(self, state: LoFiState) -> Tensor:
