@@ -1,4 +1,4 @@
-"""The variational diagonal EKF, VDEKF (algorithms.md 3.3; rebayes "vdekf").
+"""The variational diagonal EKF, VDEKF (``docs/algorithms.md`` 3.4; rebayes "vdekf").
 
 Belief theta ~ N(m, diag(p)), p (D,) the marginal variances. One step:
 

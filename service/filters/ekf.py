@@ -1,10 +1,10 @@
-"""Full-covariance filters: the exact linear Kalman filter and the EKF (algorithms.md 3.1, 3.4).
+"""Full-covariance filters: the exact linear Kalman filter and the EKF (``docs/algorithms.md`` 3.2, 3.3).
 
 Belief theta ~ N(m, P), P (D, D) dense. One step, with gamma the decay and q the process noise:
 
     predict:  m' = gamma m,   P' = gamma^2 P + q I
     update:   S = H P H^T + R,   K = P H^T S^{-1},   m_+ = m + K (y - yhat)
-              EKF     (rebayes ``_full_covariance_condition_on``):  P_+ = P - K S K^T
+              EKF     (rebayes ``_full_covariance_condition_on``):  P_+ = P - K H P  (= P - K S K^T)
               Kalman  (Joseph form):  P_+ = (I - K H) P (I - K H)^T + K R K^T
 
 The Kalman filter is exact for a linear network with a Gaussian likelihood, where H is the design

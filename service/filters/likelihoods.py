@@ -1,4 +1,4 @@
-"""Observation models, moment-matched to Gaussians (algorithms.md section 2).
+"""Observation models, moment-matched to Gaussians (``docs/algorithms.md`` section 2).
 
 The network outputs eta = g(theta, x): the regression mean (gaussian), a logit (bernoulli), K
 logits (categorical) or a log-rate (poisson). Each family gives the mean mu(eta) and variance V(eta)
@@ -28,7 +28,7 @@ Predictive for a row whose output has linearised variance Var[eta] = J Sigma J^T
 
 * gaussian: N(eta, J Sigma J^T + R) exactly for a linear network;
 * bernoulli / categorical: the probit approximation p = softmax(eta / sqrt(1 + pi diag(Var[eta]) / 8))
-  (sigmoid for binary; algorithms.md 1.5); epistemic = diag(V Var[eta] V^T) (the delta-method
+  (sigmoid for binary; ``docs/algorithms.md`` 2.2); epistemic = diag(V Var[eta] V^T) (the delta-method
   variance of mu), aleatoric = p (1 - p) - epistemic (floored at 0) so the total is p (1 - p);
 * poisson: eta ~ N(g, v) makes the rate log-normal: E[rate] = exp(g + v/2) (aleatoric),
   Var[rate] = (exp(v) - 1) exp(2g + v) (epistemic); the log predictive mass integrates the Poisson

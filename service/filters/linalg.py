@@ -32,8 +32,9 @@ def cholesky(A: Tensor, *, what: str = "matrix", max_tries: int = 6) -> Tensor:
     """Lower Cholesky factor of a symmetric positive-definite ``A`` (..., n, n).
 
     Tries the plain factorisation first; if it fails, adds ``jitter * I`` with jitter growing from
-    ``eps * mean(diag(A))`` by factors of 10. Raises :class:`StepRejected` ("not_psd") naming
-    ``what`` if no jitter up to ``1e-3 * mean(diag)`` makes it succeed.
+    ``eps * mean|diag(A)|`` by factors of 10, ``max_tries`` times (so up to ``1e5 eps mean|diag|``
+    by default; one jitter for a whole batch). Raises :class:`StepRejected` ("not_psd") naming
+    ``what`` if none makes it succeed (``docs/algorithms.md`` 6.2).
     """
     L: Tensor
     L, info = torch.linalg.cholesky_ex(A)

@@ -1,4 +1,4 @@
-"""LoFi: the low-rank extended Kalman filter with diagonal-plus-low-rank precision (algorithms.md 1).
+"""LoFi: the low-rank extended Kalman filter with diagonal-plus-low-rank precision (``docs/algorithms.md`` 3.5).
 
 =========  ==========  ==============================================================
 symbol     shape       meaning
