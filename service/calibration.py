@@ -5,7 +5,7 @@ that row (``StepInfo``). Scoring those predictions against the row's label measu
 for free, with no held-out set: a well-specified, well-filtered model's central 90% intervals
 cover 90% of the labels, its PIT values are uniform, and its probabilities mean what they say.
 
-What is tracked (``docs/architecture.md``, monitoring), over a sliding window of the last ``window``
+What is tracked (``docs/architecture.md`` section 5), over a sliding window of the last ``window``
 observations kept as ``buckets`` additive :class:`Stats` (so the window slides one bucket at a
 time and memory is bounded):
 

@@ -1,4 +1,4 @@
-"""The v1 HTTP contract as pydantic models (``docs/architecture.md``, the HTTP contract).
+"""The v1 HTTP contract as pydantic models (``docs/architecture.md`` section 8).
 
 Shared by the engine (which returns the response models), the routes and the Python client. Bodies
 are validated here at the edge: shapes that do not depend on a model, finiteness of every number,

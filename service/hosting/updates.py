@@ -1,6 +1,6 @@
 """The update pipeline: the write-ahead protocol of ``/update`` and of rewards.
 
-For one request (``docs/architecture.md``, the life of one ``/update``):
+For one request (``docs/architecture.md`` section 2):
 
 1. check the rows against the model and the limits, before anything changes;
 2. under the model's lock: make sure this process may write it (catching up first if it newly
