@@ -1,12 +1,22 @@
-"""Shared fixtures: ``make_server`` starts real Postserve processes (see tests/server.py)."""
+"""Shared fixtures: ``make_server`` starts real Postserve processes, ``app_client`` serves the
+app in this process (both from service/testing.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
-from server import MakeServer, Server, assert_clean_log
+
+from service.testing import (
+    InProcessClient,
+    MakeAppClient,
+    MakeServer,
+    Server,
+    assert_clean_log,
+    in_process,
+)
 
 
 @pytest.fixture
@@ -29,3 +39,23 @@ def make_server(tmp_path: Path) -> Iterator[MakeServer]:
         server.stop()
     for server in made:
         assert_clean_log(server)
+
+
+@pytest.fixture
+def app_client() -> Iterator[MakeAppClient]:
+    """``app_client(**settings)``: a synchronous httpx client for
+    ``create_app(Settings(store="memory", device="cpu", **settings))`` served in this process
+    (lifespan run, engine ready; no environment variable read), closed at teardown (no ERROR
+    may have been logged)."""
+    made: list[InProcessClient] = []
+
+    def make(**settings: Any) -> InProcessClient:
+        client = in_process(**settings)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+    for client in made:
+        assert_clean_log(client)

@@ -1,6 +1,9 @@
-"""API keys and scopes against a real server: every route answers 401 without a (known) key, 403
-with a key lacking its scope and 2xx with the right one; /healthz, /readyz and /metrics stay open. Without
-keys the server refuses to listen beyond 127.0.0.1."""
+"""API keys and scopes: every route answers 401 without a (known) key, 403 with a key lacking its
+scope and 2xx with the right one; /healthz, /readyz and /metrics stay open. Without keys the
+server refuses to listen beyond 127.0.0.1.
+
+The route matrix runs against the app in this process; a real server process (bound to 0.0.0.0)
+checks keys, open probes and where it listens."""
 
 from __future__ import annotations
 
@@ -12,17 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
-from server import MakeServer, Server, running
+
+from service.testing import MakeAppClient, MakeServer, Server, in_process, linear_spec, running
 
 KEYS = {"read": "r-key", "write": "w-key", "admin": "a-key"}
 API_KEYS = ",".join(f"{key}:{scope}" for scope, key in KEYS.items())
 
-SPEC = {
-    "name": "guarded",
-    "network": {"type": "linear", "input_dim": 2},
-    "likelihood": {"type": "bernoulli"},
-    "filter": {"type": "diagonal"},
-}
+SPEC = linear_spec("guarded", 2, likelihood="bernoulli", filter="diagonal")
 _names = itertools.count()
 
 
@@ -38,8 +37,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+def client() -> Iterator[httpx.Client]:
+    """The app with the keys, served in this process."""
+    with in_process(api_keys=API_KEYS) as c:
         r = c.post("/v1/models", json=SPEC, headers=_bearer("a-key"))
         assert r.status_code == 201, r.text
         yield c
@@ -167,14 +167,9 @@ def test_each_route_needs_a_key_with_its_scope(client: httpx.Client, route: Rout
     assert r.status_code == route.ok, r.text
 
 
-def test_a_key_listed_with_several_scopes_holds_each(tmp_path_factory: Any) -> None:
+def test_a_key_listed_with_several_scopes_holds_each(app_client: MakeAppClient) -> None:
     keys = "multi:read,multi:write,solo:read"
-    with (
-        running(
-            tmp_path_factory.mktemp("multi"), env={"POSTSERVE_API_KEYS": keys + ",adm:admin"}
-        ) as s,
-        httpx.Client(base_url=s.url) as c,
-    ):
+    with app_client(api_keys=keys + ",adm:admin") as c:
         assert c.post("/v1/models", json=SPEC, headers=_bearer("adm")).status_code == 201
         update = {"x": [[0.1, 0.2]], "y": [0]}
         r = c.post("/v1/models/guarded/update", json=update, headers=_bearer("multi"))
@@ -212,14 +207,33 @@ def test_a_malformed_body_without_a_key_is_401(client: httpx.Client) -> None:
     _error(r, 401, "unauthorized")
 
 
-def test_health_and_readiness_are_open(client: httpx.Client, server: Server) -> None:
+def _probes_are_open(c: httpx.Client) -> None:
     for headers in ({}, _bearer("nope"), _bearer("r-key")):
-        r = client.get("/healthz", headers=headers)
+        r = c.get("/healthz", headers=headers)
         assert r.status_code == 200 and r.json() == {"ok": True}
-        r = client.get("/readyz", headers=headers)
+        r = c.get("/readyz", headers=headers)
         assert r.status_code == 200 and r.json()["ready"] is True
-        r = client.get("/metrics", headers=headers)  # for Prometheus, like the probes
+        r = c.get("/metrics", headers=headers)  # for Prometheus, like the probes
         assert r.status_code == 200 and "postserve_models " in r.text
+
+
+def test_health_and_readiness_are_open(client: httpx.Client) -> None:
+    _probes_are_open(client)
+
+
+def test_a_real_server_checks_keys_and_listens_everywhere(server: Server) -> None:
+    """Keys and scopes, open probes, and the address it binds, through uvicorn."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        _probes_are_open(c)
+        spec = {**SPEC, "name": "served"}
+        _error(c.post("/v1/models", json=spec), 401, "unauthorized")
+        _error(c.post("/v1/models", json=spec, headers=_bearer("w-key")), 403, "forbidden")
+        assert c.post("/v1/models", json=spec, headers=_bearer("a-key")).status_code == 201
+        update = {"x": [[0.1, 0.2]], "y": [1]}
+        r = c.post("/v1/models/served/update", json=update, headers=_bearer("nope"))
+        _error(r, 401, "unauthorized")
+        r = c.post("/v1/models/served/update", json=update, headers=_bearer("w-key"))
+        assert r.status_code == 200 and r.json()["version"] == 1, r.text
     assert "binding 127.0.0.1 only" not in server.log_text()
     assert "0.0.0.0" in server.log_text()
     other = _non_loopback_ipv4()

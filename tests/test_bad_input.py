@@ -1,6 +1,9 @@
-"""The bad-input matrix against a real server: every bad request gets a 4xx with
-``{"error": {"code", "message"}}`` naming the problem, and changes no model (version and a seeded
-/predict answer, byte for byte) and no catalogue."""
+"""The bad-input matrix: every bad request gets a 4xx with ``{"error": {"code", "message"}}``
+naming the problem, and changes no model (version and a seeded /predict answer, byte for byte) and
+no catalogue.
+
+The whole matrix runs against the app in this process (memory store); a sample of it, and the
+chunked upload that only a real HTTP server sees, against a real server process (sqlite store)."""
 
 from __future__ import annotations
 
@@ -11,14 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
-from server import Server, running
 
-LIMITS = {
-    "POSTSERVE_MAX_BODY_BYTES": "65536",
-    "POSTSERVE_MAX_ROWS": "100",
-    "POSTSERVE_MAX_SAMPLES": "50",
-    "POSTSERVE_MAX_STATE_BYTES": "10000000",
-}
+from service.testing import in_process, linear_spec, running
+
+LIMITS = {"max_body_bytes": 65536, "max_rows": 100, "max_samples": 50, "max_state_bytes": 10**7}
+LIMITS_ENV = {f"POSTSERVE_{k.upper()}": str(v) for k, v in LIMITS.items()}
 
 MODELS: list[dict[str, Any]] = [
     {
@@ -72,23 +72,32 @@ GOOD_X = [[0.5, -1.0], [1.0, 0.25], [-0.75, 0.5]]
 QUERY = {"x": [[0.5, -1.0], [1.0, 2.0]], "num_samples": 3, "seed": 11}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running(tmp_path_factory.mktemp("bad-input"), env=LIMITS) as s:
-        yield s
+def _load(c: httpx.Client) -> httpx.Client:
+    for spec in MODELS:
+        r = c.post("/v1/models", json=spec)
+        assert r.status_code == 201, r.text
+        r = c.post(
+            f"/v1/models/{spec['name']}/update", json={"x": GOOD_X, "y": GOOD_Y[spec["name"]]}
+        )
+        assert r.status_code == 200 and r.json()["version"] == 3, r.text
+    return c
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        for spec in MODELS:
-            r = c.post("/v1/models", json=spec)
-            assert r.status_code == 201, r.text
-            r = c.post(
-                f"/v1/models/{spec['name']}/update", json={"x": GOOD_X, "y": GOOD_Y[spec["name"]]}
-            )
-            assert r.status_code == 200 and r.json()["version"] == 3, r.text
-        yield c
+def client() -> Iterator[httpx.Client]:
+    """The models, in the app served in this process."""
+    with in_process(**LIMITS) as c:
+        yield _load(c)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """The same models on a real server process."""
+    with (
+        running(tmp_path_factory.mktemp("bad-input"), env=LIMITS_ENV) as s,
+        httpx.Client(base_url=s.url, timeout=30) as c,
+    ):
+        yield _load(c)
 
 
 def _observe(c: httpx.Client) -> dict[str, Any]:
@@ -124,13 +133,8 @@ def P(model: str) -> str:
     return f"/v1/models/{model}/predict"
 
 
-def _spec(**over: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "name": "fresh",
-        "network": {"type": "linear", "input_dim": 2},
-        "likelihood": {"type": "gaussian"},
-    }
-    return {**base, **over}
+def _spec(name: str = "fresh", **over: Any) -> dict[str, Any]:
+    return linear_spec(name, 2, **over)
 
 
 BIG_MLP = {"type": "mlp", "input_dim": 100, "hidden": [100], "output_dim": 1}
@@ -259,23 +263,46 @@ def _assert_error(r: httpx.Response, status: int, code: str, says: tuple[str, ..
         assert s.lower() in body["error"]["message"].lower(), (s, body)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_request_is_refused_and_changes_nothing(client: httpx.Client, case: Case) -> None:
-    before = _observe(client)
-    r = _send(client, case)
+#: one or two of each kind, for the real server
+SERVED = {
+    "nan-x", "overflowing-literal-x", "x-row-too-wide", "categorical-index-too-big",
+    "unknown-model-update", "unknown-route", "name-with-slash", "duplicate-create",
+    "unknown-field-update", "not-json", "body-over-limit-update", "rows-over-limit-predict",
+    "samples-over-limit", "state-over-limit-ekf-on-mlp", "kalman-with-mlp",
+    "step-rejected-kalman-f64", "predict-overflow",
+}  # fmt: skip
+SERVED_CASES = [c for c in CASES if c.id in SERVED]
+assert len(SERVED_CASES) == len(SERVED)
+
+
+def _refused_and_nothing_changed(c: httpx.Client, case: Case) -> None:
+    before = _observe(c)
+    r = _send(c, case)
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     _assert_error(r, case.status, case.code, case.says)
-    assert _observe(client) == before
+    assert _observe(c) == before
 
 
-def test_chunked_body_over_the_limit_is_refused(client: httpx.Client) -> None:
-    """No content-length: the limit holds while the body streams in."""
-    before = _observe(client)
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_request_is_refused_and_changes_nothing(client: httpx.Client, case: Case) -> None:
+    _refused_and_nothing_changed(client, case)
+
+
+@pytest.mark.parametrize("case", SERVED_CASES, ids=[c.id for c in SERVED_CASES])
+def test_bad_request_to_a_real_server_is_refused_and_changes_nothing(
+    served: httpx.Client, case: Case
+) -> None:
+    _refused_and_nothing_changed(served, case)
+
+
+def test_chunked_body_over_the_limit_is_refused(served: httpx.Client) -> None:
+    """No content-length: the limit holds while the body streams in (through uvicorn)."""
+    before = _observe(served)
     chunks = [b'{"x": [[1.0, 2.0]], "y": [1.0]', *([b" " * 8192] * 10), b"}"]
-    r = client.post(U("gauss"), content=iter(chunks), headers={"content-type": "application/json"})
+    r = served.post(U("gauss"), content=iter(chunks), headers={"content-type": "application/json"})
     assert "content-length" not in {k.lower() for k in r.request.headers}
     _assert_error(r, 413, "too_large", ("POSTSERVE_MAX_BODY_BYTES",))
-    assert _observe(client) == before
+    assert _observe(served) == before
 
 
 def test_the_limits_themselves_are_allowed(client: httpx.Client) -> None:

@@ -1,4 +1,5 @@
-"""The decide/reward loop against a real server process, on the sqlite and the Redis store.
+"""The decide/reward loop against a real server process, on the sqlite and the Redis store (bad
+bodies: against the app in this process).
 
 Independent truths: a reward must change the model exactly as ``/update`` with the event's
 features does on a twin model; Thompson-sampling propensities must match the win frequencies of
@@ -14,27 +15,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
-from redis_server import RedisServer
-from server import MakeServer, Server
 
 from service.client import Client, PostserveHTTPError
+from service.testing import MakeAppClient, MakeServer, RedisServer, Server, linear_spec
 
 CONTEXT = [0.5, -1.0]
 ACTIONS = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.0]]
 
 
 def spec(name: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "network": {"type": "linear", "input_dim": 5, "bias": False},
-        "likelihood": {"type": "gaussian", "noise_variance": 0.5},
-        "filter": {"type": "kalman"},
-        "dtype": "float64",
-        **extra,
-    }
+    likelihood = {"type": "gaussian", "noise_variance": 0.5}
+    return linear_spec(
+        name, 5, bias=False, likelihood=likelihood, filter="kalman", dtype="float64", **extra
+    )
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -175,9 +170,9 @@ def test_unknown_expired_and_default_rewards(server: Server) -> None:
         assert c.predict("fallback", probe).mean == c.predict("twin", probe).mean
 
 
-def test_bad_decide_and_reward_bodies_change_nothing(make_server: MakeServer) -> None:
-    server = make_server()
-    with httpx.Client(base_url=server.url, timeout=30) as h, Client(server.url) as c:
+def test_bad_decide_and_reward_bodies_change_nothing(app_client: MakeAppClient) -> None:
+    h = app_client()
+    with Client(str(h.base_url), transport=h.transport) as c:
         c.create_model(
             {**spec("clicks"), "likelihood": {"type": "bernoulli"}, "filter": {"type": "ekf"}}
         )

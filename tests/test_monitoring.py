@@ -1,4 +1,8 @@
-"""Monitoring against a real server process: /metrics, /calibration, alerts and the report.
+"""Monitoring: /metrics, /calibration, alerts and the report.
+
+The drift alert on a real server's figures, a crash and the report run against real server
+processes; the other calibration figures, the counters and the metrics the dashboards use against
+the app in this process.
 
 Independent truths: the update responses carry each row's pre-update prediction, so every
 calibration figure the server exports is recomputed here with numpy from those responses and the
@@ -23,7 +27,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from scipy import stats
-from server import MakeServer
+
+from service.testing import MakeAppClient, MakeServer, linear_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -48,16 +53,11 @@ def value(samples: Sample, name: str, **labels: str) -> float:
 
 
 def linear_model(name: str, likelihood: dict[str, Any], dim: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "network": {"type": "linear", "input_dim": dim, "bias": False},
-        "likelihood": likelihood,
-        "filter": {"type": "kalman" if likelihood["type"] == "gaussian" else "ekf"},
-        "prior": {"variance": 1.0, "mean": [0.0] * dim},
-        "dtype": "float64",
-        "monitor": True,
-        **extra,
-    }
+    kind = "kalman" if likelihood["type"] == "gaussian" else "ekf"
+    fields = {"prior": {"variance": 1.0, "mean": [0.0] * dim}, "dtype": "float64", "monitor": True}
+    return linear_spec(
+        name, dim, bias=False, likelihood=likelihood, filter=kind, **{**fields, **extra}
+    )
 
 
 def feed(
@@ -195,15 +195,14 @@ def test_calibrated_gaussian_covers_90_percent_and_an_overconfident_one_fires_th
 
 
 def test_well_specified_bernoulli_has_small_ece_and_exports_what_numpy_computes(
-    make_server: MakeServer,
+    app_client: MakeAppClient,
 ) -> None:
-    server = make_server(env={"POSTSERVE_CALIBRATION_WINDOW": "2000"})
     rng = np.random.default_rng(12)
     n, dim = 2000, 3
     theta = rng.normal(size=dim) * 1.5
     X = rng.normal(size=(n, dim))
     y = (rng.uniform(size=n) < 1 / (1 + np.exp(-X @ theta))).astype(float)
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    with app_client(calibration_window=2000) as c:
         spec = linear_model("clicks", {"type": "bernoulli"}, dim, prior={"variance": 2.25})
         assert c.post("/v1/models", json=spec).status_code == 201
         p = np.array([q["mean"][0] for q in feed(c, "clicks", X, y)])
@@ -236,14 +235,13 @@ def test_well_specified_bernoulli_has_small_ece_and_exports_what_numpy_computes(
     assert cal["summary"]["ece"] == pytest.approx(ece, abs=1e-15)
 
 
-def test_poisson_counts_are_covered_at_nominal(make_server: MakeServer) -> None:
-    server = make_server()
+def test_poisson_counts_are_covered_at_nominal(app_client: MakeAppClient) -> None:
     rng = np.random.default_rng(13)
     n, dim = 2000, 3
     theta = rng.normal(size=dim) * 0.5
     X = rng.normal(size=(n, dim))
     y = rng.poisson(np.exp(X @ theta)).astype(float)
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+    with app_client() as c:
         spec = linear_model("counts", {"type": "poisson"}, dim, prior={"variance": 0.25})
         assert c.post("/v1/models", json=spec).status_code == 201
         feed(c, "counts", X, y)
@@ -259,9 +257,8 @@ def test_poisson_counts_are_covered_at_nominal(make_server: MakeServer) -> None:
 # -- what /metrics exports -----------------------------------------------------------------------
 
 
-def test_request_and_update_counters_and_bounded_labels(make_server: MakeServer) -> None:
-    server = make_server(env={"POSTSERVE_MAX_MONITORED_MODELS": "1"})
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+def test_request_and_update_counters_and_bounded_labels(app_client: MakeAppClient) -> None:
+    with app_client(max_monitored_models=1) as c:
         watched = linear_model("watched", {"type": "gaussian"}, 2)
         assert c.post("/v1/models", json=watched).status_code == 201
         second = c.post("/v1/models", json={**watched, "name": "second"})
@@ -327,13 +324,12 @@ def test_request_and_update_counters_and_bounded_labels(make_server: MakeServer)
 
 
 def test_every_dashboard_and_alert_expression_uses_exported_metrics(
-    make_server: MakeServer,
+    app_client: MakeAppClient,
 ) -> None:
     import json
     import re
 
-    server = make_server()
-    with httpx.Client(base_url=server.url, timeout=30) as c:
+    with app_client() as c:
         for name, lik in (("g", {"type": "gaussian"}), ("b", {"type": "bernoulli"})):
             assert c.post("/v1/models", json=linear_model(name, lik, 2)).status_code == 201
             r = c.post(f"/v1/models/{name}/update", json={"x": [[1.0, 0.0]] * 20, "y": [1.0] * 20})

@@ -1,7 +1,7 @@
 """Postserve on Redis, end to end: crashes of the server and of Redis, two replicas, an outage.
 
 Real processes throughout: ``redis-server`` with AOF (appendfsync always) and Postserve servers
-(tests/server.py). Bounded in time; randomness is seeded.
+(service/testing.py). Bounded in time; randomness is seeded.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from typing import Any
 import httpx
 import pytest
 import redis as redis_sync
-from redis_server import RedisServer
-from server import Server
 
 from service.errors import NotOwner, StoreUnavailable
 from service.store import RedisStore
+from service.testing import RedisServer, Server
 
 SPEC = {
     "network": {"type": "linear", "input_dim": 3, "output_dim": 1},

@@ -1,5 +1,6 @@
 """End to end against a real server process: the README walkthrough verbatim, crash recovery
-(bit-identical), concurrent writers, idempotent retries and the Python clients."""
+(bit-identical), concurrent writers, idempotent retries and the Python clients (the sync client
+against the app in this process, the async one against the real server)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from server import MakeServer, Server, running
 
 from service.client import AsyncClient, Client, PostserveHTTPError
 from service.schemas import (
@@ -28,6 +28,7 @@ from service.schemas import (
     SnapshotResponse,
     UpdateResponse,
 )
+from service.testing import MakeAppClient, MakeServer, Server, running
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 README_URL = "http://127.0.0.1:8000"
@@ -504,8 +505,9 @@ CLIENT_SPEC = ModelSpec.model_validate(
 )
 
 
-def test_sync_client_typed_results_and_errors(server: Server) -> None:
-    with Client(server.url) as c:
+def test_sync_client_typed_results_and_errors(app_client: MakeAppClient) -> None:
+    app = app_client()
+    with Client(str(app.base_url), transport=app.transport) as c:
         info = c.create_model(CLIENT_SPEC)
         assert isinstance(info, ModelInfo)
         assert info.name == "client-demo" and info.version == 0 and info.spec == CLIENT_SPEC

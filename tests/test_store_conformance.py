@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from redis_server import RedisServer
 
 from service.errors import NotOwner, StoreUnavailable, VersionConflict
 from service.store import (
@@ -32,6 +31,7 @@ from service.store import (
     SQLiteStore,
     Store,
 )
+from service.testing import RedisServer
 
 BACKENDS = ["memory", "sqlite", "redis"]
 Body = Callable[[Store], Awaitable[None]]

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from benchmarks.bandits.data import Task
+from service import testing
 from service.client import Client
 
 
@@ -213,29 +214,21 @@ TASK_PRIORS: dict[str, dict[str, float]] = {
 
 def linear_spec(name: str, task: Task) -> dict[str, Any]:
     p = TASK_PRIORS[task.name]
-    return {
-        "name": name,
-        "network": {"type": "linear", "input_dim": task.n_arms * (task.n_features + 1),
-                    "output_dim": 1, "bias": False},
-        "likelihood": {"type": "gaussian", "noise_variance": p["noise_variance"]},
-        "filter": {"type": "kalman"},
-        "prior": {"variance": p["prior_variance"]},
-        "dtype": "float64",
-    }  # fmt: skip
+    return testing.linear_spec(
+        name, task.n_arms * (task.n_features + 1), 1, bias=False,
+        likelihood={"type": "gaussian", "noise_variance": p["noise_variance"]},
+        filter="kalman", prior={"variance": p["prior_variance"]}, dtype="float64",
+    )  # fmt: skip
 
 
 def neural_spec(name: str, task: Task, seed: int) -> dict[str, Any]:
     p = TASK_PRIORS[task.name]
-    return {
-        "name": name,
-        "network": {"type": "mlp", "input_dim": task.n_arms * (task.n_features + 1),
-                    "hidden": [50], "output_dim": 1, "activation": "relu"},
-        "likelihood": {"type": "gaussian", "noise_variance": p["neural_noise_variance"]},
-        "filter": {"type": "lofi", "rank": 10},
-        "prior": {"variance": p["neural_prior_variance"]},
-        "seed": seed,
-        "dtype": "float32",
-    }  # fmt: skip
+    return testing.mlp_spec(
+        name, task.n_arms * (task.n_features + 1), [50], 1, activation="relu",
+        likelihood={"type": "gaussian", "noise_variance": p["neural_noise_variance"]},
+        filter={"type": "lofi", "rank": 10}, prior={"variance": p["neural_prior_variance"]},
+        seed=seed, dtype="float32",
+    )  # fmt: skip
 
 
 class PostserveTS:

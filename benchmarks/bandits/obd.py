@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from benchmarks.bandits.run import server
 from service.client import Client
+from service.testing import linear_spec
 
 Z95 = 1.959963984540054
 PRIOR_CTR = 0.005
@@ -92,14 +93,10 @@ def spec(name: str, input_dim: int) -> dict[str, Any]:
     from scipy.stats import norm
 
     mean = [0.0] * input_dim + [float(norm.ppf(PRIOR_CTR))]
-    return {
-        "name": name,
-        "network": {"type": "linear", "input_dim": input_dim, "output_dim": 1},
-        "likelihood": {"type": "bernoulli"},
-        "filter": {"type": "ekf"},
-        "prior": {"variance": 1.0, "mean": mean},
-        "dtype": "float64",
-    }
+    prior = {"variance": 1.0, "mean": mean}
+    return linear_spec(
+        name, input_dim, 1, likelihood="bernoulli", filter="ekf", prior=prior, dtype="float64"
+    )
 
 
 def ipw(w: np.ndarray, r: np.ndarray) -> dict[str, float]:

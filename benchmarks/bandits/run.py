@@ -33,9 +33,8 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,18 +48,13 @@ from tqdm import tqdm
 from benchmarks.bandits import agents as ag
 from benchmarks.bandits import data
 from service.client import AsyncClient, Client
+from service.testing import Server
 
 THROUGHPUT_DECISIONS = 400  # per (model, concurrency)
 Results = dict[str, dict[str, list[dict[str, Any]]]]
 
 
 # -- the server ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -73,34 +67,15 @@ def server(extra_env: dict[str, str] | None = None) -> Iterator[str]:
 @contextmanager
 def server_process(extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
     """:func:`server`, yielding (base URL, process id)."""
-    port = free_port()
-    env = {**os.environ, "POSTSERVE_STORE": "memory", "POSTSERVE_LOG_LEVEL": "warning"}
-    env.update(extra_env or {})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--port", str(port)], env=env,
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, proc)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+    env = {"POSTSERVE_STORE": "memory", "POSTSERVE_LOG_LEVEL": "warning", **(extra_env or {})}
+    with tempfile.TemporaryDirectory(prefix="postserve-bandits-") as work:
+        process = Server(Path(work), env, cwd=Path.cwd(), inherit_env=True)
+        url = process.start(timeout=60.0)
         try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
+            yield url, process.pid
+        finally:
+            process.stop(timeout=30.0)
+            sys.stderr.write(process.log_text())  # what the server said (at warning level)
 
 
 # -- one run -------------------------------------------------------------------------------------

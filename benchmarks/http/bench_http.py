@@ -26,7 +26,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from service.testing import Server
 
 MODELS: dict[str, dict[str, Any]] = {
     "linear16-kalman": {  # 16 -> 1 with bias: 17 parameters, exact Kalman filter
@@ -58,6 +59,15 @@ MODELS: dict[str, dict[str, Any]] = {
 COMMON = {"dtype": "float32", "dynamics": {"process_noise": 0.0, "decay": 1.0}}
 ROW = [round(0.1 * (i % 7) - 0.3, 2) for i in range(16)]
 SERVER_CPU, LOAD_CPU = 0, 1
+#: the server: one uvicorn worker on benchmarks/http/app.py (``--port PORT`` and SERVER_ARGS follow)
+UVICORN = (sys.executable, "-m", "uvicorn", "--factory", "benchmarks.http.app:app")
+SERVER_ARGS = ("--log-level", "warning", "--no-access-log")
+SERVER_ENV = {
+    "POSTSERVE_THREADS": "1",
+    "POSTSERVE_SNAPSHOT_EVERY": "1000000",  # keep background snapshots out of the timings
+    "POSTSERVE_SNAPSHOT_INTERVAL_S": "3600",
+    "POSTSERVE_LOG_LEVEL": "warning",
+}
 Case = tuple[str, str | None, str, dict[str, Any]]  # label, model updated, path, body
 
 # wrk counts sent requests and answers by status per thread; done() sums them over the threads.
@@ -82,18 +92,27 @@ end
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _can_pin() -> bool:
     return shutil.which("taskset") is not None and {SERVER_CPU, LOAD_CPU} <= os.sched_getaffinity(0)
 
 
 def _pin(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if _can_pin() else []
+
+
+def bench_server(workdir: Path, env: dict[str, str]) -> Server:
+    """The benchmarks' server (not started): UVICORN, pinned to SERVER_CPU where it can be, run
+    from the current directory with this process's environment, SERVER_ENV and ``env``; data
+    under ``workdir/data``, its log in ``workdir``."""
+    return Server(
+        workdir,
+        {**SERVER_ENV, **env},
+        SERVER_ARGS,
+        command=UVICORN,
+        prefix=_pin(SERVER_CPU),
+        cwd=Path.cwd(),
+        inherit_env=True,
+    )
 
 
 def _wrk(url: str, body: dict[str, Any], conns: int, seconds: int, work: Path) -> dict[str, Any]:
@@ -162,37 +181,14 @@ def run_store(
     store: str, seconds: int, warmup: int, noop_seconds: int, conns_list: list[int]
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="postserve-bench-"))
-    port = _free_port()
-    env = {
-        **os.environ,
-        "POSTSERVE_STORE": store,
-        "POSTSERVE_DATA_DIR": str(work / "data"),
-        "POSTSERVE_THREADS": "1",
-        "POSTSERVE_SNAPSHOT_EVERY": "1000000",  # keep background snapshots out of the timings
-        "POSTSERVE_SNAPSHOT_INTERVAL_S": "3600",
-        "POSTSERVE_LOG_LEVEL": "warning",
-    }
-    log_path = work / "server.log"
-    log = log_path.open("w")
-    server_cmd = [sys.executable, "-m", "uvicorn", "--factory", "benchmarks.http.app:app"]
-    server_cmd += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
-    server = subprocess.Popen([*_pin(SERVER_CPU), *server_cmd], env=env, stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
+    server = bench_server(work, {"POSTSERVE_STORE": store})
+    t_start = time.monotonic()
+    base = server.start(timeout=60)
     results: list[dict[str, Any]] = []
     checks: dict[str, Any] = {}
     sent_updates = dict.fromkeys(MODELS, 0)
-    t_start = time.monotonic()
     try:
         with httpx.Client(base_url=base, timeout=30) as client:
-            for _ in range(600):
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None:
-                    raise RuntimeError(f"server exited: {log_path.read_text()}")
-                time.sleep(0.1)
             models: dict[str, dict[str, Any]] = {}
             for name, spec in MODELS.items():
                 r = client.post("/v1/models", json={"name": name, **COMMON, **spec})
@@ -277,13 +273,8 @@ def run_store(
                 checks[f"{name} updates sent"] = sent_updates[name]
                 checks[f"{name} version == updates sent"] = final == sent_updates[name]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-    server_log = log_path.read_text()
+        server.stop(timeout=60)
+    server_log = server.log_text()
     checks["all answers 200 (measured + warm-up)"] = all(
         r["status_other"] == 0 and r["warmup_status_other"] == 0 for r in results
     )

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,64 +25,31 @@ from typing import Any
 
 import httpx
 
-from benchmarks.http.bench_http import ROW, SERVER_CPU, _free_port, _pin, _wrk
+from benchmarks.http.bench_http import MODELS, ROW, _wrk, bench_server
+from service.testing import RedisServer
 
-SPEC = {
-    "name": "m",
-    "network": {"type": "linear", "input_dim": 16, "output_dim": 1},
-    "likelihood": {"type": "gaussian", "noise_variance": 1.0},
-    "filter": {"type": "kalman"},
-}
+SPEC = {"name": "m", **MODELS["linear16-kalman"]}
 BODY = {"x": [ROW], "y": [0.5]}
 
 
 @contextmanager
 def _redis(work: Path, appendfsync: str) -> Iterator[str]:
-    port = _free_port()
     folder = Path(tempfile.mkdtemp(prefix=f"redis-{appendfsync}-", dir=work))
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-         "--save", "", "--appendonly", "yes", "--appendfsync", appendfsync],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        time.sleep(0.5)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with RedisServer(folder, appendfsync) as redis:
+        yield redis.url
 
 
 @contextmanager
 def _server(work: Path, env: dict[str, str]) -> Iterator[str]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "benchmarks.http.app:app"]
-    cmd += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
-    full_env = {
-        **os.environ,
-        "POSTSERVE_DATA_DIR": str(work / f"data-{port}"),
-        "POSTSERVE_THREADS": "1",
-        "POSTSERVE_SNAPSHOT_EVERY": "1000000",
-        "POSTSERVE_SNAPSHOT_INTERVAL_S": "3600",
-        "POSTSERVE_LOG_LEVEL": "warning",
-        **env,
-    }
-    proc = subprocess.Popen([*_pin(SERVER_CPU), *cmd], env=full_env)
-    base = f"http://127.0.0.1:{port}"
+    server = bench_server(Path(tempfile.mkdtemp(prefix="server-", dir=work)), env)
+    base = server.start()
     try:
         with httpx.Client(base_url=base, timeout=10) as client:
-            for _ in range(300):
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
             client.post("/v1/models", json=SPEC).raise_for_status()
         yield base
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop(timeout=30)
+        sys.stderr.write(server.log_text())  # what the server said (at warning level)
 
 
 def main() -> None:

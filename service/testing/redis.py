@@ -1,9 +1,6 @@
-"""A real ``redis-server`` for the tests, on a free port, persisting to its own folder.
+"""A real ``redis-server`` for tests and benchmarks, on a free port, persisting to its own folder.
 
-``RedisServer(dir, appendfsync="always")`` starts redis with AOF on (``--appendonly yes``), so it
-can be SIGKILLed and started again on the same folder, which is how the tests check what survives
-a Redis crash. Skips the calling test when ``redis-server`` is not installed (the README's test
-command installs it).
+pytest is imported only to skip a test when ``redis-server`` is not installed.
 """
 
 from __future__ import annotations
@@ -13,32 +10,42 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import NoReturn
 
-import pytest
+from service.testing.servers import free_port
 
 __all__ = ["RedisServer"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+def _skip(reason: str) -> NoReturn:
+    """Skip the calling test (pytest is imported only here); outside pytest, raise."""
+    try:
+        import pytest
+    except ImportError:
+        raise RuntimeError(reason) from None
+    pytest.skip(reason)
 
 
 class RedisServer:
+    """A real ``redis-server`` on a free port, persisting to ``workdir``.
+
+    ``RedisServer(dir, appendfsync="always")`` starts redis with AOF on (``--appendonly yes``),
+    so it can be SIGKILLed and started again on the same folder, which is how the tests check what
+    survives a Redis crash. Skips the calling test when ``redis-server`` is not installed.
+    """
+
     def __init__(
         self, workdir: Path, appendfsync: str = "always", password: str | None = None
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.skip("redis-server is not installed")
+            _skip("redis-server is not installed")
         self.binary = binary
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.appendfsync = appendfsync
         self.password = password
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,3 +102,9 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
