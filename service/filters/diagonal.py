@@ -40,7 +40,7 @@ class Diagonal:
     name: str = "diagonal"
 
     def check_model(self, network: Network, likelihood: Likelihood) -> None:
-        """Any network and likelihood."""
+        """Every network and likelihood."""
 
     def init(self, mean: Tensor, variance: float) -> DiagState:
         return DiagState(mean=mean, var=torch.full_like(mean, variance))

@@ -48,7 +48,7 @@ class EKF:
     joseph: bool = False
 
     def check_model(self, network: Network, likelihood: Likelihood) -> None:
-        """Any network and likelihood (the EKF linearises whatever it is given)."""
+        """Every network and likelihood (the EKF linearises whatever it is given)."""
 
     def init(self, mean: Tensor, variance: float) -> GaussState:
         eye = torch.eye(mean.shape[0], dtype=mean.dtype, device=mean.device)

@@ -87,7 +87,7 @@ class LoFi:
             raise InvalidSpec(f"lofi rank must be an integer >= 0, got {self.rank!r}")
 
     def check_model(self, network: Network, likelihood: Likelihood) -> None:
-        """Any network and likelihood."""
+        """Every network and likelihood."""
 
     def init(self, mean: Tensor, variance: float) -> LoFiState:
         D = mean.shape[0]
