@@ -27,6 +27,7 @@ from service.filters import (
     Poisson,
     Prior,
 )
+from service.filters.linalg import settle
 
 F64 = torch.float64
 
@@ -91,7 +92,7 @@ def test_categorical_r_is_non_singular_and_a_10_class_stream_stays_finite() -> N
     for algorithm in (LoFi(rank=5), Diagonal()):
         f = OnlineFilter(Linear(I, K), Categorical(), algorithm, prior=Prior(1.0))
         state, infos = f.run(f.init(F64), X, Y)
-        algorithm.validate(state)
+        settle(algorithm.validity(state))
         hits = [int(i.predictive.mean.argmax()) == int(Y[t]) for t, i in enumerate(infos)]
         bayes = (X[1000:] @ teacher.T).argmax(-1) == Y[1000:].long()
         # The last 1,000 progressive predictions come close to the teacher's own accuracy.

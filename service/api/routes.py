@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from service.hosting import Engine
 from service.schemas import (
@@ -31,6 +32,13 @@ from service.schemas import (
 )
 
 __all__ = ["router", "updates"]
+
+
+def _json(answer: BaseModel, status_code: int = 200) -> Response:
+    """An answer encoded once, by pydantic's serialiser: the engine built it from the response
+    model, so FastAPI's second validation and encoding of it (``response_model``, which stays for
+    the OpenAPI document) would only repeat the work."""
+    return Response(answer.model_dump_json(), status_code, media_type="application/json")
 
 
 def _engine(request: Request) -> Engine:
@@ -64,18 +72,18 @@ updates = APIRouter(route_class=CountsRefusals)
     status_code=201,
     response_model=ModelInfo,
 )
-async def create_model(spec: ModelSpec, request: Request) -> ModelInfo:
-    return await _engine(request).create(spec)
+async def create_model(spec: ModelSpec, request: Request) -> Response:
+    return _json(await _engine(request).create(spec), 201)
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(request: Request) -> ModelList:
-    return ModelList(models=_engine(request).list_models())
+async def list_models(request: Request) -> Response:
+    return _json(ModelList(models=_engine(request).list_models()))
 
 
 @router.get("/v1/models/{name}", response_model=ModelInfo)
-async def get_model(name: str, request: Request) -> ModelInfo:
-    return _engine(request).info(name)
+async def get_model(name: str, request: Request) -> Response:
+    return _json(_engine(request).info(name))
 
 
 @router.delete("/v1/models/{name}", status_code=204)
@@ -88,39 +96,39 @@ async def delete_model(name: str, request: Request) -> Response:
     "/v1/models/{name}/update",
     response_model=UpdateResponse,
 )
-async def update(name: str, body: UpdateRequest, request: Request) -> UpdateResponse:
-    return await _engine(request).update(name, body)
+async def update(name: str, body: UpdateRequest, request: Request) -> Response:
+    return _json(await _engine(request).update(name, body))
 
 
 @router.post(
     "/v1/models/{name}/predict",
     response_model=PredictResponse,
 )
-async def predict(name: str, body: PredictRequest, request: Request) -> PredictResponse:
-    return await _engine(request).predict(name, body)
+async def predict(name: str, body: PredictRequest, request: Request) -> Response:
+    return _json(await _engine(request).predict(name, body))
 
 
 @router.post("/v1/models/{name}/decide", response_model=DecideResponse)
-async def decide(name: str, body: DecideRequest, request: Request) -> DecideResponse:
-    return await _engine(request).decide(name, body)
+async def decide(name: str, body: DecideRequest, request: Request) -> Response:
+    return _json(await _engine(request).decide(name, body))
 
 
 @router.post("/v1/models/{name}/reward", response_model=RewardResponse)
-async def reward(name: str, body: RewardRequest, request: Request) -> RewardResponse:
-    return await _engine(request).reward(name, body)
+async def reward(name: str, body: RewardRequest, request: Request) -> Response:
+    return _json(await _engine(request).reward(name, body))
 
 
 @router.get("/v1/models/{name}/calibration", response_model=CalibrationResponse)
-async def calibration(name: str, request: Request) -> CalibrationResponse:
-    return _engine(request).calibration(name)
+async def calibration(name: str, request: Request) -> Response:
+    return _json(_engine(request).calibration(name))
 
 
 @router.post(
     "/v1/models/{name}/snapshot",
     response_model=SnapshotResponse,
 )
-async def snapshot(name: str, request: Request) -> SnapshotResponse:
-    return await _engine(request).snapshot(name)
+async def snapshot(name: str, request: Request) -> Response:
+    return _json(await _engine(request).snapshot(name))
 
 
 @router.get("/healthz")

@@ -11,8 +11,8 @@ method        shapes              meaning
 init          m (D,) -> S         the prior N(m, sigma_0^2 I)
 predict       S -> S              theta_t = gamma theta_{t-1} + N(0, q I)
 project       J (N, C, D)         J Sigma J^T, (N, C, C)
-condition_on  lin, y (C,)         (posterior, J Sigma J^T of the prior belief (C, C))
-validate      S                   raise StepRejected unless finite and positive definite
+condition_on  lin, y (C,)         (posterior, J Sigma J^T of the prior belief (C, C), checks)
+validity      S                   deferred checks: finite and positive definite
 sample        n                   n exact draws theta ~ N(m, Sigma), (n, D)
 covariance    S -> (D, D)         dense Sigma, for tests and small D
 ============  ==================  =========================================================
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from service.filters.base import Linearization
+from service.filters.linalg import Check
 
 if TYPE_CHECKING:
     from service.filters.likelihoods import Likelihood
@@ -65,12 +66,17 @@ class Algorithm(Protocol[S]):
         """J Sigma J^T (N, C, C) for J (N, C, D)."""
         ...
 
-    def condition_on(self, state: S, lin: Linearization, y: Tensor) -> tuple[S, Tensor]:
-        """(posterior, J Sigma J^T of the prior belief) for one row."""
+    def condition_on(
+        self, state: S, lin: Linearization, y: Tensor
+    ) -> tuple[S, Tensor, tuple[Check, ...]]:
+        """(posterior, J Sigma J^T of the prior belief, the step's deferred checks) for one row.
+
+        A failure it can see at once raises StepRejected; the checks it defers (to settle with
+        the rest of the request's in one host sync) come back in the third element."""
         ...
 
-    def validate(self, state: S) -> None:
-        """Raise StepRejected unless ``state`` is a finite, positive-definite belief."""
+    def validity(self, state: S) -> tuple[Check, ...]:
+        """Deferred checks that ``state`` is a finite, positive-definite belief."""
         ...
 
     def sample(self, state: S, n: int, generator: torch.Generator | None) -> Tensor:

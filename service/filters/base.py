@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.filters.linalg import check_finite, cholesky, symmetrise
+from service.filters.linalg import Check, check_finite, cholesky, finite_check, symmetrise
 
 __all__ = ["Innovation", "Linearization", "Predictive", "StepInfo", "innovation"]
 
@@ -78,16 +78,33 @@ class Innovation:
     S: Tensor
     L: Tensor
     w: Tensor
+    checks: tuple[Check, ...] = ()
+
+    def solve(self, B: Tensor) -> Tensor:
+        """S^{-1} B for B (C, k)."""
+        if self.S.shape[-1] == 1:
+            return B / self.S
+        return torch.cholesky_solve(B, self.L)
 
 
 def innovation(JSJ: Tensor, lin: Linearization, y: Tensor) -> Innovation:
     """S = V (J Sigma J^T) V^T + R and the weights w of the mean step, from J Sigma J^T (C, C).
 
     Each filter supplies its own J Sigma J^T (dense, diagonal, or by Woodbury for LoFi) and applies
-    Sigma J^T to w its own way; everything in between is shared.
+    Sigma J^T to w its own way; everything in between is shared. With one output S is a number:
+    no factorisation, and its positivity is a deferred check (``checks``) that the caller settles
+    with the rest of the step's; with several, S is factored here (and a failure raises now).
     """
     S = JSJ if lin.V is None else lin.V @ JSJ @ lin.V.mT
     S = symmetrise(S + lin.R)
+    if S.shape[-1] == 1:
+        a = (y - lin.yhat) / S[0]
+        finite = finite_check("the innovation covariance", S)
+        positive = Check(
+            "not_psd", "the innovation covariance S is not positive definite", S[0, 0] > 0
+        )
+        w = a if lin.V is None else lin.V.mT @ a
+        return Innovation(S=S, L=S.sqrt(), w=w, checks=(finite, positive))
     check_finite("the innovation covariance", S)
     L = cholesky(S, what="the innovation covariance S")
     a = torch.cholesky_solve((y - lin.yhat).unsqueeze(-1), L).squeeze(-1)

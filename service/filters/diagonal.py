@@ -19,7 +19,7 @@ from torch import Tensor
 
 from service.filters.base import Linearization, innovation
 from service.filters.likelihoods import Likelihood
-from service.filters.linalg import check_finite, check_positive, cholesky
+from service.filters.linalg import Check, cholesky, finite_check, positive_check
 from service.filters.networks import Network
 
 __all__ = ["DiagState", "Diagonal"]
@@ -55,18 +55,17 @@ class Diagonal:
 
     def condition_on(
         self, state: DiagState, lin: Linearization, y: Tensor
-    ) -> tuple[DiagState, Tensor]:
+    ) -> tuple[DiagState, Tensor, tuple[Check, ...]]:
         pJ = lin.J * state.var
         JPJ = pJ @ lin.J.mT
         inn = innovation(JPJ, lin, y)
         LR = cholesky(lin.R, what="the observation covariance R")
         AH = torch.linalg.solve_triangular(LR, lin.H, upper=False)  # A^T H with A A^T = R^{-1}
         precision = 1 / state.var + (AH * AH).sum(0)
-        return DiagState(mean=state.mean + inn.w @ pJ, var=1 / precision), JPJ
+        return DiagState(mean=state.mean + inn.w @ pJ, var=1 / precision), JPJ, inn.checks
 
-    def validate(self, state: DiagState) -> None:
-        check_finite("the mean", state.mean)
-        check_positive("the variances", state.var)
+    def validity(self, state: DiagState) -> tuple[Check, ...]:
+        return finite_check("the mean", state.mean), positive_check("the variances", state.var)
 
     def sample(self, state: DiagState, n: int, generator: torch.Generator | None) -> Tensor:
         eps = torch.randn(

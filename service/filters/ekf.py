@@ -26,7 +26,7 @@ from torch import Tensor
 from service.errors import InvalidSpec
 from service.filters.base import Linearization, innovation
 from service.filters.likelihoods import Gaussian, Likelihood
-from service.filters.linalg import check_finite, check_positive, cholesky, symmetrise
+from service.filters.linalg import Check, cholesky, finite_check, positive_check, symmetrise
 from service.filters.networks import Network
 
 __all__ = ["EKF", "GaussState", "Kalman"]
@@ -68,21 +68,24 @@ class EKF:
 
     def condition_on(
         self, state: GaussState, lin: Linearization, y: Tensor
-    ) -> tuple[GaussState, Tensor]:
+    ) -> tuple[GaussState, Tensor, tuple[Check, ...]]:
         P = state.cov
         PJt = P @ lin.J.mT
         JPJ = symmetrise(lin.J @ PJt)
         inn = innovation(JPJ, lin, y)
         PHt = PJt if lin.V is None else PJt @ lin.V.mT
-        K = torch.cholesky_solve(PHt.mT, inn.L).mT  # P H^T S^{-1}
+        K = inn.solve(PHt.mT).mT  # P H^T S^{-1}
         KHP = K @ PHt.mT
         cov = P - KHP - KHP.mT + K @ inn.S @ K.mT if self.joseph else P - KHP
-        return GaussState(mean=state.mean + PJt @ inn.w, cov=symmetrise(cov)), JPJ
+        new = GaussState(mean=state.mean + PJt @ inn.w, cov=symmetrise(cov))
+        return new, JPJ, inn.checks
 
-    def validate(self, state: GaussState) -> None:
+    def validity(self, state: GaussState) -> tuple[Check, ...]:
         """Finite everywhere and a positive diagonal (a full PSD check would cost O(D^3))."""
-        check_finite("the mean and covariance", state.mean, state.cov)
-        check_positive("the covariance diagonal", state.cov.diagonal())
+        return (
+            finite_check("the mean and covariance", state.mean, state.cov),
+            positive_check("the covariance diagonal", state.cov.diagonal()),
+        )
 
     def sample(self, state: GaussState, n: int, generator: torch.Generator | None) -> Tensor:
         L = cholesky(state.cov, what="the covariance")

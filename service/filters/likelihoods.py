@@ -184,6 +184,10 @@ class Gaussian:
         return Predictive(mean=eta, epistemic=epistemic, aleatoric=self.r(eta).expand(eta.shape))
 
     def log_predictive(self, y: Tensor, eta: Tensor, var_eta: Tensor) -> Tensor:
+        if eta.shape[-1] == 1:  # one output: the density of a number, no factorisation
+            s = var_eta[..., 0, 0] + self.r(eta)[0]
+            e = (y - eta)[..., 0]
+            return -0.5 * (e * e / s + torch.log(s) + _LOG_2PI)
         S = var_eta + torch.diag_embed(self.r(eta).expand(eta.shape))
         L = cholesky(S, what="predictive covariance")
         z: Tensor = torch.linalg.solve_triangular(L, (y - eta).unsqueeze(-1), upper=False)

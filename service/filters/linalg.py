@@ -7,6 +7,8 @@ and device of their inputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -14,17 +16,23 @@ from torch import Tensor
 from service.errors import StepRejected
 
 __all__ = [
+    "Check",
     "all_finite",
     "check_finite",
     "check_positive",
     "cholesky",
+    "finite_check",
+    "positive_check",
     "psd_sqrt",
+    "settle",
     "symmetrise",
 ]
 
 
 def symmetrise(A: Tensor) -> Tensor:
-    """(A + A^T) / 2 over the last two dimensions."""
+    """(A + A^T) / 2 over the last two dimensions (1 x 1 blocks are returned as they are)."""
+    if A.shape[-1] == 1:
+        return A
     return 0.5 * (A + A.mT)
 
 
@@ -88,3 +96,42 @@ def check_positive(name: str, t: Tensor) -> None:
     check_finite(name, t)
     if not float(t.min()) > 0:
         raise StepRejected("not_psd", f"the step made {name} non-positive")
+
+
+@dataclass(frozen=True)
+class Check:
+    """A validity check whose verdict is still on the device: ``ok`` is a 0-d bool tensor.
+
+    Steps collect their checks and :func:`settle` reads them all at once, one host sync per
+    request instead of one per check; a failed check raises :class:`StepRejected` with its
+    ``reason`` ("non_finite" or "not_psd") and ``message``.
+    """
+
+    reason: str
+    message: str
+    ok: Tensor
+
+
+def finite_check(name: str, *tensors: Tensor) -> Check:
+    """Deferred :func:`check_finite`: no NaN or +-inf in any tensor (by the sum, as ``all_finite``)."""
+    total = tensors[0].sum()
+    for t in tensors[1:]:
+        total = total + t.sum()
+    return Check("non_finite", f"the step made {name} non-finite", torch.isfinite(total))
+
+
+def positive_check(name: str, t: Tensor) -> Check:
+    """Deferred :func:`check_positive`: every entry of ``t`` finite and > 0."""
+    ok = torch.isfinite(t.sum()) & (t.min() > 0)
+    return Check("not_psd", f"the step made {name} non-positive", ok)
+
+
+def settle(checks: Sequence[Check]) -> None:
+    """Raise the first failed check's StepRejected (in order); one host sync when all pass."""
+    if not checks:
+        return
+    flags = torch.stack([c.ok for c in checks])
+    if bool(flags.all()):
+        return
+    first = checks[int((~flags).nonzero()[0, 0])]
+    raise StepRejected(first.reason, first.message)

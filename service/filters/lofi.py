@@ -48,10 +48,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.errors import InvalidSpec
+from service.errors import InvalidSpec, StepRejected
 from service.filters.base import Linearization, innovation
 from service.filters.likelihoods import Likelihood
-from service.filters.linalg import check_finite, check_positive, cholesky, symmetrise
+from service.filters.linalg import (
+    Check,
+    cholesky,
+    finite_check,
+    positive_check,
+    settle,
+    symmetrise,
+)
 from service.filters.networks import Network
 
 __all__ = ["LoFi", "LoFiState"]
@@ -128,7 +135,7 @@ class LoFi:
 
     def condition_on(
         self, state: LoFiState, lin: Linearization, y: Tensor
-    ) -> tuple[LoFiState, Tensor]:
+    ) -> tuple[LoFiState, Tensor, tuple[Check, ...]]:
         d, C = self.rank, lin.J.shape[0]
         W, J, ups = state.W, lin.J, state.upsilon
         n = d + C
@@ -159,15 +166,23 @@ class LoFi:
         T = torch.eye(n, dtype=W.dtype, device=W.device)
         T[d:, d:] = torch.linalg.solve_triangular(LR, M, upper=False)
         G = symmetrise(T @ Gp @ T.mT)
-        _, Q = torch.linalg.eigh(G.to(torch.float64))
+        try:
+            _, Q = torch.linalg.eigh(G.to(torch.float64))
+        except RuntimeError:  # torch.linalg.LinAlgError on non-finite input: say which value
+            settle(inn.checks)
+            raise StepRejected(
+                "non_finite", "the step made the LoFi truncation non-finite"
+            ) from None
         Y = (Q.flip(-1).mT.to(W.dtype) @ T) @ Z  # rows: directions, leading first
         E = Y[d:]
         upsilon = ups + (E * E).sum(0)
-        return LoFiState(mean=mean, W=Y[:d], upsilon=upsilon), JSJ
+        return LoFiState(mean=mean, W=Y[:d], upsilon=upsilon), JSJ, inn.checks
 
-    def validate(self, state: LoFiState) -> None:
-        check_finite("the mean and the low-rank factor W", state.mean, state.W)
-        check_positive("the diagonal precision Upsilon", state.upsilon)
+    def validity(self, state: LoFiState) -> tuple[Check, ...]:
+        return (
+            finite_check("the mean and the low-rank factor W", state.mean, state.W),
+            positive_check("the diagonal precision Upsilon", state.upsilon),
+        )
 
     def sample(self, state: LoFiState, n: int, generator: torch.Generator | None) -> Tensor:
         D, dtype, device = state.mean.shape[0], state.mean.dtype, state.mean.device

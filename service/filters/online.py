@@ -30,11 +30,11 @@ from typing import Generic, Literal
 import torch
 from torch import Tensor
 
-from service.errors import InvalidInput, InvalidSpec
+from service.errors import InvalidInput, InvalidSpec, StepRejected
 from service.filters.algorithm import Algorithm, S
 from service.filters.base import Predictive, StepInfo
 from service.filters.likelihoods import Likelihood
-from service.filters.linalg import all_finite, check_finite, psd_sqrt
+from service.filters.linalg import Check, all_finite, finite_check, psd_sqrt, settle
 from service.filters.networks import Network
 
 __all__ = ["Dynamics", "OnlineFilter", "Prior"]
@@ -134,19 +134,30 @@ class OnlineFilter(Generic[S]):
         """Condition the (already predicted) belief on one row: x (I,), y encoded (C,)."""
         theta = state.mean
         x = self._rows(x.unsqueeze(0) if x.ndim == 1 else x, theta)
-        return self._update(state, x, y.to(dtype=theta.dtype, device=theta.device).reshape(-1))
+        y = y.to(dtype=theta.dtype, device=theta.device).reshape(-1)
+        new, info, checks = self._update(state, x, y)
+        settle(checks)
+        return new, info
 
-    def _update(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
-        """``update`` on a validated row x (1, I) and target y (C,) of the state's dtype."""
+    def _update(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo, list[Check]]:
+        """``update`` on a validated row x (1, I) and target y (C,) of the state's dtype, with
+        the step's checks not yet settled (the caller settles them, see ``run``)."""
         theta = state.mean
         eta, J = self.network.jacobian(theta, x)
         lin = self.likelihood.linearize(eta[0], J[0])
-        new, JSJ = self.algorithm.condition_on(state, lin, y)
-        self.algorithm.validate(new)
-        pred = self.likelihood.predictive(eta, JSJ.unsqueeze(0))
-        loglik = self.likelihood.log_predictive(y.unsqueeze(0), eta, JSJ.unsqueeze(0))[0]
-        check_finite("the pre-update prediction", pred.mean, pred.variance, loglik)
-        return new, StepInfo(pred, loglik, eta, JSJ.unsqueeze(0))
+        new, JSJ, checks = self.algorithm.condition_on(state, lin, y)
+        var_eta = JSJ.unsqueeze(0)
+        pred = self.likelihood.predictive(eta, var_eta)
+        loglik = self.likelihood.log_predictive(y.unsqueeze(0), eta, var_eta)[0]
+        return (
+            new,
+            StepInfo(pred, loglik, eta, var_eta),
+            [
+                *checks,
+                *self.algorithm.validity(new),
+                finite_check("the pre-update prediction", pred.mean, pred.variance, loglik),
+            ],
+        )
 
     def step(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
         """predict, then update on one row."""
@@ -160,9 +171,16 @@ class OnlineFilter(Generic[S]):
         if Y.shape[0] != x.shape[0]:
             raise InvalidInput(f"x has {x.shape[0]} rows but y has {Y.shape[0]}")
         infos: list[StepInfo] = []
+        pending: list[Check] = []
         for i in range(x.shape[0]):
-            state, info = self._update(self.predict(state), x[i : i + 1], Y[i])
+            try:
+                state, info, checks = self._update(self.predict(state), x[i : i + 1], Y[i])
+            except StepRejected:
+                settle(pending)  # an earlier row's failure is the one to report
+                raise
             infos.append(info)
+            pending += checks
+        settle(pending)  # one host sync for the whole request
         return state, infos
 
     def encode(self, y: Tensor) -> Tensor:
