@@ -1,0 +1,120 @@
+"""One observation's filtering step for small models, against a NumPy Kalman step and `posteriors`.
+
+In one run, float32, one thread, interleaved rounds (medians), so the ratios hold on a noisy
+machine even when the absolute times do not:
+
+- ``numpy kalman``: a ten-line NumPy Kalman step on a 17-parameter linear-Gaussian model (the
+  floor for a step written in Python over arrays);
+- ``kalman Linear(16)``: ``OnlineFilter.run`` of one row on the same model (validation, predict,
+  update, the pre-update predictive and log density, one settle of the checks);
+- ``lofi-10 mlp 8-32-1`` and ``diagonal mlp 8-32-1``: the same on an MLP (D = 321);
+- ``posteriors diag_fisher mlp 8-32-1``: `posteriors.ekf.diag_fisher.update` on the same MLP with a
+  Gaussian log likelihood (its Jacobian by autograd).
+
+    python -m benchmarks.step_speed [--rounds 7] [--n 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from service.filters import MLP, Diagonal, Gaussian, Kalman, Linear, LoFi, OnlineFilter, Prior
+
+
+def _median_us(fn: Callable[[], object], n: int) -> float:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out) * 1e6
+
+
+def _numpy_kalman(D: int) -> Callable[[], object]:
+    rng = np.random.default_rng(0)
+    m, P = np.zeros(D, np.float32), np.eye(D, dtype=np.float32)
+    h, y, r = rng.standard_normal(D).astype(np.float32), 0.3, 0.5
+
+    def step() -> object:
+        Ph = P @ h
+        S = h @ Ph + r
+        K = Ph / S
+        e = y - h @ m
+        ll = -0.5 * (e * e / S + math.log(S) + math.log(2 * math.pi))
+        return m + K * e, P - np.outer(K, Ph), ll
+
+    return step
+
+
+def _ours(f: OnlineFilter[object], seed: int) -> Callable[[], object]:  # type: ignore[type-var]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, f.network.input_dim, generator=g)
+    y = torch.randn(1, generator=g)
+    state, _ = f.run(f.init(), torch.randn(20, f.network.input_dim, generator=g), torch.randn(20))
+    return lambda: f.run(state, x, y)
+
+
+def _posteriors_diag(net: MLP) -> Callable[[], object]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from posteriors.ekf import diag_fisher
+    theta0 = net.init_mean(torch.Generator().manual_seed(0)).float()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(1, net.input_dim, generator=g), torch.randn(1, 1, generator=g))
+
+    def log_likelihood(theta: torch.Tensor, b: tuple[torch.Tensor, torch.Tensor]) -> object:
+        x, y = b
+        mu = net.apply(theta, x)
+        return -0.5 * (((y - mu) ** 2) / 0.5).sum(), mu
+
+    transform = diag_fisher.build(log_likelihood, lr=1.0, init_sds=1.0)
+    state = transform.init(theta0)
+    return lambda: transform.update(state, batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--n", type=int, default=300, help="calls per case per round")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    mlp = MLP(8, (32,), 1, "relu")
+    cases: dict[str, Callable[[], object]] = {
+        "numpy kalman (D = 17)": _numpy_kalman(17),
+        "kalman Linear(16) (D = 17)": _ours(
+            OnlineFilter(Linear(16), Gaussian(0.5), Kalman(), prior=Prior(1.0)), 0
+        ),
+        "lofi-10 mlp 8-32-1 (D = 321)": _ours(
+            OnlineFilter(mlp, Gaussian(0.5), LoFi(10), prior=Prior(1.0)), 1
+        ),
+        "diagonal mlp 8-32-1 (D = 321)": _ours(
+            OnlineFilter(mlp, Gaussian(0.5), Diagonal(), prior=Prior(1.0)), 2
+        ),
+        "posteriors diag_fisher mlp 8-32-1": _posteriors_diag(mlp),
+    }
+    for fn in cases.values():  # warm-up
+        for _ in range(50):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(args.rounds):
+        for name, fn in cases.items():
+            times[name].append(_median_us(fn, args.n))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["numpy kalman (D = 17)"]
+    print(f"{'case':40s} {'us':>9s} {'/ numpy kalman':>15s}")
+    for name, us in med.items():
+        print(f"{name:40s} {us:9.1f} {us / base:15.2f}")
+    ratio = med["diagonal mlp 8-32-1 (D = 321)"] / med["posteriors diag_fisher mlp 8-32-1"]
+    print(f"\ndiagonal EKF / posteriors diag_fisher (same MLP): {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
