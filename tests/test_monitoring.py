@@ -323,6 +323,33 @@ def test_request_and_update_counters_and_bounded_labels(app_client: MakeAppClien
     assert labelled == {"watched"}
 
 
+def test_refusal_counters_exist_at_zero_before_the_first_refusal(
+    app_client: MakeAppClient,
+) -> None:
+    """Every refusal reason is a series from the start (0 until it happens), for all models and
+    for each monitored one, so dashboards and alerts never see "no data"."""
+    from service.hosting.stats import REFUSALS
+
+    with app_client() as c:
+        before = scrape(c)
+        assert (
+            c.post("/v1/models", json=linear_model("w", {"type": "gaussian"}, 2)).status_code == 201
+        )
+        after_create = scrape(c)
+        bad = c.post("/v1/models/w/update", json={"x": [[1.0, 2.0, 3.0]], "y": [0.5]})
+        assert bad.status_code == 422
+        after_refusal = scrape(c)
+    assert set(REFUSALS) >= {"invalid_input", "step_rejected", "store_unavailable", "not_owner"}
+    for reason in REFUSALS:
+        assert value(before, "postserve_updates_rejected_total", reason=reason) == 0
+        assert (
+            value(after_create, "postserve_model_updates_rejected_total", model="w", reason=reason)
+            == 0
+        )
+    assert value(after_refusal, "postserve_updates_rejected_total", reason="invalid_input") == 1
+    assert value(after_refusal, "postserve_updates_rejected_total", reason="step_rejected") == 0
+
+
 def test_every_dashboard_and_alert_expression_uses_exported_metrics(
     app_client: MakeAppClient,
 ) -> None:

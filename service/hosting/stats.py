@@ -10,9 +10,37 @@ import time
 from dataclasses import dataclass
 
 from service.calibration import Stats
+from service.errors import (
+    InvalidInput,
+    NotFound,
+    NotOwner,
+    StepRejected,
+    StoreUnavailable,
+    TooLarge,
+    VersionConflict,
+)
 from service.hosting.hosted import Counters, HostedModel
 
-__all__ = ["EngineStats", "ModelStats", "collect"]
+__all__ = ["REFUSALS", "EngineStats", "ModelStats", "collect"]
+
+#: The error codes an update can be refused with: every one is reported from the start, at 0
+#: until it happens, so that dashboards and alerts see a series rather than no data.
+REFUSALS: tuple[str, ...] = tuple(
+    e.code
+    for e in (
+        InvalidInput,
+        TooLarge,
+        StepRejected,
+        StoreUnavailable,
+        NotOwner,
+        VersionConflict,
+        NotFound,
+    )
+)
+
+
+def _refusals(counts: dict[str, int]) -> dict[str, int]:
+    return {**dict.fromkeys(REFUSALS, 0), **counts}
 
 
 @dataclass(frozen=True)
@@ -59,7 +87,7 @@ def _model(h: HostedModel, now: float) -> ModelStats:
         snapshot_age_s=now - h.snapshot_time,
         state_bytes=h.filter.state_bytes(current.state),
         applied=h.applied,
-        rejected=dict(h.rejected),
+        rejected=_refusals(dict(h.rejected)),
         calibration=h.calibration.stats() if h.spec.monitor else None,
     )
 
@@ -69,6 +97,6 @@ def collect(ready: bool, counters: Counters, models: list[HostedModel]) -> Engin
     return EngineStats(
         ready=ready,
         applied=counters.applied,
-        rejected=dict(counters.rejected),
+        rejected=_refusals(dict(counters.rejected)),
         models=sorted((_model(h, now) for h in models), key=lambda m: m.name),
     )
