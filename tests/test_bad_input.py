@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from service.testing import in_process, linear_spec, running
 
@@ -235,6 +236,17 @@ CASES = [
     Case("bernoulli-two-outputs", "POST", "/v1/models", _spec(network={"type": "linear", "input_dim": 2, "output_dim": 2}, likelihood={"type": "bernoulli"}), 422, "invalid_spec", ("output_dim",)),
     Case("decay-over-one", "POST", "/v1/models", _spec(dynamics={"decay": 1.5}), 422, "invalid_input", ("decay",)),
     Case("unknown-device", "POST", "/v1/models", _spec(device="tpu"), 422, "invalid_spec", ("tpu",)),
+    Case("device-meta", "POST", "/v1/models", _spec(device="meta"), 422, "invalid_spec", ("device", "meta", "cpu")),
+    Case("device-mps", "POST", "/v1/models", _spec(device="mps"), 422, "invalid_spec", ("device", "mps")),
+    Case("device-xla", "POST", "/v1/models", _spec(device="xla"), 422, "invalid_spec", ("device", "xla")),
+    Case("device-cuda-absent", "POST", "/v1/models", _spec(device=f"cuda:{torch.cuda.device_count()}"), 422, "invalid_spec", ("device", "cuda")),
+    Case("prior-variance-over-float32", "POST", "/v1/models", _spec(prior={"variance": 1e308}), 422, "invalid_spec", ("prior.variance", "float32")),
+    Case("prior-variance-under-float32", "POST", "/v1/models", _spec(prior={"variance": 1e-320}), 422, "invalid_spec", ("prior.variance", "float32")),
+    Case("process-noise-over-float32", "POST", "/v1/models", _spec(dynamics={"process_noise": 1e39}), 422, "invalid_spec", ("dynamics.process_noise",)),
+    Case("noise-variance-under-float32", "POST", "/v1/models", _spec(likelihood={"type": "gaussian", "noise_variance": 1e-40}), 422, "invalid_spec", ("likelihood.noise_variance",)),
+    Case("prior-variance-over-float64", "POST", "/v1/models", _spec(prior={"variance": 1e308}, dtype="float64"), 422, "invalid_spec", ("prior.variance", "float64")),
+    Case("name-dot", "POST", "/v1/models", _spec(name="."), 422, "invalid_spec", ("name",)),
+    Case("name-dot-dot", "POST", "/v1/models", _spec(name=".."), 422, "invalid_spec", ("name",)),
     # steps the filter rejects: the whole request (its valid first row included) is refused
     Case("step-rejected-kalman-f64", "POST", U("kal64"), {"x": [[0.5, 0.5], [1e300, 1e300]], "y": [0.1, 0.2]}, 422, "step_rejected", ("non-finite",)),
     Case("step-rejected-kalman-f64-big-y", "POST", U("kal64"), {"x": [[1e200, 1e200]], "y": [1e300]}, 422, "step_rejected", ("non-finite",)),

@@ -13,6 +13,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from service.components import ALGORITHMS, LIKELIHOODS, NETWORKS
+from service.components.likelihoods import GaussianSpec
 from service.errors import InvalidSpec
 from service.filters import Belief, Dynamics, OnlineFilter, Prior
 from service.schemas import ModelSpec
@@ -20,17 +21,49 @@ from service.schemas import ModelSpec
 __all__ = [
     "DTYPES",
     "build_filter",
+    "check_spec",
     "decode_state",
     "encode_state",
     "resolve_device",
     "state_bytes_estimate",
+    "usable_devices",
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+def check_spec(spec: ModelSpec) -> None:
+    """What the schema cannot see in a spec; raises InvalidSpec naming the field.
+
+    A name every client can reach (``.`` and ``..`` are normalised away in URLs), and variances the
+    model's dtype can carry through its step: each variance v and its precision 1/v must be normal
+    numbers of the dtype, v in [tiny, 1 / tiny] (float32: about 1.2e-38 to 8.5e37).
+    """
+    if spec.name in (".", ".."):
+        raise InvalidSpec(
+            f"name {spec.name!r} cannot be reached: HTTP clients normalise it out of the URL; "
+            "choose another name"
+        )
+    info = torch.finfo(DTYPES[spec.dtype])
+    lo, hi = info.tiny, 1 / info.tiny
+    values: list[tuple[str, float]] = [("prior.variance", spec.prior.variance)]
+    if spec.dynamics.process_noise > 0:
+        values.append(("dynamics.process_noise", spec.dynamics.process_noise))
+    if isinstance(spec.likelihood, GaussianSpec):
+        nv = spec.likelihood.noise_variance
+        values += [("likelihood.noise_variance", v) for v in (nv if isinstance(nv, list) else [nv])]
+    for what, v in values:
+        if not lo <= v <= hi:
+            raise InvalidSpec(
+                f"{what} {v:g} is outside what {spec.dtype} carries through a step (a variance "
+                f"and its inverse must lie between {lo:.2g} and {hi:.2g}); use a value in that "
+                'range or "dtype": "float64"'
+            )
+
+
 def build_filter(spec: ModelSpec) -> OnlineFilter[Belief]:
     """The filter a spec describes; raises InvalidSpec naming what does not fit."""
+    check_spec(spec)
     mean = spec.prior.mean
     try:
         return OnlineFilter(
@@ -58,16 +91,37 @@ def state_bytes_estimate(spec: ModelSpec, num_params: int) -> int:
     return ALGORITHMS[spec.filter.type].numbers(spec.filter, num_params) * width
 
 
+def usable_devices() -> list[str]:
+    """The device types a model can live on in this process: cpu, and cuda or mps when present."""
+    usable = ["cpu"]
+    if torch.cuda.is_available():
+        usable.append("cuda")
+    if torch.backends.mps.is_available():
+        usable.append("mps")
+    return usable
+
+
 def resolve_device(requested: str, default: str) -> torch.device:
+    """The spec's ``device`` (``auto``: the setting, then cuda when present, else cpu), refused
+    with InvalidSpec naming the field unless this process can hold and step a state there."""
     name = default if requested == "auto" else requested
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    usable = usable_devices()
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise InvalidSpec(f"unknown device {name!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidSpec(f"device {name!r} requested but no CUDA device is available")
+        raise InvalidSpec(
+            f"device {name!r} is not a device; use auto or one of {', '.join(usable)}"
+        ) from exc
+    if device.type not in usable:
+        raise InvalidSpec(
+            f"device {name!r} cannot hold a model in this process; use auto or one of "
+            f"{', '.join(usable)}"
+        )
+    index, count = device.index, torch.cuda.device_count()
+    if device.type == "cuda" and index is not None and index >= count:
+        raise InvalidSpec(f"device {name!r}: this process sees {count} CUDA devices")
     return device
 
 
