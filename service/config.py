@@ -6,6 +6,7 @@ value fails at start with a message naming the variable.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +45,19 @@ class Settings(BaseSettings):
     max_rows: int = Field(10_000, ge=1)
     max_samples: int = Field(1000, ge=0)
     max_state_bytes: int = Field(1 << 30, ge=1, description="cap on one model's state")
+    max_total_state_bytes: int = Field(
+        0, ge=0, description="cap on all models' states together; 0: half of this machine's memory"
+    )
+
+    @property
+    def state_budget(self) -> int:
+        """``max_total_state_bytes``, or half of the machine's physical memory when it is 0."""
+        if self.max_total_state_bytes:
+            return self.max_total_state_bytes
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        except (ValueError, OSError, AttributeError):  # no sysconf: no cap
+            return 1 << 62
 
     propensity_samples: int = Field(
         256, ge=1, le=100_000, description="posterior draws behind Thompson-sampling propensities"

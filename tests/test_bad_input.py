@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from service.testing import in_process, linear_spec, running
+from service.testing import MakeAppClient, in_process, linear_spec, running
 
 LIMITS = {"max_body_bytes": 65536, "max_rows": 100, "max_samples": 50, "max_state_bytes": 10**7}
 LIMITS_ENV = {f"POSTSERVE_{k.upper()}": str(v) for k, v in LIMITS.items()}
@@ -337,3 +337,25 @@ def test_rejected_requests_leave_the_model_usable(client: httpx.Client) -> None:
     assert bad.status_code == 422
     good = client.post(U("kal64"), json={"x": [[0.1, 0.2]], "y": [0.3]})
     assert good.status_code == 200 and good.json()["version"] == before + 1
+
+
+def test_a_create_over_the_process_state_budget_is_refused(app_client: MakeAppClient) -> None:
+    """POSTSERVE_MAX_TOTAL_STATE_BYTES caps all states together: an EKF model of 3,001
+    parameters (36 MB in float32) fits in a 50 MB budget once, not twice; nothing is created by
+    the refused one, and deleting the first makes room again."""
+    ekf = {"type": "mlp", "input_dim": 100, "hidden": [30], "output_dim": 1}
+    with app_client(max_total_state_bytes=50_000_000) as c:
+        assert (
+            c.post("/v1/models", json=_spec("a", network=ekf, filter={"type": "ekf"})).status_code
+            == 201
+        )
+        r = c.post("/v1/models", json=_spec("b", network=ekf, filter={"type": "ekf"}))
+        _assert_error(r, 409, "limit_reached", ("POSTSERVE_MAX_TOTAL_STATE_BYTES", "budget"))
+        assert c.get("/v1/models/b").status_code == 404
+        small = c.post("/v1/models", json=_spec("c"))  # a small one still fits
+        assert small.status_code == 201
+        assert c.delete("/v1/models/a").status_code == 204
+        assert (
+            c.post("/v1/models", json=_spec("b", network=ekf, filter={"type": "ekf"})).status_code
+            == 201
+        )

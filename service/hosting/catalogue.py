@@ -15,6 +15,7 @@ from service.components import LIKELIHOODS
 from service.components.build import DTYPES, build_filter, resolve_device, state_bytes_estimate
 from service.config import Settings
 from service.errors import AlreadyExists, InvalidInput, InvalidSpec, NotFound, NotReady
+from service.filters import Belief, OnlineFilter
 from service.hosting.compute import Compute
 from service.hosting.hosted import Hosted, HostedModel, Published
 from service.hosting.limits import Limits
@@ -40,6 +41,7 @@ class Catalogue:
         self.compute, self.recovery = compute, recovery
         self.models: dict[str, HostedModel] = {}
         self.ready = False
+        self._reserved = 0  # bytes of states being created
 
     def get(self, name: str) -> HostedModel:
         if not self.ready:
@@ -64,10 +66,17 @@ class Catalogue:
     def monitored(self) -> list[HostedModel]:
         return [h for h in self.models.values() if h.spec.monitor]
 
-    def host(self, spec: ModelSpec) -> HostedModel:
-        """Build the model a spec describes at its prior (not yet in the catalogue)."""
+    def plan(self, spec: ModelSpec) -> tuple[OnlineFilter[Belief], int]:
+        """The filter a spec describes and the bytes its state will take, before allocating it
+        (refused if over the per-model limit)."""
         f = build_filter(spec)
-        self.limits.state(state_bytes_estimate(spec, f.num_params))
+        need = state_bytes_estimate(spec, f.num_params)
+        self.limits.state(need)
+        return f, need
+
+    def host(self, spec: ModelSpec, planned: OnlineFilter[Belief] | None = None) -> HostedModel:
+        """Build the model a spec describes at its prior (not yet in the catalogue)."""
+        f = planned if planned is not None else self.plan(spec)[0]
         default = spec.events.default_reward
         if default is not None:
             try:
@@ -95,11 +104,21 @@ class Catalogue:
             raise AlreadyExists(f"a model named {spec.name!r} exists")
         if spec.monitor:
             self.limits.monitored(len(self.monitored()))
-        hosted = await self.compute.offload(self.host, spec)
-        if not await self.store.create_model(spec.name, spec.model_dump_json().encode()):
-            raise AlreadyExists(f"a model named {spec.name!r} exists")
+        f, need = self.plan(spec)
+        self.limits.budget(self.state_bytes() + self._reserved, need)
+        self._reserved += need  # held until hosted, so that two creates cannot both fit
+        try:
+            hosted = await self.compute.offload(self.host, spec, f)
+            if not await self.store.create_model(spec.name, spec.model_dump_json().encode()):
+                raise AlreadyExists(f"a model named {spec.name!r} exists")
+        finally:
+            self._reserved -= need
         self.models[spec.name] = hosted
         return hosted
+
+    def state_bytes(self) -> int:
+        """Bytes of every hosted model's state."""
+        return sum(h.filter.state_bytes(h.current.state) for h in self.models.values())
 
     async def delete(self, name: str) -> None:
         hosted = self.get(name)

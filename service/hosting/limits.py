@@ -45,6 +45,16 @@ class Limits:
                 f"{self.settings.max_state_bytes} (POSTSERVE_MAX_STATE_BYTES)"
             )
 
+    def budget(self, hosted: int, need: int) -> None:
+        """A new state of ``need`` bytes beside ``hosted`` bytes of states already held."""
+        budget = self.settings.state_budget
+        if hosted + need > budget:
+            raise LimitReached(
+                f"this model's state ({need} bytes) would take the states held by this process to "
+                f"{hosted + need} bytes, over the budget of {budget} "
+                "(POSTSERVE_MAX_TOTAL_STATE_BYTES); delete models or raise the budget"
+            )
+
     def monitored(self, count: int) -> None:
         """One more model with ``monitor: true`` when ``count`` already have it."""
         if count >= self.settings.max_monitored_models:
