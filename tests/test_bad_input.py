@@ -124,6 +124,7 @@ class Case:
     status: int
     code: str
     says: tuple[str, ...]  # substrings the message must hold (case-insensitive)
+    ctype: str = "application/json"
 
 
 def U(model: str) -> str:
@@ -153,7 +154,9 @@ CASES = [
     Case("nan-y-row-gauss2", "POST", U("gauss2"), '{"x": [[1.0, 2.0]], "y": [[1.0, NaN]]}', 422, "invalid_input", ("nan",)),
     Case("nan-x-predict", "POST", P("gauss"), '{"x": [[1.0, NaN]], "num_samples": 2}', 422, "invalid_input", ("nan",)),
     Case("inf-x-predict", "POST", P("cat"), '{"x": [[Infinity, 0.0]]}', 422, "invalid_input", ("infinite",)),
-    Case("x-over-float32-range", "POST", U("gauss"), {"x": [[1e300, 0.0]], "y": [1.0]}, 422, "invalid_input", ("infinite",)),
+    Case("x-over-float32-range", "POST", U("gauss"), {"x": [[1e300, 0.0]], "y": [1.0]}, 422, "invalid_input", ("x holds", "float32 range")),
+    Case("y-over-float32-range", "POST", U("gauss"), {"x": [[1.0, 0.0]], "y": [1e308]}, 422, "invalid_input", ("y holds", "float32 range")),
+    Case("x-over-float32-range-predict", "POST", P("bern"), {"x": [[-1e39, 0.0]]}, 422, "invalid_input", ("float32 range",)),
     # shapes
     Case("x-row-too-wide", "POST", U("gauss"), {"x": [[1.0, 2.0], [1.0, 2.0, 3.0]], "y": [1.0, 2.0]}, 422, "invalid_input", ("row 1", "3 values", "takes 2")),
     Case("x-row-too-narrow", "POST", U("cat"), {"x": [[1.0]], "y": [0]}, 422, "invalid_input", ("row 0", "takes 2")),
@@ -214,6 +217,11 @@ CASES = [
     Case("unknown-filter", "POST", "/v1/models", _spec(filter={"type": "ukf"}), 422, "invalid_input", ("filter",)),
     Case("unknown-likelihood", "POST", "/v1/models", _spec(likelihood={"type": "student"}), 422, "invalid_input", ("likelihood",)),
     Case("not-json", "POST", U("gauss"), '{"x": [[1.0, 2.0]], "y": [1.0]', 422, "invalid_input", ("json",)),
+    Case("empty-body-update", "POST", U("gauss"), "", 422, "invalid_input", ("body is empty", "x, y")),
+    Case("form-body-update", "POST", U("gauss"), "x=1&y=2", 415, "unsupported_media_type", ("json", "x-www-form-urlencoded"), "application/x-www-form-urlencoded"),
+    Case("text-body-predict", "POST", P("gauss"), '{"x": [[1.0, 2.0]]}', 415, "unsupported_media_type", ("text/plain",), "text/plain"),
+    Case("form-body-create", "POST", "/v1/models", "name=a", 415, "unsupported_media_type", ("content-type",), "application/x-www-form-urlencoded"),
+    Case("empty-body-create", "POST", "/v1/models", "", 422, "invalid_input", ("body is empty", "name, network, likelihood")),
     Case("json-array-body", "POST", U("gauss"), "[]", 422, "invalid_input", ("object",)),
     # limits
     Case("body-over-limit-update", "POST", U("gauss"), '{"x": [[1.0, 2.0]], "y": [1.0]' + PADDING + "}", 413, "too_large", ("POSTSERVE_MAX_BODY_BYTES",)),
@@ -259,9 +267,7 @@ def _send(c: httpx.Client, case: Case) -> httpx.Response:
     if case.body is None:
         return c.request(case.method, case.path)
     text = case.body if isinstance(case.body, str) else json.dumps(case.body)
-    return c.request(
-        case.method, case.path, content=text, headers={"content-type": "application/json"}
-    )
+    return c.request(case.method, case.path, content=text, headers={"content-type": case.ctype})
 
 
 def _assert_error(r: httpx.Response, status: int, code: str, says: tuple[str, ...]) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import typing
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import (
@@ -26,7 +28,7 @@ from service.errors import (
     VersionConflict,
 )
 
-__all__ = ["STATUS", "error_response", "install", "response_for"]
+__all__ = ["STATUS", "error_response", "install", "refusal", "response_for"]
 
 log = logging.getLogger("postserve.api")
 
@@ -72,14 +74,48 @@ async def _postserve(request: Request, exc: Exception) -> JSONResponse:
     return response_for(exc)
 
 
-async def _validation(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+def _required_fields(endpoint: object) -> list[str]:
+    """The required fields of the body model an endpoint takes (none if it takes none)."""
+    try:
+        hints = typing.get_type_hints(endpoint)
+    except (TypeError, NameError):
+        return []
+    for hint in hints.values():
+        if isinstance(hint, type) and issubclass(hint, BaseModel):
+            return [n for n, f in hint.model_fields.items() if f.is_required()]
+    return []
+
+
+def refusal(request: Request, exc: RequestValidationError) -> tuple[int, str, str]:
+    """(status, code, message) for a request whose parameters or body did not validate.
+
+    A body that is not JSON (a form, text) is 415 naming the content type; an empty one names the
+    fields the body must have; otherwise 422 with the first few failures, each with its place.
+    """
+    ctype = request.headers.get("content-type", "")
+    media = ctype.split(";")[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        return (
+            415,
+            "unsupported_media_type",
+            (f"the body must be JSON sent with content-type: application/json, got {ctype!r}"),
+        )
+    errors = exc.errors()
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
+        required = _required_fields(request.scope.get("endpoint"))
+        wants = f" with {', '.join(required)}" if required else ""
+        return 422, "invalid_input", f"the request body is empty: send a JSON object{wants}"
     parts = []
-    for err in exc.errors()[:5]:
+    for err in errors[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{where}: {msg}" if where else msg)
-    return error_response(422, "invalid_input", "; ".join(parts) or "invalid request body")
+    return 422, "invalid_input", "; ".join(parts) or "invalid request body"
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(*refusal(request, exc))
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:

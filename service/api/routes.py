@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from service.api.errors import refusal
 from service.hosting import Engine
 from service.schemas import (
     CalibrationResponse,
@@ -56,8 +57,9 @@ class CountsRefusals(APIRoute):
         async def counted(request: Request) -> Response:
             try:
                 return await handler(request)
-            except RequestValidationError:
-                _engine(request).refused(request.path_params.get("name", ""), "invalid_input")
+            except RequestValidationError as exc:
+                code = refusal(request, exc)[1]
+                _engine(request).refused(request.path_params.get("name", ""), code)
                 raise
 
         return counted
