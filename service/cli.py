@@ -76,7 +76,11 @@ def report(
     try:
         draw_report(cal, out)
     except ImportError as exc:
-        typer.echo("error: the report needs matplotlib: pip install 'postserve[report]'", err=True)
+        typer.echo(
+            "error: the report needs matplotlib; in the repository run "
+            "`.venv/bin/pip install -e '.[report]'` (or `pip install matplotlib` in this Python)",
+            err=True,
+        )
         raise typer.Exit(1) from exc
     s = cal.summary
     typer.echo(f"wrote {out}: {name} at version {cal.version}, {s.observations} observations")

@@ -172,29 +172,26 @@ def test_readme_walkthrough_runs_verbatim(server: Server, tmp_path: Path) -> Non
 
 
 def test_readme_python_client_block(server: Server) -> None:
+    """The block runs as it stands after the walkthrough (it creates its own model), and a
+    second run changes nothing (the request_id makes the update a duplicate)."""
     blocks = re.findall(r"```python\n(.*?)```", _section("Python client"), re.S)
     assert len(blocks) == 1
     code = blocks[0]
     assert README_URL in code
-    # The block updates and predicts "ctr-home": create it (the walkthrough's spec) first.
-    create = _walkthrough_commands()[0]
-    spec = json.loads(create.split("-d '", 1)[1].rsplit("'", 1)[0])
+    for run in (1, 2):
+        namespace: dict[str, Any] = {}
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code.replace(README_URL, server.url), "README.md", "exec"), namespace)
+        p = namespace["p"]
+        assert isinstance(p, PredictResponse)
+        assert p.version == 1
+        assert namespace["r"].duplicate == (run == 2)
+        assert _shape(p.mean) == (1, 1) and _shape(p.samples) == (8, 1, 1)
+        assert out.getvalue().split()[0] == "1"
     with Client(server.url) as client:
-        with contextlib.suppress(PostserveHTTPError):
-            client.delete_model("ctr-home")
-        client.create_model(spec)
-    namespace: dict[str, Any] = {}
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code.replace(README_URL, server.url), "README.md", "exec"), namespace)
-    p = namespace["p"]
-    assert isinstance(p, PredictResponse)
-    assert p.version == 1
-    assert _shape(p.mean) == (1, 1) and _shape(p.samples) == (8, 1, 1)
-    assert out.getvalue().split()[0] == "1"
-    with Client(server.url) as client:
-        assert client.get_model("ctr-home").version == 1
-        client.delete_model("ctr-home")
+        assert client.get_model("ctr-python").version == 1
+        client.delete_model("ctr-python")
 
 
 # -- crash recovery ----------------------------------------------------------------------------
