@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_rows: int = Field(10_000, ge=1)
     max_samples: int = Field(1000, ge=0)
+    max_answer_numbers: int = Field(
+        2_000_000,
+        ge=1,
+        description="numbers in one /predict answer: rows x (4 + num_samples) x outputs",
+    )
     max_state_bytes: int = Field(1 << 30, ge=1, description="cap on one model's state")
     max_total_state_bytes: int = Field(
         0, ge=0, description="cap on all models' states together; 0: half of this machine's memory"

@@ -365,3 +365,19 @@ def test_a_create_over_the_process_state_budget_is_refused(app_client: MakeAppCl
             c.post("/v1/models", json=_spec("b", network=ekf, filter={"type": "ekf"})).status_code
             == 201
         )
+
+
+def test_a_predict_answer_over_the_number_limit_is_refused(app_client: MakeAppClient) -> None:
+    """POSTSERVE_MAX_ANSWER_NUMBERS bounds rows x (4 + num_samples) x outputs of one answer: the
+    limit itself is answered, one row more is 413 naming the setting, and nothing is computed."""
+    with app_client(max_answer_numbers=420) as c:
+        spec = _spec(
+            "three",
+            likelihood={"type": "categorical"},
+            network={"type": "linear", "input_dim": 2, "output_dim": 3},
+        )
+        assert c.post("/v1/models", json=spec).status_code == 201
+        ok = c.post(P("three"), json={"x": [[0.1, 0.2]] * 10, "num_samples": 10, "seed": 1})
+        assert ok.status_code == 200, ok.text  # 10 x 14 x 3 = 420
+        r = c.post(P("three"), json={"x": [[0.1, 0.2]] * 11, "num_samples": 10, "seed": 1})
+        _assert_error(r, 413, "too_large", ("462 numbers", "POSTSERVE_MAX_ANSWER_NUMBERS"))

@@ -37,6 +37,16 @@ class Limits:
                 "(POSTSERVE_MAX_SAMPLES)"
             )
 
+    def answer(self, rows: int, samples: int, outputs: int) -> None:
+        """A ``/predict`` answer of rows x (4 moments + samples) x outputs numbers."""
+        numbers = rows * (4 + samples) * outputs
+        if numbers > self.settings.max_answer_numbers:
+            raise TooLarge(
+                f"{rows} rows x (4 + {samples} samples) x {outputs} outputs is {numbers} numbers, "
+                f"over the limit of {self.settings.max_answer_numbers} per answer "
+                "(POSTSERVE_MAX_ANSWER_NUMBERS); ask for fewer rows or samples per request"
+            )
+
     def state(self, need: int) -> None:
         """A new model's state of ``need`` bytes."""
         if need > self.settings.max_state_bytes:

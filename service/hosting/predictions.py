@@ -29,6 +29,7 @@ class Predictions:
     async def predict(self, h: HostedModel, req: PredictRequest) -> PredictResponse:
         self.limits.rows(req.x, h.filter.network.input_dim, "predict")
         self.limits.samples(req.num_samples)
+        self.limits.answer(len(req.x), req.num_samples, h.filter.network.output_dim)
         current = h.current
         work = h.filter.state_bytes(current.state) * len(req.x) * (1 + req.num_samples)
         return await self.compute.run(work, predict, h, current, req)
