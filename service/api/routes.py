@@ -123,17 +123,13 @@ async def reward(name: str, body: RewardRequest, request: Request) -> Response:
 
 
 @router.post("/v1/models/{name}/decide/batch", response_model=DecideBatchResponse)
-async def decide_batch(
-    name: str, body: DecideBatchRequest, request: Request
-) -> DecideBatchResponse:
-    return await _engine(request).decide_batch(name, body)
+async def decide_batch(name: str, body: DecideBatchRequest, request: Request) -> Response:
+    return _json(await _engine(request).decide_batch(name, body))
 
 
 @router.post("/v1/models/{name}/reward/batch", response_model=RewardBatchResponse)
-async def reward_batch(
-    name: str, body: RewardBatchRequest, request: Request
-) -> RewardBatchResponse:
-    return await _engine(request).reward_batch(name, body)
+async def reward_batch(name: str, body: RewardBatchRequest, request: Request) -> Response:
+    return _json(await _engine(request).reward_batch(name, body))
 
 
 @router.get("/v1/models/{name}/calibration", response_model=CalibrationResponse)
