@@ -24,6 +24,8 @@ __all__ = [
     "CalibrationResponse",
     "CalibrationSummary",
     "CategoricalSpec",
+    "DecideBatchRequest",
+    "DecideBatchResponse",
     "DecideRequest",
     "DecideResponse",
     "DiagonalSpec",
@@ -46,6 +48,8 @@ __all__ = [
     "PredictResponse",
     "PriorSpec",
     "ReliabilityBin",
+    "RewardBatchRequest",
+    "RewardBatchResponse",
     "RewardRequest",
     "RewardResponse",
     "RowPrediction",
@@ -184,6 +188,30 @@ class RewardResponse(BaseModel):
     applied: bool
     duplicate: bool
     version: int
+
+
+class DecideBatchRequest(Strict):
+    """The body of ``POST /v1/models/{name}/decide/batch``: each item a ``/decide`` body, decided
+    independently against the same published state, each with its own event. The items'
+    actions together count against ``POSTSERVE_MAX_ROWS``."""
+
+    items: list[DecideRequest] = Field(min_length=1)
+
+
+class DecideBatchResponse(BaseModel):
+    items: list[DecideResponse]
+
+
+class RewardBatchRequest(Strict):
+    """The body of ``POST /v1/models/{name}/reward/batch``: rewards applied in order as one
+    update, each event at most once; all or nothing (one unknown or expired event, or one bad
+    reward, refuses the whole batch). The items count against ``POSTSERVE_MAX_ROWS``."""
+
+    items: list[RewardRequest] = Field(min_length=1)
+
+
+class RewardBatchResponse(BaseModel):
+    items: list[RewardResponse]
 
 
 class RowPrediction(BaseModel):

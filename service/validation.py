@@ -31,6 +31,8 @@ def finite(value: float, what: str) -> float:
 
 def all_finite(values: object, what: str) -> None:
     """ValueError naming ``what`` if any float nested in ``values`` is NaN or infinite."""
+    if _finite_sum(values):
+        return
     stack = [values]
     while stack:
         v = stack.pop()
@@ -38,6 +40,18 @@ def all_finite(values: object, what: str) -> None:
             stack.extend(v)
         elif isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"NaN or infinite values are not allowed in {what}")
+
+
+def _finite_sum(values: object) -> bool:
+    """True when ``values`` is a list of numbers, or of lists of numbers, with a finite sum: then
+    none is NaN or infinite (either would make the sum so). False says nothing (a nesting of
+    another shape, or a sum that overflowed): the caller looks at every value."""
+    try:
+        if isinstance(values, list) and values and isinstance(values[0], list):
+            return math.isfinite(sum(map(sum, values)))
+        return isinstance(values, list) and math.isfinite(sum(values))
+    except TypeError:  # not numbers all the way down
+        return False
 
 
 def finite_field(value: T, info: ValidationInfo) -> T:

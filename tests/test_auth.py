@@ -77,6 +77,11 @@ def _reward(c: httpx.Client) -> tuple[str, str, Any]:
     return "POST", "/v1/models/guarded/reward", {"event_id": r.json()["event_id"], "reward": 1}
 
 
+def _reward_batch(c: httpx.Client) -> tuple[str, str, Any]:
+    method, path, body = _reward(c)
+    return method, f"{path}/batch", {"items": [body]}
+
+
 ROUTES = [
     Route("create", "admin", 201, _create),
     Route("list", "read", 200, lambda c: ("GET", "/v1/models", None)),
@@ -103,6 +108,17 @@ ROUTES = [
         lambda c: ("POST", "/v1/models/guarded/decide", {"actions": [[0.1, 0.2], [0.3, 0.4]]}),
     ),
     Route("reward", "write", 200, _reward),
+    Route(
+        "decide batch",
+        "write",
+        200,
+        lambda c: (
+            "POST",
+            "/v1/models/guarded/decide/batch",
+            {"items": [{"actions": [[0.1, 0.2], [0.3, 0.4]]}]},
+        ),
+    ),
+    Route("reward batch", "write", 200, _reward_batch),
 ]
 
 NO_KEY: list[tuple[str, dict[str, str]]] = [

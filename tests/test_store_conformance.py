@@ -192,6 +192,54 @@ def test_request_records(kind: str, tmp_path: Path) -> None:
     _run(kind, tmp_path, body)
 
 
+def test_one_record_answering_several_requests(kind: str, tmp_path: Path) -> None:
+    """A batch of rewards: one log record, one request record per event, all or nothing."""
+
+    async def body(s: Store) -> None:
+        await s.create_model("m", b"{}")
+        await s.create_model("n", b"{}")
+        await s.append("m", 3, b"batch", requests=[("e1", b"a1"), ("e2", NOT_UTF8), ("e3", b"")])
+        await s.append("m", 4, b"one", "e4", b"a4", requests=[("e5", b"a5")])
+        got = await s.get_responses("m", ["e2", "nobody", "e1", "e3", "e4", "e5", "e1"])
+        assert got == [NOT_UTF8, None, b"a1", b"", b"a4", b"a5", b"a1"]
+        assert await s.get_response("m", "e2") == NOT_UTF8
+        assert await s.get_responses("n", ["e1"]) == [None]  # ids are per model
+        assert await s.get_responses("m", []) == []
+        with pytest.raises(VersionConflict):  # refused: none of its request records is kept
+            await s.append("m", 4, b"stale", requests=[("e6", b"a6"), ("e7", b"a7")])
+        assert await s.get_responses("m", ["e6", "e7"]) == [None, None]
+        assert [(r.version, r.record) for r in await s.read_log("m")] == [
+            (3, b"batch"),
+            (4, b"one"),
+        ]
+
+    _run(kind, tmp_path, body)
+
+
+def test_events_in_batches(kind: str, tmp_path: Path) -> None:
+    async def body(s: Store) -> None:
+        await s.create_model("m", b"{}")
+        await s.create_model("n", b"{}")
+        now = time.time()
+        assert await s.put_event("m", "old", b"0", now + 3600)
+        batch = [("a", NOT_UTF8), ("old", b"again"), ("b", b"2"), ("a", b"twice"), ("c", b"3")]
+        assert await s.put_events("m", batch, now + 0.4) == [True, False, True, False, True]
+        assert await s.put_events("m", [], now + 1) == []
+        assert await s.put_events("n", [("a", b"other model")], now + 3600) == [True]
+        got = await s.get_events("m", ["b", "nobody", "a", "old", "a"])
+        assert got == [b"2", None, NOT_UTF8, b"0", NOT_UTF8]  # the first record of an id stays
+        assert await s.get_events("m", []) == []
+        await s.settle_events("m", ["a", "nobody", "b"])
+        await s.settle_events("m", [])
+        assert await s.get_events("m", ["a", "b"]) == [NOT_UTF8, b"2"]  # settled: still readable
+        await asyncio.sleep(0.6)
+        assert await s.get_events("m", ["a", "c", "old"]) == [None, None, b"0"]  # expired
+        assert await s.expired_events("m", time.time()) == [("c", b"3")]  # a, b were settled
+        assert await s.get_events("n", ["a"]) == [b"other model"]
+
+    _run(kind, tmp_path, body)
+
+
 def test_request_records_expire(kind: str, tmp_path: Path) -> None:
     async def body(s: Store) -> None:
         await s.create_model("m", b"{}")

@@ -1,6 +1,6 @@
 """API keys with scopes, sent as ``Authorization: Bearer KEY`` and compared in constant time.
 
-Scopes: ``read`` (predict, get, list, calibration), ``write`` (update, decide, reward), ``admin`` (create, delete, snapshot).
+Scopes: ``read`` (predict, get, list, calibration), ``write`` (update, decide, reward and their batches), ``admin`` (create, delete, snapshot).
 A key holds exactly the scopes it is listed with (a key may be listed once per scope). With no
 keys configured every route is open, and the CLI binds 127.0.0.1 only.
 
@@ -32,8 +32,8 @@ RULES: list[tuple[str, re.Pattern[str], KeyScope]] = [
     ("GET", re.compile(rf"^{_MODEL}/?$"), "read"),
     ("DELETE", re.compile(rf"^{_MODEL}/?$"), "admin"),
     ("POST", re.compile(rf"^{_MODEL}/update$"), "write"),
-    ("POST", re.compile(rf"^{_MODEL}/decide$"), "write"),
-    ("POST", re.compile(rf"^{_MODEL}/reward$"), "write"),
+    ("POST", re.compile(rf"^{_MODEL}/decide(/batch)?$"), "write"),
+    ("POST", re.compile(rf"^{_MODEL}/reward(/batch)?$"), "write"),
     ("POST", re.compile(rf"^{_MODEL}/predict$"), "read"),
     ("GET", re.compile(rf"^{_MODEL}/calibration$"), "read"),
     ("POST", re.compile(rf"^{_MODEL}/snapshot$"), "admin"),

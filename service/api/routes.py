@@ -19,6 +19,8 @@ from service.api.errors import refusal
 from service.hosting import Engine
 from service.schemas import (
     CalibrationResponse,
+    DecideBatchRequest,
+    DecideBatchResponse,
     DecideRequest,
     DecideResponse,
     ModelInfo,
@@ -26,6 +28,8 @@ from service.schemas import (
     ModelSpec,
     PredictRequest,
     PredictResponse,
+    RewardBatchRequest,
+    RewardBatchResponse,
     RewardRequest,
     RewardResponse,
     SnapshotResponse,
@@ -129,6 +133,16 @@ async def decide(name: str, body: DecideRequest, request: Request) -> Response:
 @router.post("/v1/models/{name}/reward", response_model=RewardResponse)
 async def reward(name: str, body: RewardRequest, request: Request) -> Response:
     return _json(await _engine(request).reward(name, body))
+
+
+@router.post("/v1/models/{name}/decide/batch", response_model=DecideBatchResponse)
+async def decide_batch(name: str, body: DecideBatchRequest, request: Request) -> Response:
+    return _json(await _engine(request).decide_batch(name, body))
+
+
+@router.post("/v1/models/{name}/reward/batch", response_model=RewardBatchResponse)
+async def reward_batch(name: str, body: RewardBatchRequest, request: Request) -> Response:
+    return _json(await _engine(request).reward_batch(name, body))
 
 
 @router.get("/v1/models/{name}/calibration", response_model=CalibrationResponse)

@@ -60,15 +60,16 @@ def cholesky(A: Tensor, *, what: str = "matrix", max_tries: int = 6) -> Tensor:
 
 
 def psd_sqrt(A: Tensor) -> Tensor:
-    """A factor F with F F^T = A for a symmetric positive semi-definite ``A`` (n, n), by ``eigh``.
+    """A factor F with F F^T = A for a symmetric positive semi-definite ``A`` (n, n), by ``eigh``;
+    for a stack (..., n, n), one factor per matrix.
 
     Unlike a Cholesky factor it exists for singular A (e.g. two identical rows of J in
-    J Sigma J^T); eigenvalues below ``n eps max|lambda|`` (rounding noise) count as zero, so
-    identical rows get identical factor rows.
+    J Sigma J^T); eigenvalues below ``n eps max|lambda|`` of their own matrix (rounding noise)
+    count as zero, so identical rows get identical factor rows.
     """
     lam, V = torch.linalg.eigh(symmetrise(A))
-    floor = A.shape[-1] * torch.finfo(A.dtype).eps * lam.abs().max()
-    F: Tensor = V * torch.where(lam > floor, lam, torch.zeros_like(lam)).sqrt()
+    floor = A.shape[-1] * torch.finfo(A.dtype).eps * lam.abs().amax(-1, keepdim=True)
+    F: Tensor = V * torch.where(lam > floor, lam, torch.zeros_like(lam)).sqrt().unsqueeze(-2)
     return F
 
 

@@ -183,6 +183,16 @@ def _activation(name: str, z: Tensor) -> tuple[Tensor, Tensor]:
     raise InvalidSpec(f"unknown activation {name!r}; expected one of {', '.join(_ACTIVATIONS)}")
 
 
+def _activate(name: str, z: Tensor) -> Tensor:
+    """act(z) alone, for ``apply`` (which needs no slope: for S draws x N rows, computing it
+    took a third of the time)."""
+    if name == "relu":
+        return z.clamp_min(0)
+    if name == "tanh":
+        return torch.tanh(z)
+    return _activation(name, z)[0]
+
+
 @dataclass(frozen=True)
 class MLP:
     """A dense stack ``input_dim -> hidden... -> output_dim``; ``activation`` after each hidden layer.
@@ -229,7 +239,7 @@ class MLP:
             W, b = _unflatten(theta, layer, True)
             a = _dense(a, W, b)
             if k < len(layers) - 1:
-                a = _activation(self.activation, a)[0]
+                a = _activate(self.activation, a)
         return a
 
     def jacobian(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -250,6 +250,33 @@ class OnlineFilter(Generic[S]):
                     return self.likelihood.mean(eta[:, inverse])
         return self.likelihood.mean(self.network.apply(self.sample(state, n, generator), x))
 
+    def sample_outputs_each(
+        self, state: S, x: Tensor, n: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``sample_outputs`` of each of G groups of rows x (G, N, I), in one go: (G, n, N, C).
+
+        Group g's n draws are its own, independent of the other groups' (as G separate calls),
+        and draw k of a group shares one theta across that group's rows. For a linear network
+        with N C <= D, every group's outputs are drawn from their own N(g(m, x_g), J_g Sigma
+        J_g^T) with one batched projection and factorisation; repeated rows of a group draw
+        exactly alike. Otherwise, one ``sample_outputs`` per group.
+        """
+        if x.ndim != 3:
+            raise InvalidInput(f"x must have shape (groups, rows, inputs), got {tuple(x.shape)}")
+        (G, N, I), C = x.shape, self.network.output_dim
+        flat = self._rows(x.reshape(G * N, I), state.mean)
+        small = N * N * I <= _CHUNK_NUMBERS  # the repeated-rows test of one group
+        if self.network.linear_in_params and self.num_params >= N * C and small:
+            g, J = self.network.jacobian(state.mean, flat)
+            cov = self.algorithm.project(state, J.reshape(G, N * C, -1))  # (G, N C, N C)
+            if all_finite(cov):  # else the per-group draws below say what is wrong
+                z = torch.randn((G, n, N * C), generator=generator, dtype=g.dtype, device=g.device)
+                eta = (g.reshape(G, 1, N * C) + z @ psd_sqrt(cov).mT).reshape(G, n, N, C)
+                first = _first_repeats(flat.reshape(G, N, -1))
+                eta = eta.gather(2, first[:, None, :, None].expand(G, n, N, C))
+                return self.likelihood.mean(eta)
+        return torch.stack([self.sample_outputs(state, x[i], n, generator) for i in range(G)])
+
     def state_bytes(self, state: S) -> int:
         return self.algorithm.state_bytes(state)
 
@@ -264,3 +291,15 @@ class OnlineFilter(Generic[S]):
         if not all_finite(x):
             raise InvalidInput("x holds NaN or infinite values")
         return x
+
+
+def _first_repeats(rows: Tensor) -> Tensor:
+    """For rows (G, N, I): the index of each row's first identical row in its group, (G, N)."""
+    G, N, I = rows.shape
+    step = max(1, _CHUNK_NUMBERS // (N * N * I))  # groups per chunk of the N x N test
+    parts = []
+    for start in range(0, G, step):
+        r = rows[start : start + step]
+        same = (r.unsqueeze(2) == r.unsqueeze(1)).all(-1)  # (g, N, N), true on the diagonal
+        parts.append(same.to(torch.int8).argmax(-1))  # argmax: the first maximal index
+    return torch.cat(parts)

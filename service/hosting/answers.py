@@ -17,15 +17,28 @@ from service.schemas import (
     CalibrationPoint,
     CalibrationResponse,
     CalibrationSummary,
+    DecideBatchResponse,
     DecideResponse,
     ModelInfo,
     PredictResponse,
     ReliabilityBin,
+    RewardBatchResponse,
+    RewardResponse,
     RowPrediction,
     UpdateResponse,
 )
 
-__all__ = ["calibration", "decision", "model_info", "prediction", "summary", "update"]
+__all__ = [
+    "calibration",
+    "decision",
+    "decisions",
+    "model_info",
+    "prediction",
+    "reward",
+    "rewards",
+    "summary",
+    "update",
+]
 
 
 def summary(stats: Stats) -> CalibrationSummary:
@@ -69,6 +82,25 @@ def decision(event_id: str, choice: Decision, version: int) -> DecideResponse:
         propensity_samples=choice.samples,
         version=version,
     )
+
+
+def decisions(items: list[DecideResponse]) -> DecideBatchResponse:
+    return DecideBatchResponse(items=items)
+
+
+def reward(event_id: str, done: UpdateResponse) -> RewardResponse:
+    """``/reward``: the update of the event's row (or its first answer, when a duplicate)."""
+    return RewardResponse(
+        event_id=event_id,
+        applied=not done.duplicate,
+        duplicate=done.duplicate,
+        version=done.version,
+    )
+
+
+def rewards(event_ids: list[str], done: list[UpdateResponse]) -> RewardBatchResponse:
+    """``/reward/batch``: item i's answer as ``reward``'s (version: the model's after its row)."""
+    return RewardBatchResponse(items=[reward(e, d) for e, d in zip(event_ids, done, strict=True)])
 
 
 def model_info(h: HostedModel) -> ModelInfo:

@@ -5,6 +5,18 @@ A decision is kept in the store as an event (:class:`~service.hosting.records.Ev
 the update pipeline with the request id ``event:{event_id}``, so a reward is applied at most once
 whatever the retries. Expired unrewarded events get the model's ``events.default_reward`` (if it
 has one) from this module's own ticker.
+
+Batches (``/decide/batch``, ``/reward/batch``). A decide batch reads the published state once
+and decides every item independently against it (``policy.decide_many``; an item with a
+``seed`` exactly as ``/decide`` would, the others with the work shared), each item with its own
+event, kept in one store write; an item whose ``event_id`` exists gets its first answer, as a
+retried ``/decide`` does, and so does a later item repeating an earlier one's ``event_id``. A
+reward batch is all or nothing: every event must be known and unexpired and every reward valid
+for the likelihood, else the whole batch is refused (404 or 422 naming the item's index) and
+nothing is applied; then the rewards are one update through ``Updates.apply_keyed``, in order,
+each event at most once (an event rewarded before, or earlier in the batch, answers
+``duplicate``), with one log record and one request record per event in one atomic append.
+Items x actions (decide) and items (reward) count against ``POSTSERVE_MAX_ROWS``.
 """
 
 from __future__ import annotations
@@ -14,7 +26,9 @@ import logging
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from service.config import Settings
@@ -34,8 +48,17 @@ from service.hosting.hosted import HostedModel
 from service.hosting.limits import Limits
 from service.hosting.records import EventRecord, LogEntry
 from service.hosting.updates import Updates
-from service.policy import Decision, decide
-from service.schemas import DecideRequest, DecideResponse, RewardRequest, RewardResponse
+from service.policy import Decision, decide, decide_many
+from service.schemas import (
+    DecideBatchRequest,
+    DecideBatchResponse,
+    DecideRequest,
+    DecideResponse,
+    RewardBatchRequest,
+    RewardBatchResponse,
+    RewardRequest,
+    RewardResponse,
+)
 from service.store import Store
 
 __all__ = ["Bandits"]
@@ -58,37 +81,22 @@ class Bandits:
 
     async def decide(self, h: HostedModel, req: DecideRequest) -> DecideResponse:
         """Choose one of the candidate actions and keep the event for its reward."""
-        context = req.context or []
-        want = h.filter.network.input_dim
-        for i, action in enumerate(req.actions):
-            if len(context) + len(action) != want:
-                raise InvalidInput(
-                    f"decide: context ({len(context)} values) + action {i} ({len(action)} values) "
-                    f"makes {len(context) + len(action)} inputs, the model takes {want}"
-                )
-        rows = [context + action for action in req.actions]
-        self.limits.rows(rows, want, "decide")
+        rows = _rows(h, req)
+        self.limits.rows(rows, h.filter.network.input_dim, "decide")
         if req.event_id is not None:  # a retried decision gets the first answer
             seen = await self._answer_of(h, req.event_id)
             if seen is not None:
                 return seen
         current = h.current
-        draws = req.strategy == "thompson" and not h.filter.network.linear_in_params
-        samples = self.settings.propensity_samples if draws else 0
-        work = h.filter.state_bytes(current.state) * len(rows) * (1 + samples)
-        choice = await self.compute.run(work, self._choose, h, current.state, rows, req)
+        work = self._work(h, current.state, len(rows), [req])
+        choice = await self.compute.run(
+            work, self._choose, h, h.filter.predict, current.state, rows, req
+        )
         event_id = req.event_id or uuid.uuid4().hex
         response = answers.decision(event_id, choice, current.version)
-        record = EventRecord(
-            x=rows[choice.action],
-            action=choice.action,
-            propensity=response.propensity,
-            strategy=req.strategy,
-            version=current.version,
-            response=response.model_dump_json(),
-        )
+        record = _record(rows, choice, req, response)
         expires = time.time() + h.spec.events.ttl_s
-        if not await self.store.put_event(h.name, event_id, record.to_bytes(), expires):
+        if not await self.store.put_event(h.name, event_id, record, expires):
             seen = await self._answer_of(h, event_id)  # a concurrent twin won
             if seen is None:
                 raise AlreadyExists(
@@ -97,20 +105,95 @@ class Bandits:
             return seen
         return response
 
+    async def decide_batch(self, h: HostedModel, req: DecideBatchRequest) -> DecideBatchResponse:
+        """Decide every item against one read of the published state (see the module's
+        docstring); each item's event is kept for its reward."""
+        rows = [_rows(h, item, f"item {i}: ") for i, item in enumerate(req.items)]
+        self.limits.batch(sum(map(len, rows)), "the items' actions together")
+        done = await self._answers_of(h, req.items)  # retried items: their first answers
+        first: dict[str, int] = {}  # event id -> the first item with it
+        todo = []
+        for i, item in enumerate(req.items):
+            if i not in done and (item.event_id is None or first.setdefault(item.event_id, i) == i):
+                todo.append(i)
+        if todo:
+            current = h.current
+            todo_rows, todo_items = [rows[i] for i in todo], [req.items[i] for i in todo]
+            work = self._work(h, current.state, sum(map(len, todo_rows)), todo_items)
+            choices = await self.compute.run(
+                work, self._choose_many, h, current.state, todo_rows, todo_items
+            )
+            kept = await self._keep(h, todo, todo_rows, todo_items, choices, current.version)
+            done.update(kept)
+        for i, item in enumerate(req.items):  # a repeated event id: the first item's answer
+            if i not in done and item.event_id is not None:
+                done[i] = done[first[item.event_id]]
+        return answers.decisions([done[i] for i in range(len(req.items))])
+
+    async def _answers_of(
+        self, h: HostedModel, items: list[DecideRequest]
+    ) -> dict[int, DecideResponse]:
+        """The first answers of the items whose event exists, by item index."""
+        named = [i for i, item in enumerate(items) if item.event_id is not None]
+        raws = await self.store.get_events(h.name, [str(items[i].event_id) for i in named])
+        return {i: _answer(raw) for i, raw in zip(named, raws, strict=True) if raw is not None}
+
+    async def _keep(
+        self,
+        h: HostedModel,
+        todo: list[int],
+        rows: list[list[list[float]]],
+        items: list[DecideRequest],
+        choices: list[Decision],
+        version: int,
+    ) -> dict[int, DecideResponse]:
+        """Keep the new decisions' events in one store write; their answers by item index (a
+        concurrent twin's where it won)."""
+        ids = [item.event_id or uuid.uuid4().hex for item in items]
+        responses = [answers.decision(e, c, version) for e, c in zip(ids, choices, strict=True)]
+        records = [
+            (e, _record(r, c, item, a))
+            for e, r, c, item, a in zip(ids, rows, choices, items, responses, strict=True)
+        ]
+        expires = time.time() + h.spec.events.ttl_s
+        kept = await self.store.put_events(h.name, records, expires)
+        lost = [k for k, ok in enumerate(kept) if not ok]
+        for k, raw in zip(
+            lost, await self.store.get_events(h.name, [ids[k] for k in lost]), strict=True
+        ):
+            if raw is None:
+                raise AlreadyExists(
+                    f"item {todo[k]}: event {ids[k]!r} of model {h.name!r} exists and has expired"
+                )
+            responses[k] = _answer(raw)
+        return dict(zip(todo, responses, strict=True))
+
+    def _work(self, h: HostedModel, state: Belief, rows: int, items: list[DecideRequest]) -> int:
+        """The compute's size (state bytes x rows, times the parameter draws where drawn)."""
+        draws = not h.filter.network.linear_in_params and any(
+            item.strategy == "thompson" for item in items
+        )
+        samples = self.settings.propensity_samples if draws else 0
+        return h.filter.state_bytes(state) * rows * (1 + samples)
+
     async def _answer_of(self, h: HostedModel, event_id: str) -> DecideResponse | None:
         raw = await self.store.get_event(h.name, event_id)
-        if raw is None:
-            return None
-        return DecideResponse.model_validate_json(EventRecord.from_bytes(raw).response)
+        return None if raw is None else _answer(raw)
 
     def _choose(
-        self, h: HostedModel, state: Belief, rows: list[list[float]], req: DecideRequest
+        self,
+        h: HostedModel,
+        predict: Callable[[Belief], Belief],
+        state: Belief,
+        rows: list[list[float]],
+        req: DecideRequest,
     ) -> Decision:
+        """One item's decision, as ``/decide`` makes it: ``predict(state)`` is the belief."""
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         gen = torch.Generator(device=h.device).manual_seed(seed)
         return decide(
             h.filter,
-            h.filter.predict(state),
+            predict(state),
             h.tensor(rows),
             req.strategy,
             epsilon=req.epsilon,
@@ -118,15 +201,66 @@ class Bandits:
             propensity_samples=self.settings.propensity_samples,
         )
 
+    def _choose_many(
+        self,
+        h: HostedModel,
+        state: Belief,
+        rows: list[list[list[float]]],
+        items: list[DecideRequest],
+    ) -> list[Decision]:
+        """Every item's decision under one belief: a seeded item's as ``/decide`` makes it,
+        the others' together (``policy.decide_many``)."""
+        belief = h.filter.predict(state)
+        out = {
+            i: self._choose(h, lambda _: belief, state, rows[i], item)
+            for i, item in enumerate(items)
+            if item.seed is not None
+        }
+        free = [i for i, item in enumerate(items) if item.seed is None]
+        if free:
+            gen = torch.Generator(device=h.device).manual_seed(secrets.randbits(63))
+            chosen = decide_many(
+                h.filter,
+                belief,
+                _stack(h, [row for i in free for row in rows[i]]),
+                [len(rows[i]) for i in free],
+                [items[i].strategy for i in free],
+                [items[i].epsilon for i in free],
+                generator=gen,
+                propensity_samples=self.settings.propensity_samples,
+            )
+            out.update(zip(free, chosen, strict=True))
+        return [out[i] for i in range(len(items))]
+
     async def reward(self, h: HostedModel, req: RewardRequest) -> RewardResponse:
         """Apply the event's reward as one update, at most once per event."""
         raw = await self.store.get_event(h.name, req.event_id)
         if raw is None:
-            raise NotFound(
-                f"event {req.event_id!r} of model {h.name!r} is unknown or expired (events wait "
-                f"{h.spec.events.ttl_s:g} s for their reward, events.ttl_s)"
-            )
+            raise NotFound(self._unknown(h, req.event_id))
         return await self._settle(h, req.event_id, EventRecord.from_bytes(raw), req.reward)
+
+    async def reward_batch(self, h: HostedModel, req: RewardBatchRequest) -> RewardBatchResponse:
+        """Apply the rewards as one update, in order, each event at most once; all or nothing
+        (see the module's docstring)."""
+        ids = [item.event_id for item in req.items]
+        self.limits.batch(len(ids), "one per item")
+        raws = await self.store.get_events(h.name, ids)
+        for i, raw in enumerate(raws):
+            if raw is None:
+                raise NotFound(f"item {i}: {self._unknown(h, ids[i])}; nothing was applied")
+        rewards: list[float] = [item.reward for item in req.items]
+        _check_rewards(h, rewards)
+        x = [EventRecord.from_bytes(raw).x for raw in raws if raw is not None]
+        done = await self.updates.apply_keyed(h, x, list(rewards), [f"event:{e}" for e in ids])
+        await self.store.settle_events(h.name, list(dict.fromkeys(ids)))
+        return answers.rewards(ids, done)
+
+    @staticmethod
+    def _unknown(h: HostedModel, event_id: str) -> str:
+        return (
+            f"event {event_id!r} of model {h.name!r} is unknown or expired (events wait "
+            f"{h.spec.events.ttl_s:g} s for their reward, events.ttl_s)"
+        )
 
     async def _settle(
         self, h: HostedModel, event_id: str, event: EventRecord, reward: float
@@ -134,12 +268,7 @@ class Bandits:
         entry = LogEntry(x=[event.x], y=[reward], request_id=f"event:{event_id}")
         done = await self.updates.apply(h, entry)
         await self.store.settle_event(h.name, event_id)
-        return RewardResponse(
-            event_id=event_id,
-            applied=not done.duplicate,
-            duplicate=done.duplicate,
-            version=done.version,
-        )
+        return answers.reward(event_id, done)
 
     async def expire(self) -> None:
         """Give expired unrewarded events their model's default reward (if it has one)."""
@@ -168,3 +297,53 @@ class Bandits:
         while True:
             await asyncio.sleep(min(self.settings.snapshot_interval_s, 5.0))
             await self.expire()
+
+
+def _rows(h: HostedModel, req: DecideRequest, where: str = "") -> list[list[float]]:
+    """The candidate input rows (context + action), each as wide as the model's input."""
+    context = req.context or []
+    want = h.filter.network.input_dim
+    for i, action in enumerate(req.actions):
+        if len(context) + len(action) != want:
+            raise InvalidInput(
+                f"{where}decide: context ({len(context)} values) + action {i} ({len(action)} "
+                f"values) makes {len(context) + len(action)} inputs, the model takes {want}"
+            )
+    return [context + action for action in req.actions]
+
+
+def _stack(h: HostedModel, rows: list[list[float]]) -> torch.Tensor:
+    """``h.tensor(rows)`` (the same numbers) through NumPy: three times faster on many rows."""
+    return torch.from_numpy(np.array(rows, dtype=np.float64)).to(dtype=h.dtype, device=h.device)
+
+
+def _record(
+    rows: list[list[float]], choice: Decision, req: DecideRequest, response: DecideResponse
+) -> bytes:
+    """The event kept for a decision's reward."""
+    return EventRecord(
+        x=rows[choice.action],
+        action=choice.action,
+        propensity=response.propensity,
+        strategy=req.strategy,
+        version=response.version,
+        response=response.model_dump_json(),
+    ).to_bytes()
+
+
+def _answer(raw: bytes) -> DecideResponse:
+    """The answer a kept event was decided with."""
+    return DecideResponse.model_validate_json(EventRecord.from_bytes(raw).response)
+
+
+def _check_rewards(h: HostedModel, rewards: list[float]) -> None:
+    """Every reward valid for the model's likelihood, else InvalidInput naming the first bad item."""
+    try:
+        h.filter.encode(h.tensor(rewards))
+    except InvalidInput:
+        for i, r in enumerate(rewards):
+            try:
+                h.filter.encode(h.tensor([r]))
+            except InvalidInput as exc:
+                raise InvalidInput(f"item {i}: {exc.message}; nothing was applied") from exc
+        raise

@@ -7,7 +7,7 @@ catalogue      the hosted models by name; create, delete, restore at start
 recovery       catch-up: a newer snapshot, then a replay of the log after it
 updates        the write-ahead update pipeline (``/update`` and rewards); refusal counters
 predictions    ``/predict`` on the published state
-bandits        ``/decide``, ``/reward`` and default rewards of expired events (own ticker)
+bandits        ``/decide``, ``/reward``, their batches, default rewards of expired events
 snapshots      snapshots on demand, every N observations and from their own ticker
 answers        domain results -> response models
 stats          the counters and per-model figures that metrics read
@@ -40,12 +40,16 @@ from service.hosting.stats import EngineStats, collect
 from service.hosting.updates import Updates
 from service.schemas import (
     CalibrationResponse,
+    DecideBatchRequest,
+    DecideBatchResponse,
     DecideRequest,
     DecideResponse,
     ModelInfo,
     ModelSpec,
     PredictRequest,
     PredictResponse,
+    RewardBatchRequest,
+    RewardBatchResponse,
     RewardRequest,
     RewardResponse,
     SnapshotResponse,
@@ -159,6 +163,12 @@ class Engine:
 
     async def reward(self, name: str, req: RewardRequest) -> RewardResponse:
         return await self.bandits.reward(self.catalogue.get(name), req)
+
+    async def decide_batch(self, name: str, req: DecideBatchRequest) -> DecideBatchResponse:
+        return await self.bandits.decide_batch(self.catalogue.get(name), req)
+
+    async def reward_batch(self, name: str, req: RewardBatchRequest) -> RewardBatchResponse:
+        return await self.bandits.reward_batch(self.catalogue.get(name), req)
 
     async def snapshot(self, name: str) -> SnapshotResponse:
         h = self.catalogue.get(name)

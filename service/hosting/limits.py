@@ -30,6 +30,14 @@ class Limits:
                     f"{what}: row {i} of x has {len(row)} values, the model takes {input_dim}"
                 )
 
+    def batch(self, rows: int, what: str) -> None:
+        """At most ``max_rows`` rows over all the items of a batch; ``what`` says how they count."""
+        if rows > self.settings.max_rows:
+            raise TooLarge(
+                f"{rows} rows ({what}) is over the limit of {self.settings.max_rows} per request "
+                "(POSTSERVE_MAX_ROWS)"
+            )
+
     def samples(self, n: int) -> None:
         if n > self.settings.max_samples:
             raise TooLarge(

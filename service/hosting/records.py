@@ -15,7 +15,7 @@ event          ``{"x", "action", "propensity", "strategy", "version", "response"
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from service.components import Label
 
@@ -47,7 +47,12 @@ class EventRecord:
     response: str
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        # The fields by hand, in their order: ``asdict`` deep-copies every number of x.
+        body = {
+            "x": self.x, "action": self.action, "propensity": self.propensity,
+            "strategy": self.strategy, "version": self.version, "response": self.response,
+        }  # fmt: skip
+        return json.dumps(body).encode()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> EventRecord:

@@ -7,7 +7,8 @@ catalogue     name -> spec (JSON bytes)
 log           (name, version) -> record bytes; ``version`` is the model's version after the
               record is applied; appended in increasing version order
 requests      (name, request_id) -> the response first given (bytes), kept ``ttl`` seconds;
-              written in the same atomic step as the log record it answered
+              written in the same atomic step as the log record it answered (one record may
+              answer several requests: a batch of rewards, one request id per event)
 snapshots     name -> (version, tensors (safetensors bytes), meta (JSON bytes)), latest only
 events        (name, event_id) -> record bytes until ``expires_at`` (unix seconds), and
               whether it is still *pending* (unrewarded): ``/decide`` writes them,
@@ -24,6 +25,7 @@ Who may write a model is not the store's business but its lease's (``service.sto
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -69,8 +71,10 @@ class Store(Protocol):
         record: bytes,
         request_id: str | None = None,
         response: bytes | None = None,
+        requests: Sequence[tuple[str, bytes]] = (),
     ) -> None:
-        """Durably append one log record (and its request record), atomically.
+        """Durably append one log record (and its request records), atomically: the record with
+        ``request_id``'s response and every further ``(request_id, response)`` of ``requests``.
 
         VersionConflict (and nothing written) when ``version`` is at or below the log's latest
         version, counting records already trimmed by a snapshot.
@@ -83,6 +87,10 @@ class Store(Protocol):
 
     async def get_response(self, name: str, request_id: str) -> bytes | None:
         """The response stored with ``request_id`` if it is younger than the TTL."""
+        ...
+
+    async def get_responses(self, name: str, request_ids: Sequence[str]) -> list[bytes | None]:
+        """``get_response`` of each id, in order (one round trip where the backend allows)."""
         ...
 
     async def put_snapshot(self, name: str, snapshot: Snapshot) -> None:
@@ -101,6 +109,21 @@ class Store(Protocol):
 
     async def settle_event(self, name: str, event_id: str) -> None:
         """The event got its reward: no longer pending (its record stays until it expires)."""
+        ...
+
+    async def put_events(
+        self, name: str, events: Sequence[tuple[str, bytes]], expires_at: float
+    ) -> list[bool]:
+        """``put_event`` of each ``(event_id, record)``, all until ``expires_at``, in one write
+        (one transaction where the backend has them); each answer as ``put_event``'s."""
+        ...
+
+    async def get_events(self, name: str, event_ids: Sequence[str]) -> list[bytes | None]:
+        """``get_event`` of each id, in order."""
+        ...
+
+    async def settle_events(self, name: str, event_ids: Sequence[str]) -> None:
+        """``settle_event`` of each id, in one write."""
         ...
 
     async def expired_events(

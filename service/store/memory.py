@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.errors import VersionConflict
@@ -57,6 +58,7 @@ class MemoryStore:
         record: bytes,
         request_id: str | None = None,
         response: bytes | None = None,
+        requests: Sequence[tuple[str, bytes]] = (),
     ) -> None:
         log = self._logs.setdefault(name, [])
         snap = self._snapshots.get(name)  # versions up to it may have been trimmed
@@ -66,8 +68,11 @@ class MemoryStore:
                 f"the log of {name!r} is at version {latest}, got {version}; nothing was written"
             )
         log.append(LogRecord(version, record))
+        now = time.time()
         if request_id is not None and response is not None:
-            self._requests[(name, request_id)] = (time.time(), response)
+            self._requests[(name, request_id)] = (now, response)
+        for rid, answer in requests:
+            self._requests[(name, rid)] = (now, answer)
 
     async def read_log(self, name: str, after: int = 0) -> list[LogRecord]:
         return [r for r in self._logs.get(name, []) if r.version > after]
@@ -77,6 +82,9 @@ class MemoryStore:
         if hit is None or time.time() - hit[0] > self._ttl:
             return None
         return hit[1]
+
+    async def get_responses(self, name: str, request_ids: Sequence[str]) -> list[bytes | None]:
+        return [await self.get_response(name, rid) for rid in request_ids]
 
     async def put_snapshot(self, name: str, snapshot: Snapshot) -> None:
         self._snapshots[name] = snapshot
@@ -99,6 +107,18 @@ class MemoryStore:
         hit = self._events.get((name, event_id))
         if hit is not None:
             hit.pending = False
+
+    async def put_events(
+        self, name: str, events: Sequence[tuple[str, bytes]], expires_at: float
+    ) -> list[bool]:
+        return [await self.put_event(name, e, record, expires_at) for e, record in events]
+
+    async def get_events(self, name: str, event_ids: Sequence[str]) -> list[bytes | None]:
+        return [await self.get_event(name, e) for e in event_ids]
+
+    async def settle_events(self, name: str, event_ids: Sequence[str]) -> None:
+        for e in event_ids:
+            await self.settle_event(name, e)
 
     async def expired_events(
         self, name: str, now: float, limit: int = 100

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -58,6 +59,8 @@ log = logging.getLogger("postserve.store.redis")
 # ARGV[4] - "1" to also keep the request record, "" not to
 # ARGV[5] - response bytes for the request record
 # ARGV[6] - the request record's time to live in milliseconds
+# KEYS[4..], ARGV[7..] - further request record keys and their responses (one log record that
+# answers several requests: a batch of rewards), kept as long
 # return 1 once written; a POSTSERVE_NOT_OWNER error (nothing written) if the lease is not the
 # writer's; XADD's own error (nothing written) for a version at or below the stream's top
 _APPEND = """
@@ -67,6 +70,9 @@ end
 redis.call('XADD', KEYS[2], ARGV[2] .. '-1', 'r', ARGV[3])
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+end
+for i = 4, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 3], 'PX', ARGV[6])
 end
 return 1
 """
@@ -234,6 +240,7 @@ class RedisStore:
         record: bytes,
         request_id: str | None = None,
         response: bytes | None = None,
+        requests: Sequence[tuple[str, bytes]] = (),
     ) -> None:
         holder = self.lease.holder(name)
         if not self._probed:
@@ -252,6 +259,9 @@ class RedisStore:
             response or b"",
             self._ttl_ms,
         ]
+        for rid, answer in requests:
+            keys.append(self._k("req", name, rid))
+            args.append(answer)
         try:
             await self._do(self._append(keys=keys, args=args))
         except ResponseError as exc:
@@ -284,6 +294,12 @@ class RedisStore:
         raw = await self._do(self.r.get(self._k("req", name, request_id)))
         return None if raw is None else bytes(raw)
 
+    async def get_responses(self, name: str, request_ids: Sequence[str]) -> list[bytes | None]:
+        if not request_ids:
+            return []
+        raw = await self._do(self.r.mget([self._k("req", name, rid) for rid in request_ids]))
+        return [None if v is None else bytes(v) for v in raw]
+
     # -- snapshots ---------------------------------------------------------------------------
 
     async def put_snapshot(self, name: str, snapshot: Snapshot) -> None:
@@ -314,6 +330,32 @@ class RedisStore:
 
     async def settle_event(self, name: str, event_id: str) -> None:
         await self._do(self.r.zrem(self._k("events", name), event_id))
+
+    async def put_events(
+        self, name: str, events: Sequence[tuple[str, bytes]], expires_at: float
+    ) -> list[bool]:
+        """One pipelined round trip of ``put_event`` scripts (each atomic on its own)."""
+        life_ms = max(1, int((expires_at - time.time() + _EVENT_GRACE_S) * 1000))
+        pipe = self.r.pipeline(transaction=False)
+        for event_id, record in events:
+            keys = [self._k("event", name, event_id), self._k("events", name)]
+            args: list[bytes | str | int] = [repr(expires_at), record, life_ms, event_id]
+            await self._put_event(keys=keys, args=args, client=pipe)  # queued, not sent
+        return [bool(done) for done in await self._do(pipe.execute())]
+
+    async def get_events(self, name: str, event_ids: Sequence[str]) -> list[bytes | None]:
+        pipe = self.r.pipeline(transaction=False)
+        for event_id in event_ids:
+            pipe.hmget(self._k("event", name, event_id), ["e", "r"])
+        now = time.time()
+        return [
+            None if expires is None or float(expires) <= now else bytes(record)
+            for expires, record in await self._do(pipe.execute())
+        ]
+
+    async def settle_events(self, name: str, event_ids: Sequence[str]) -> None:
+        if event_ids:
+            await self._do(self.r.zrem(self._k("events", name), *event_ids))
 
     async def expired_events(
         self, name: str, now: float, limit: int = 100

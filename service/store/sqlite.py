@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -113,7 +113,12 @@ class SQLiteStore:
         record: bytes,
         request_id: str | None = None,
         response: bytes | None = None,
+        requests: Sequence[tuple[str, bytes]] = (),
     ) -> None:
+        answers = list(requests)
+        if request_id is not None and response is not None:
+            answers.insert(0, (request_id, response))
+
         def go(db: sqlite3.Connection) -> None:
             last = db.execute(
                 "SELECT MAX(v) FROM (SELECT MAX(version) AS v FROM log WHERE name = ? "
@@ -125,11 +130,11 @@ class SQLiteStore:
                     f"the log of {name!r} is at version {last}, got {version}; nothing was written"
                 )
             db.execute("INSERT INTO log VALUES (?, ?, ?)", (name, version, record))
-            if request_id is not None and response is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
-                    (name, request_id, time.time(), response),
-                )
+            now = time.time()
+            db.executemany(
+                "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
+                [(name, rid, now, answer) for rid, answer in answers],
+            )
 
         await self._run(go)
 
@@ -150,6 +155,21 @@ class SQLiteStore:
             ).fetchone()
         )
         return None if row is None else bytes(row[0])
+
+    async def get_responses(self, name: str, request_ids: Sequence[str]) -> list[bytes | None]:
+        def go(db: sqlite3.Connection) -> list[bytes | None]:
+            since = time.time() - self._ttl
+            rows = [
+                db.execute(
+                    "SELECT response FROM requests WHERE name = ? AND request_id = ? "
+                    "AND created > ?",
+                    (name, rid, since),
+                ).fetchone()
+                for rid in request_ids
+            ]
+            return [None if r is None else bytes(r[0]) for r in rows]
+
+        return await self._run(go)
 
     async def put_snapshot(self, name: str, snapshot: Snapshot) -> None:
         def go(db: sqlite3.Connection) -> None:
@@ -193,6 +213,32 @@ class SQLiteStore:
         await self._run(
             lambda db: db.execute(
                 "UPDATE events SET pending = 0 WHERE name = ? AND event_id = ?", (name, event_id)
+            )
+        )
+
+    async def put_events(
+        self, name: str, events: Sequence[tuple[str, bytes]], expires_at: float
+    ) -> list[bool]:
+        def go(db: sqlite3.Connection) -> list[bool]:
+            sql = "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, 1)"
+            return [db.execute(sql, (name, e, expires_at, r)).rowcount == 1 for e, r in events]
+
+        return await self._run(go)
+
+    async def get_events(self, name: str, event_ids: Sequence[str]) -> list[bytes | None]:
+        def go(db: sqlite3.Connection) -> list[bytes | None]:
+            now = time.time()
+            sql = "SELECT record FROM events WHERE name = ? AND event_id = ? AND expires_at > ?"
+            rows = [db.execute(sql, (name, e, now)).fetchone() for e in event_ids]
+            return [None if r is None else bytes(r[0]) for r in rows]
+
+        return await self._run(go)
+
+    async def settle_events(self, name: str, event_ids: Sequence[str]) -> None:
+        await self._run(
+            lambda db: db.executemany(
+                "UPDATE events SET pending = 0 WHERE name = ? AND event_id = ?",
+                [(name, e) for e in event_ids],
             )
         )
 
