@@ -37,7 +37,7 @@ Predictive for a row whose output has linearised variance Var[eta] = J Sigma J^T
 ``pit`` gives the predictive CDF at the label, for calibration: gaussian Phi((y - eta) / sd) per
 output with sd^2 = Var[eta]_cc + r_c; poisson the Poisson-lognormal CDF
 F(k) = E[Q(k + 1, exp(eta))] over eta ~ N(g, v) (Q the regularised upper incomplete gamma
-function; see ``_poisson_lognormal_cdf``) at k = y - 1 and k = y.
+function; see ``service.filters.quadrature``) at k = y - 1 and k = y.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from service.errors import InvalidInput, InvalidSpec
 from service.filters.base import Linearization, Predictive
 from service.filters.linalg import cholesky
+from service.filters.quadrature import poisson_lognormal_cdf, poisson_lognormal_logpmf
 
 __all__ = ["Bernoulli", "Categorical", "Gaussian", "Likelihood", "Poisson"]
 
@@ -308,10 +308,6 @@ class Categorical:
         return None
 
 
-_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(64)  # for E over N(0, 1)
-_GH_LOGW = np.log(_GH_WEIGHTS / math.sqrt(2 * math.pi))
-
-
 @dataclass(frozen=True)
 class Poisson:
     """y in {0, 1, 2, ...}, rate exp(eta)."""
@@ -361,61 +357,11 @@ class Poisson:
         slope2 = (y64 - mu) ** 2
         small = v * (slope2 + mu) < 1e-6
         exact = y64 * g - mu - torch.lgamma(y64 + 1) + torch.log1p(0.5 * v * (slope2 - mu))
-        quad = _poisson_lognormal_logpmf(y64, g, torch.where(small, 1.0, v))
+        quad = poisson_lognormal_logpmf(y64, g, torch.where(small, 1.0, v))
         return torch.where(small, exact, quad).sum(-1).to(eta.dtype)
 
     def pit(self, y: Tensor, eta: Tensor, var_eta: Tensor) -> tuple[Tensor, Tensor]:
         v = var_eta.diagonal(dim1=-2, dim2=-1).clamp_min(0)
-        upper = _poisson_lognormal_cdf(y, eta, v)
-        lower = torch.where(y > 0, _poisson_lognormal_cdf((y - 1).clamp_min(0), eta, v), 0.0)
+        upper = poisson_lognormal_cdf(y, eta, v)
+        lower = torch.where(y > 0, poisson_lognormal_cdf((y - 1).clamp_min(0), eta, v), 0.0)
         return lower, upper
-
-
-def _poisson_lognormal_logpmf(y: Tensor, g: Tensor, v: Tensor) -> Tensor:
-    """log P(Y = y) for Y ~ Poisson(exp(e)), e ~ N(g, v) with v > 0, by 64-point Gauss-Hermite
-    quadrature centred on the mode of the integrand (found by Newton steps on its concave log)."""
-    mode = torch.where(y > 0, torch.log(y + 0.5), g).minimum(g + v * y)
-    for _ in range(30):
-        grad = y - torch.exp(mode) - (mode - g) / v
-        mode = mode + grad / (torch.exp(mode) + 1 / v)
-    scale = torch.rsqrt(torch.exp(mode) + 1 / v)
-    nodes = torch.as_tensor(_GH_NODES, dtype=g.dtype, device=g.device)
-    logw = torch.as_tensor(_GH_LOGW, dtype=g.dtype, device=g.device)
-    e = mode.unsqueeze(-1) + scale.unsqueeze(-1) * nodes  # (N, C, Q)
-    yq, gq, vq = y.unsqueeze(-1), g.unsqueeze(-1), v.unsqueeze(-1)
-    log_f = (
-        yq * e
-        - torch.exp(e)
-        - torch.lgamma(yq + 1)
-        - 0.5 * (e - gq) ** 2 / vq
-        - 0.5 * torch.log(2 * math.pi * vq)
-    )
-    log_int = torch.logsumexp(logw + 0.5 * nodes**2 + log_f, dim=-1)
-    return log_int + torch.log(scale) + 0.5 * _LOG_2PI
-
-
-def _poisson_lognormal_cdf(k: Tensor, g: Tensor, v: Tensor) -> Tensor:
-    """P(Y <= k) for Y ~ Poisson(exp(e)), e ~ N(g, v); k >= 0 integers; shapes broadcast.
-
-    Two exact forms, each integrated by 64-point Gauss-Hermite quadrature where its integrand is
-    smooth on the scale of its density: over e, E[Q(k + 1, exp(e))], when v (k + 1) <= 1 (the
-    step of Q in e, about 1/sqrt(k + 1) wide, is wider than sd(e)); otherwise, by
-    P(Poisson(lam) <= k) = P(Gamma(k + 1) > lam), E[Phi((u - g) / sqrt(v))] over u = log G,
-    G ~ Gamma(k + 1, 1), with nodes centred on u's mode log(k + 1), scale 1/sqrt(k + 1), and the
-    density ratio in the weights. Agrees with adaptive quadrature to about 1e-9.
-    """
-    nodes = torch.as_tensor(_GH_NODES, dtype=g.dtype, device=g.device)
-    logw = torch.as_tensor(_GH_LOGW, dtype=g.dtype, device=g.device)
-    kq, gq, vq = k.unsqueeze(-1), g.unsqueeze(-1), v.unsqueeze(-1)
-    over_e = (torch.special.gammaincc(kq + 1, torch.exp(gq + vq.sqrt() * nodes)) * logw.exp()).sum(
-        -1
-    )
-    a = kq + 1
-    scale = torch.rsqrt(a)
-    u = torch.log(a) + scale * nodes
-    log_ratio = (  # log Gamma density of u minus log N(log a, scale^2) density at u
-        a * u - torch.exp(u) - torch.lgamma(a) + 0.5 * nodes**2 + torch.log(scale) + 0.5 * _LOG_2PI
-    )
-    z = (u - gq) * torch.rsqrt(vq.clamp_min(torch.finfo(g.dtype).tiny))
-    over_u = (torch.special.ndtr(z) * torch.exp(logw + log_ratio)).sum(-1)
-    return torch.where(v * (k + 1) <= 1, over_e, over_u).clamp(0, 1)
