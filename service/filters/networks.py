@@ -37,9 +37,15 @@ from service.errors import InvalidSpec
 __all__ = [
     "MLP",
     "Activation",
+    "DenseJacobian",
+    "Jacobian",
+    "LayerJacobian",
     "Linear",
     "Network",
+    "dense_operator",
     "jacobian_autodiff",
+    "layer_gram",
+    "layer_jvp",
 ]
 
 Activation = Literal["relu", "tanh", "gelu", "elu"]
@@ -71,6 +77,18 @@ class Network(Protocol):
 
     def jacobian(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """(g, J): g (N, C) and J = dg/dtheta (N, C, D), both at theta (D,)."""
+        ...
+
+    def jacobian_operator(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Jacobian]:
+        """(g, J) with J as an operator (:class:`Jacobian`) that need not hold the (N, C, D)
+        array. A network without structure to exploit returns
+        ``g, DenseJacobian(J)`` from ``jacobian`` (see :func:`dense_operator`)."""
+        ...
+
+    @property
+    def jacobian_numbers(self) -> int:
+        """Numbers per row that ``jacobian_operator``'s J holds (C D for a dense J): what
+        ``OnlineFilter.predictive`` sizes its chunks of rows by."""
         ...
 
     def init_mean(self, generator: torch.Generator) -> Tensor:
@@ -105,6 +123,170 @@ def _dense(a: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     """a @ W^T + b, broadcasting a stack of draws W (S, out, in) against rows a (N, in)."""
     z = a @ W.mT
     return z if b is None else z + b.unsqueeze(-2)
+
+
+# -- the Jacobian as an operator (docs/algorithms.md 4.1) ----------------------------------------
+
+
+@runtime_checkable
+class Jacobian(Protocol):
+    """J = dg/dtheta (N, C, D) of N rows at one theta, as an operator.
+
+    What the projections of ``docs/algorithms.md`` 4.1 need of J, without the (N, C, D) array where
+    the network has structure: J diag(u) J^T, and J applied to a few directions.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(N, C, D)."""
+        ...
+
+    def gram(self, u: Tensor) -> Tensor:
+        """J_n diag(u) J_n^T for each row: (N, C, C), for weights u (D,)."""
+        ...
+
+    def jvp(self, V: Tensor) -> Tensor:
+        """J_n v_j for each row n and direction v_j (the rows of V (k, D)): (N, k, C), i.e. the
+        row's V J_n^T (k, C)."""
+        ...
+
+    def dense(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows ``start:stop`` of J as an array (rows, C, D); a caller that needs the array sizes
+        its blocks of rows."""
+        ...
+
+
+@dataclass(frozen=True)
+class DenseJacobian:
+    """A Jacobian held as its array J (N, C, D): the fallback for networks without structure."""
+
+    J: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        N, C, D = self.J.shape
+        return N, C, D
+
+    def gram(self, u: Tensor) -> Tensor:
+        return (self.J * u) @ self.J.mT
+
+    def jvp(self, V: Tensor) -> Tensor:
+        return (self.J @ V.mT).mT
+
+    def dense(self, start: int = 0, stop: int | None = None) -> Tensor:
+        return self.J[start:stop]
+
+
+def dense_operator(network: Network, theta: Tensor, x: Tensor) -> tuple[Tensor, Jacobian]:
+    """``jacobian_operator`` for a network with no structure to exploit: (g, DenseJacobian(J))."""
+    g, J = network.jacobian(theta, x)
+    return g, DenseJacobian(J)
+
+
+def layer_gram(G: Tensor | None, a: Tensor, U: Tensor, v: Tensor | None) -> Tensor:
+    """One dense layer's share of J diag(u) J^T (``docs/algorithms.md`` 4.1), (N, C, C).
+
+    Row n's block of J for the layer is ``G_n ⊗ a_n`` over the weights and ``G_n`` over the bias
+    (section 1.3). With u split as U (out, in) over the weights and v (out,) over the bias::
+
+        sum_{o,i} G[c,o] a[i] U[o,i] a[i] G[c',o]  +  sum_o G[c,o] v[o] G[c',o]  =  (G diag(s) G^T)[c,c']
+        s = (a ⊙ a) U^T + v                                                        (N, out)
+
+    G (N, C, out) = dg/dz of the layer, or ``None`` for the output layer (G = I_C, and the share is
+    diag(s)); a (N, in) the layer's input; v ``None`` for a layer without bias.
+    """
+    s = (a * a) @ U.mT
+    if v is not None:
+        s = s + v
+    if G is None:
+        return torch.diag_embed(s)
+    return (G * s.unsqueeze(-2)) @ G.mT
+
+
+def layer_jvp(G: Tensor | None, a: Tensor, V: Tensor, Vb: Tensor | None) -> Tensor:
+    """One dense layer's share of J_n v_j for k directions (``docs/algorithms.md`` 4.1), (N, k, C).
+
+    With the layer's part of direction j as V[j] (out, in) over the weights and Vb[j] (out,) over
+    the bias::
+
+        T[n,j,o]       = sum_i V[j,o,i] a[n,i] + Vb[j,o]      (N, k, out): k matmuls, one per direction
+        (J_n v_j)_c    = sum_o G[n,c,o] T[n,j,o]               (N, k, C)
+
+    G (N, C, out) or ``None`` (the output layer, G = I_C: the share is T); a (N, in); V (k, out, in),
+    which may be a strided view (no copy is made); Vb (k, out) or ``None`` for a layer without bias.
+    """
+    T = torch.matmul(a, V.mT)  # (k, N, out)
+    if Vb is not None:
+        T = T + Vb.unsqueeze(-2)
+    T = T.transpose(0, 1)  # (N, k, out)
+    return T if G is None else T @ G.mT
+
+
+@dataclass(frozen=True)
+class LayerJacobian:
+    """The Jacobian of a dense stack (``Linear``, ``MLP``) held as its per-layer factors.
+
+    For layer l: ``inputs[l]`` = a_{l-1} (N, in_l) and ``grads[l]`` = G_l = dg/dz_l (N, C, out_l),
+    ``None`` for the output layer (G = I_C). Row n's block of J over layer l's weights is
+    G_l[n] ⊗ a_{l-1}[n] and over its bias G_l[n] (``docs/algorithms.md`` 1.3), so J itself,
+    C D numbers a row, is never needed: ``gram`` and ``jvp`` sum :func:`layer_gram` and
+    :func:`layer_jvp` over the layers at the cost of a few forward passes.
+    """
+
+    layers: tuple[tuple[int, int, int, int], ...]  # (fan_in, fan_out, weight at, bias at)
+    inputs: tuple[Tensor, ...]
+    grads: tuple[Tensor | None, ...]
+    bias: bool
+    output_dim: int
+    num_params: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.inputs[0].shape[0], self.output_dim, self.num_params
+
+    def gram(self, u: Tensor) -> Tensor:
+        total: Tensor | None = None
+        for (fan_in, fan_out, w_at, b_at), a, G in zip(
+            self.layers, self.inputs, self.grads, strict=True
+        ):
+            U = u[w_at:b_at].view(fan_out, fan_in)
+            v = u[b_at : b_at + fan_out] if self.bias else None
+            part = layer_gram(G, a, U, v)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def jvp(self, V: Tensor) -> Tensor:
+        total: Tensor | None = None
+        k = V.shape[0]
+        for (fan_in, fan_out, w_at, b_at), a, G in zip(
+            self.layers, self.inputs, self.grads, strict=True
+        ):
+            Vw = V[:, w_at:b_at].reshape(k, fan_out, fan_in)
+            Vb = V[:, b_at : b_at + fan_out] if self.bias else None
+            part = layer_jvp(G, a, Vw, Vb)
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def dense(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """J[n, :, layer l's weights] = G_l[n] ⊗ a_{l-1}[n] and J[n, :, its bias] = G_l[n]."""
+        rows = slice(start, stop)
+        a0 = self.inputs[0][rows]
+        N, C = a0.shape[0], self.output_dim
+        J = a0.new_empty((N, C, self.num_params))
+        eye = torch.eye(C, dtype=a0.dtype, device=a0.device).expand(N, C, C)
+        for (fan_in, fan_out, w_at, b_at), a_all, G_all in zip(
+            self.layers, self.inputs, self.grads, strict=True
+        ):
+            a = a_all[rows]
+            Gl = eye if G_all is None else G_all[rows]
+            J[:, :, w_at:b_at].view(N, C, fan_out, fan_in).copy_(
+                Gl.unsqueeze(-1) * a.unsqueeze(1).unsqueeze(1)
+            )
+            if self.bias:
+                J[:, :, b_at : b_at + fan_out] = Gl
+        return J
 
 
 def _uniform_init(sizes: Sequence[int], bias: bool, generator: torch.Generator) -> Tensor:
@@ -161,6 +343,16 @@ class Linear:
             if self.bias:
                 J[:, c, C * I + c] = 1.0
         return self.apply(theta, x), J
+
+    def jacobian_operator(self, theta: Tensor, x: Tensor) -> tuple[Tensor, LayerJacobian]:
+        """One layer whose G is I_C: row n's J is I_C ⊗ x_n (and I_C over the bias)."""
+        layers = tuple(_layers((self.input_dim, self.output_dim), self.bias))
+        J = LayerJacobian(layers, (x,), (None,), self.bias, self.output_dim, self.num_params)
+        return self.apply(theta, x), J
+
+    @property
+    def jacobian_numbers(self) -> int:
+        return self.input_dim
 
     def init_mean(self, generator: torch.Generator) -> Tensor:
         return torch.zeros(self.num_params, dtype=torch.float64)
@@ -233,7 +425,13 @@ class MLP:
         return a
 
     def jacobian(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        layers = _layers(self.sizes, True)
+        g, J = self.jacobian_operator(theta, x)
+        return g, J.dense()
+
+    def jacobian_operator(self, theta: Tensor, x: Tensor) -> tuple[Tensor, LayerJacobian]:
+        """The forward pass, keeping each layer's input, then G_l = dg/dz_l backwards (section
+        1.3): G_{L+1} = I_C (held as ``None``), G_{l-1} = (G_l W_l) ⊙ act'(z_{l-1})."""
+        layers = tuple(_layers(self.sizes, True))
         params = [_unflatten(theta, layer, True) for layer in layers]
         inputs: list[Tensor] = []  # a_{l-1} for each layer l
         slopes: list[Tensor] = []  # act'(z_l) for each hidden layer l
@@ -244,20 +442,21 @@ class MLP:
             if k < len(params) - 1:
                 a, slope = _activation(self.activation, a)
                 slopes.append(slope)
-        g = a
-        N, C = x.shape[0], self.output_dim
-        J = x.new_empty((N, C, self.num_params))
-        # G = dg/dz_l (N, C, out_l), starting from dg/dz_L = I.
-        G = torch.eye(C, dtype=x.dtype, device=x.device).expand(N, C, C)
-        for k in range(len(layers) - 1, -1, -1):
-            fan_in, fan_out, w_at, b_at = layers[k]
-            J[:, :, w_at:b_at].view(N, C, fan_out, fan_in).copy_(
-                G.unsqueeze(-1) * inputs[k].unsqueeze(1).unsqueeze(1)
-            )
-            J[:, :, b_at : b_at + fan_out] = G
-            if k > 0:
-                G = (G @ params[k][0]) * slopes[k - 1].unsqueeze(1)
-        return g, J
+        grads: list[Tensor | None] = [None] * len(layers)
+        G: Tensor | None = None  # dg/dz_l (N, C, out_l); None for I_C
+        for k in range(len(layers) - 1, 0, -1):
+            grads[k] = G
+            W = params[k][0]
+            G = (W if G is None else G @ W) * slopes[k - 1].unsqueeze(1)
+        grads[0] = G
+        J = LayerJacobian(
+            layers, tuple(inputs), tuple(grads), True, self.output_dim, self.num_params
+        )
+        return a, J
+
+    @property
+    def jacobian_numbers(self) -> int:
+        return sum(self.sizes[:-1]) + self.output_dim * sum(self.hidden)
 
     def init_mean(self, generator: torch.Generator) -> Tensor:
         return _uniform_init(self.sizes, True, generator)

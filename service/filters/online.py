@@ -35,12 +35,15 @@ from service.filters.algorithm import Algorithm, S
 from service.filters.base import Predictive, StepInfo
 from service.filters.likelihoods import Likelihood
 from service.filters.linalg import all_finite, check_finite, psd_sqrt
-from service.filters.networks import Network
+from service.filters.networks import DenseJacobian, Network
 
 __all__ = ["Dynamics", "OnlineFilter", "Prior"]
 
-#: Rows per chunk in ``predictive`` so that J (rows, C, D) stays under about 2**24 numbers.
+#: Rows per chunk in ``predictive``: the network's Jacobian operator (``jacobian_numbers`` a row;
+#: C D for a dense J) stays under about 2**24 numbers, and a chunk holds at most ``_CHUNK_ROWS``
+#: rows, which keeps a structured chunk's factors near the cache (``docs/algorithms.md`` 4.1).
 _CHUNK_NUMBERS = 1 << 24
+_CHUNK_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -193,10 +196,10 @@ class OnlineFilter(Generic[S]):
             )
         if method != "linearized":
             raise InvalidInput(f"unknown predictive method {method!r}; use 'linearized' or 'mc'")
-        rows = max(1, _CHUNK_NUMBERS // (self.network.output_dim * self.num_params))
+        rows = max(1, min(_CHUNK_ROWS, _CHUNK_NUMBERS // self.network.jacobian_numbers))
         parts = []
         for start in range(0, x.shape[0], rows):
-            eta, J = self.network.jacobian(theta, x[start : start + rows])
+            eta, J = self.network.jacobian_operator(theta, x[start : start + rows])
             parts.append(self.likelihood.predictive(eta, self.algorithm.project(state, J)))
         return Predictive(
             mean=torch.cat([p.mean for p in parts]),
@@ -225,7 +228,7 @@ class OnlineFilter(Generic[S]):
             N, C = unique.shape[0], self.network.output_dim
             if self.num_params >= N * C:  # fewer outputs than parameters
                 g, J = self.network.jacobian(theta, unique)
-                cov = self.algorithm.project(state, J.reshape(1, N * C, -1))[0]
+                cov = self.algorithm.project(state, DenseJacobian(J.reshape(1, N * C, -1)))[0]
                 if all_finite(cov):  # else the parameter draw below says what is wrong
                     z = torch.randn((n, N * C), generator=generator, dtype=g.dtype, device=g.device)
                     eta = (g.reshape(N * C) + z @ psd_sqrt(cov).mT).reshape(n, N, C)
