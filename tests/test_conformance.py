@@ -169,6 +169,7 @@ def test_belief_covariance_projection_and_samples_agree(
         )
     pred = f.predictive(state, x)
     torch.testing.assert_close(pred.variance, pred.epistemic + pred.aleatoric)
+    torch.testing.assert_close(f.predictive_mean(state, x), pred.mean, rtol=1e-12, atol=1e-14)
     assert bool((pred.epistemic >= 0).all()) and pred.mean.shape == (
         x.shape[0],
         f.network.output_dim,

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from service.client import Client
 from service.filters import (
     EKF,
     MLP,
@@ -38,6 +39,7 @@ from service.filters.networks import (
     dense_operator,
     jacobian_autodiff,
 )
+from service.testing import MakeAppClient
 
 F64 = torch.float64
 
@@ -209,3 +211,47 @@ def test_a_network_without_structure_predicts_through_the_dense_fallback() -> No
     want = Gaussian().predictive(eta, J @ algorithm.covariance(state) @ J.mT)
     _close(got.mean, want.mean)
     _close(got.epistemic, want.epistemic)
+
+
+def test_the_mean_alone_is_one_forward_pass_for_the_gaussian(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    net = MLP(input_dim=4, hidden=(6,), output_dim=3)
+    (_, algorithm, state) = _beliefs(net.num_params, seed=11)[3]
+    f = OnlineFilter(net, Gaussian(), algorithm)
+    _, x = _point(net, rows=7, seed=12)
+    want = f.predictive(state, x).mean
+
+    def no_jacobian(*args: object) -> None:
+        raise AssertionError("the gaussian mean needs no Jacobian")
+
+    monkeypatch.setattr(MLP, "jacobian_operator", no_jacobian)
+    _close(f.predictive_mean(state, x), want)
+    assert not Gaussian().mean_needs_variance
+    assert all(lik.mean_needs_variance for lik in (Bernoulli(), Categorical(), Poisson()))
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_predict_can_ask_for_the_mean_alone(app_client: MakeAppClient, likelihood: str) -> None:
+    h = app_client()
+    spec = {
+        "name": "m",
+        "network": {"type": "mlp", "input_dim": 3, "hidden": [4], "activation": "tanh"},
+        "likelihood": {"type": likelihood},
+        "filter": {"type": "lofi", "rank": 2},
+        "dtype": "float64",
+    }
+    rows = [[0.1, -0.4, 1.0], [2.0, 0.3, -0.7]]
+    with Client(str(h.base_url), transport=h.transport) as c:
+        c.create_model(spec)
+        c.update("m", rows, [1.0, 0.0])
+        full = c.predict("m", rows, num_samples=3, seed=5)
+        alone = c.predict("m", rows, num_samples=3, seed=5, variance=False)
+    assert alone.version == full.version
+    assert alone.samples == full.samples
+    assert alone.variance == alone.epistemic_variance == alone.aleatoric_variance == []
+    assert len(full.variance) == 2
+    for a, b in zip(alone.mean, full.mean, strict=True):
+        assert a == pytest.approx(b, rel=1e-12, abs=1e-15)
+    r = h.post("/v1/models/m/predict", json={"x": rows, "variance": "maybe"})
+    assert r.status_code == 422 and "variance" in r.json()["error"]["message"]

@@ -207,6 +207,18 @@ class OnlineFilter(Generic[S]):
             aleatoric=torch.cat([p.aleatoric for p in parts]),
         )
 
+    def predictive_mean(self, state: S, x: Tensor) -> Tensor:
+        """The mean of ``predictive(state, x)`` alone, (N, C) (``docs/algorithms.md`` 4.1.3).
+
+        Where the likelihood's predictive mean does not depend on Var[eta] (the gaussian: the mean
+        is eta), it is mu(g(m, x)): one forward pass. Otherwise (probit, log-normal means) it needs
+        diag(J Sigma J^T), and the whole linearised predictive is computed.
+        """
+        if self.likelihood.mean_needs_variance:
+            return self.predictive(state, x).mean
+        theta = state.mean
+        return self.likelihood.mean(self.network.apply(theta, self._rows(x, theta)))
+
     def sample(self, state: S, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n exact draws of theta from the belief, (n, D)."""
         return self.algorithm.sample(state, n, generator)
