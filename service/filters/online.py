@@ -196,7 +196,7 @@ class OnlineFilter(Generic[S]):
             )
         if method != "linearized":
             raise InvalidInput(f"unknown predictive method {method!r}; use 'linearized' or 'mc'")
-        rows = max(1, min(_CHUNK_ROWS, _CHUNK_NUMBERS // self.network.jacobian_numbers))
+        rows = self._chunk_rows()
         parts = []
         for start in range(0, x.shape[0], rows):
             eta, J = self.network.jacobian_operator(theta, x[start : start + rows])
@@ -217,7 +217,10 @@ class OnlineFilter(Generic[S]):
         if self.likelihood.mean_needs_variance:
             return self.predictive(state, x).mean
         theta = state.mean
-        return self.likelihood.mean(self.network.apply(theta, self._rows(x, theta)))
+        x = self._rows(x, theta)
+        rows = self._chunk_rows()
+        eta = [self.network.apply(theta, x[s : s + rows]) for s in range(0, x.shape[0], rows)]
+        return self.likelihood.mean(torch.cat(eta))
 
     def sample(self, state: S, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n exact draws of theta from the belief, (n, D)."""
@@ -251,6 +254,10 @@ class OnlineFilter(Generic[S]):
         return self.algorithm.state_bytes(state)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _chunk_rows(self) -> int:
+        """Rows per chunk of the predictive (``docs/algorithms.md`` 4.1)."""
+        return max(1, min(_CHUNK_ROWS, _CHUNK_NUMBERS // self.network.jacobian_numbers))
 
     def _rows(self, x: Tensor, like: Tensor) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.network.input_dim:
