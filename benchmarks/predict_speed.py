@@ -21,6 +21,10 @@ variance (the total), epistemic and aleatoric, this tree against the baseline, a
 the float64 reference. The aleatoric part of bernoulli and categorical is p (1 - p) - epistemic,
 which cancels where the epistemic part nearly exhausts p (1 - p); there both trees' float32
 answers differ from float64 alike, and its error is also reported relative to the total variance.
+A relu unit whose pre-activation lies within float32 rounding of 0 (|z| <= 4 eps_32 (|a| |W|^T + |b|)
+in float64) has a derivative, 0 or 1, that depends on how the forward matmul rounds, which differs
+with the number of rows a matmul holds (the baseline takes 2 or 21 rows at a time, this tree up to
+512): such rows ("at a kink") are counted, and the differences are also given without them.
 
     python -m benchmarks.predict_speed [--baseline /work/orig] [--rows 10000] [--train 100]
         [--only 784-100-10] [--out benchmarks/out/predict_speed.json]
@@ -29,6 +33,7 @@ answers differ from float64 alike, and its error is also reported relative to th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -94,9 +99,25 @@ def worker(data: Path, out: Path, repeats: int, forward: bool) -> None:
         result["forward_s"] = _median_time(lambda: f.network.apply(state.mean, x), max(3, repeats))
         s64 = LoFiState(*(t.double() for t in (state.mean, state.W, state.upsilon)))
         answers["float64"] = _fields(f.predictive(f.predict(s64), x.double()))
+        answers["at_kink"] = {"rows": _at_kink(f.network.sizes, s64.mean, x.double())}
     torch.save(answers, out)
     result["service"] = str(Path(service.__file__).resolve().parent.parent)
     print(json.dumps(result))
+
+
+def _at_kink(sizes: tuple[int, ...], theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: rows with a hidden relu pre-activation within float32 rounding of 0, in float64
+    (nn.Linear layout: each layer's weight (out, in), then its bias)."""
+    eps = torch.finfo(torch.float32).eps
+    a, at, near = x, 0, torch.zeros(x.shape[0], dtype=torch.bool)
+    for fan_in, fan_out in itertools.pairwise(sizes[:-1]):  # the hidden layers
+        W = theta[at : at + fan_in * fan_out].view(fan_out, fan_in)
+        b = theta[at + fan_in * fan_out : at + fan_in * fan_out + fan_out]
+        at += fan_in * fan_out + fan_out
+        z = a @ W.T + b
+        near |= (z.abs() <= 4 * eps * (a.abs() @ W.abs().T + b.abs())).any(1)
+        a = z.clamp_min(0)
+    return near
 
 
 def _fields(pred: Any) -> dict[str, torch.Tensor]:
@@ -152,13 +173,15 @@ def _prepare(hidden: tuple[int, ...], rows: int, train: int, path: Path) -> None
     )
 
 
-def _max_rel(new: torch.Tensor, old: torch.Tensor) -> float:
-    """max |new - old| / |old| elementwise (absolute where old is exactly 0), in float64."""
+def _rel(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """|new - old| / |old| elementwise (absolute where old is exactly 0), in float64."""
     new, old = new.double(), old.double()
-    diff = (new - old).abs()
-    scale = old.abs()
-    rel = torch.where(scale > 0, diff / scale.clamp_min(1e-300), diff)
-    return float(rel.max())
+    diff, scale = (new - old).abs(), old.abs()
+    return torch.where(scale > 0, diff / scale.clamp_min(1e-300), diff)
+
+
+def _max_rel(new: torch.Tensor, old: torch.Tensor) -> float:
+    return float(_rel(new, old).max()) if new.numel() else 0.0
 
 
 def measure(
@@ -172,6 +195,8 @@ def measure(
     answers = torch.load(tmp / "new1.pt")
     new, ref, old = answers["float32"], answers["float64"], torch.load(tmp / "old.pt")["float32"]
     fields = ("mean", "variance", "epistemic", "aleatoric")
+    smooth = ~answers["at_kink"]["rows"]
+    rel_rows = torch.stack([_rel(new[k], old[k]).amax(1) for k in ("mean", "variance")]).amax(0)
     new_s = statistics.mean([first["predictive_s"], second["predictive_s"]])
     fwd_s = statistics.mean([first["forward_s"], second["forward_s"]])
     D = sum(i * o + o for i, o in zip((784, *NETWORKS[name]), (*NETWORKS[name], 10), strict=True))
@@ -190,6 +215,9 @@ def measure(
         "new_over_forward": new_s / fwd_s,
         "baseline_over_forward": base["predictive_s"] / fwd_s,
         "max_rel_diff": {k: _max_rel(new[k], old[k]) for k in fields},
+        "rows_at_kink": int((~smooth).sum()),
+        "rows_mean_or_variance_diff_over_1e-5": int((rel_rows > 1e-5).sum()),
+        "max_rel_diff_off_kinks": {k: _max_rel(new[k][smooth], old[k][smooth]) for k in fields},
         "max_rel_err_new_vs_float64": {k: _max_rel(new[k], ref[k]) for k in fields},
         "max_rel_err_baseline_vs_float64": {k: _max_rel(old[k], ref[k]) for k in fields},
         "aleatoric_diff_over_variance": float(
@@ -231,6 +259,7 @@ def main() -> None:
     for r in results:
         for label, key in (
             ("new vs baseline", "max_rel_diff"),
+            ("off kinks", "max_rel_diff_off_kinks"),
             ("new vs float64", "max_rel_err_new_vs_float64"),
             ("baseline vs float64", "max_rel_err_baseline_vs_float64"),
         ):
@@ -241,7 +270,9 @@ def main() -> None:
             )
         print(
             f"{r['network']:>15} {'':>20}  |aleatoric new - baseline| / variance: "
-            f"{r['aleatoric_diff_over_variance']:.1e}"
+            f"{r['aleatoric_diff_over_variance']:.1e}; rows at a relu kink: {r['rows_at_kink']}; "
+            f"rows whose mean or variance differ by > 1e-5: "
+            f"{r['rows_mean_or_variance_diff_over_1e-5']} of {r['rows']}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
