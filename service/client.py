@@ -88,10 +88,12 @@ class _Calls:
         return _Call("POST", f"/v1/models/{name}/update", body)
 
     @staticmethod
-    def predict(name: str, x: Any, num_samples: int, seed: int | None) -> _Call:
+    def predict(name: str, x: Any, num_samples: int, seed: int | None, variance: bool) -> _Call:
         body: dict[str, Any] = {"x": _rows(x), "num_samples": num_samples}
         if seed is not None:
             body["seed"] = seed
+        if not variance:
+            body["variance"] = False
         return _Call("POST", f"/v1/models/{name}/predict", body)
 
     @staticmethod
@@ -211,9 +213,15 @@ class Client:
         return _parse(self._send(_Calls.update(name, x, y, request_id)), UpdateResponse)
 
     def predict(
-        self, name: str, x: Any, num_samples: int = 0, seed: int | None = None
+        self,
+        name: str,
+        x: Any,
+        num_samples: int = 0,
+        seed: int | None = None,
+        variance: bool = True,
     ) -> PredictResponse:
-        return _parse(self._send(_Calls.predict(name, x, num_samples, seed)), PredictResponse)
+        call = _Calls.predict(name, x, num_samples, seed, variance)
+        return _parse(self._send(call), PredictResponse)
 
     def snapshot(self, name: str) -> SnapshotResponse:
         return _parse(self._send(_Calls.snapshot(name)), SnapshotResponse)
@@ -290,9 +298,15 @@ class AsyncClient:
         return _parse(await self._send(_Calls.update(name, x, y, request_id)), UpdateResponse)
 
     async def predict(
-        self, name: str, x: Any, num_samples: int = 0, seed: int | None = None
+        self,
+        name: str,
+        x: Any,
+        num_samples: int = 0,
+        seed: int | None = None,
+        variance: bool = True,
     ) -> PredictResponse:
-        return _parse(await self._send(_Calls.predict(name, x, num_samples, seed)), PredictResponse)
+        call = _Calls.predict(name, x, num_samples, seed, variance)
+        return _parse(await self._send(call), PredictResponse)
 
     async def snapshot(self, name: str) -> SnapshotResponse:
         return _parse(await self._send(_Calls.snapshot(name)), SnapshotResponse)

@@ -140,9 +140,14 @@ class UpdateRequest(Strict):
 
 
 class PredictRequest(Strict):
+    """The body of ``POST /v1/models/{name}/predict``. ``variance=False`` asks for the mean alone:
+    the three variance lists of the answer are then empty, and for a gaussian likelihood the mean
+    costs one forward pass (``docs/algorithms.md`` 4.1.3)."""
+
     x: list[list[Number]] = Field(min_length=1)
     num_samples: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    variance: bool = True
 
     _check_finite = field_validator("x")(finite_field)
 

@@ -7,11 +7,13 @@ specs alone, so a new kind is tested by being registered. Independent truths:
 * the closed-form Bayesian posterior: from the isotropic prior, which every algorithm represents
   exactly, one observation of a linear-Gaussian model moves the mean by the exact Kalman gain;
 * the kind's own claims: the state class and size it declares, the belief's dense covariance
-  (PSD, and the law of its samples), J Sigma J^T of ``project`` against the dense covariance;
+  (PSD, and the law of its samples), J Sigma J^T of ``project`` against the dense covariance,
+  through the network's structured Jacobian operator and through the dense J alike;
 * purity and determinism: a step never writes to its input and repeats bit for bit, a state
   survives the snapshot codec bit for bit, and a model restored by a fresh engine from the
   store (snapshot + log replay) answers exactly as the one that wrote it;
-* every network's closed-form Jacobian against autodiff (``torch.func``).
+* every network's closed-form Jacobian against autodiff (``torch.func``), and its Jacobian
+  operator (``jacobian_operator``: ``gram``, ``jvp``, ``dense``) against that dense Jacobian.
 
 The Monte Carlo check has a false-alarm rate of 1e-3 per case (fixed seeds: a pass reproduces).
 """
@@ -33,6 +35,7 @@ from service.components.build import build_filter, decode_state, encode_state
 from service.config import Settings
 from service.errors import InvalidInput, InvalidSpec
 from service.filters import Belief, OnlineFilter, jacobian_autodiff
+from service.filters.networks import DenseJacobian
 from service.hosting import Engine
 from service.schemas import ModelSpec, PredictRequest, UpdateRequest
 from service.store import Backend, MemoryStore, SoleWriter
@@ -159,11 +162,14 @@ def test_belief_covariance_projection_and_samples_agree(
     torch.testing.assert_close(Sigma, Sigma.mT)
     assert float(torch.linalg.eigvalsh(Sigma).min()) > 0
     _, J = f.network.jacobian(state.mean, x)
-    torch.testing.assert_close(
-        f.algorithm.project(state, J), J @ Sigma @ J.mT, rtol=1e-8, atol=1e-10
-    )
+    _, op = f.network.jacobian_operator(state.mean, x)
+    for jac in (op, DenseJacobian(J)):
+        torch.testing.assert_close(
+            f.algorithm.project(state, jac), J @ Sigma @ J.mT, rtol=1e-8, atol=1e-10
+        )
     pred = f.predictive(state, x)
     torch.testing.assert_close(pred.variance, pred.epistemic + pred.aleatoric)
+    torch.testing.assert_close(f.predictive_mean(state, x), pred.mean, rtol=1e-12, atol=1e-14)
     assert bool((pred.epistemic >= 0).all()) and pred.mean.shape == (
         x.shape[0],
         f.network.output_dim,
@@ -207,6 +213,15 @@ def test_network_jacobian_equals_autodiff(network: str) -> None:
     g, J = f.network.jacobian(theta, x)
     torch.testing.assert_close(g, f.network.apply(theta, x))
     torch.testing.assert_close(J, jacobian_autodiff(f.network, theta, x))
+    g_op, op = f.network.jacobian_operator(theta, x)
+    assert op.shape == J.shape
+    torch.testing.assert_close(g_op, g)
+    torch.testing.assert_close(op.dense(), J)
+    gen = torch.Generator().manual_seed(9)
+    u = torch.rand(f.num_params, dtype=F64, generator=gen)
+    V = torch.randn(3, f.num_params, dtype=F64, generator=gen)
+    torch.testing.assert_close(op.gram(u), (J * u) @ J.mT)
+    torch.testing.assert_close(op.jvp(V), (J @ V.mT).mT)
 
 
 @pytest.mark.parametrize(("network", "likelihood", "algorithm"), COMBOS, ids=IDS)

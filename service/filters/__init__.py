@@ -10,7 +10,15 @@ from service.filters.diagonal import Diagonal, DiagState
 from service.filters.ekf import EKF, GaussState, Kalman
 from service.filters.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson
 from service.filters.lofi import LoFi, LoFiState
-from service.filters.networks import MLP, Linear, Network, jacobian_autodiff
+from service.filters.networks import (
+    MLP,
+    DenseJacobian,
+    Jacobian,
+    Linear,
+    Network,
+    dense_operator,
+    jacobian_autodiff,
+)
 from service.filters.online import Dynamics, OnlineFilter, Prior
 
 __all__ = [
@@ -20,11 +28,13 @@ __all__ = [
     "Belief",
     "Bernoulli",
     "Categorical",
+    "DenseJacobian",
     "DiagState",
     "Diagonal",
     "Dynamics",
     "GaussState",
     "Gaussian",
+    "Jacobian",
     "Kalman",
     "Likelihood",
     "Linear",
@@ -37,5 +47,6 @@ __all__ = [
     "Predictive",
     "Prior",
     "StepInfo",
+    "dense_operator",
     "jacobian_autodiff",
 ]

@@ -10,7 +10,7 @@ method        shapes              meaning
 ============  ==================  =========================================================
 init          m (D,) -> S         the prior N(m, sigma_0^2 I)
 predict       S -> S              theta_t = gamma theta_{t-1} + N(0, q I)
-project       J (N, C, D)         J Sigma J^T, (N, C, C)
+project       J (N, C, D)         J Sigma J^T, (N, C, C); J a networks.Jacobian operator
 condition_on  lin, y (C,)         (posterior, J Sigma J^T of the prior belief (C, C), checks)
 validity      S                   deferred checks: finite and positive definite
 sample        n                   n exact draws theta ~ N(m, Sigma), (n, D)
@@ -31,7 +31,7 @@ from service.filters.linalg import Check
 
 if TYPE_CHECKING:
     from service.filters.likelihoods import Likelihood
-    from service.filters.networks import Network
+    from service.filters.networks import Jacobian, Network
 
 __all__ = ["Algorithm", "Belief", "S"]
 
@@ -62,8 +62,9 @@ class Algorithm(Protocol[S]):
 
     def predict(self, state: S, decay: float, process_noise: float) -> S: ...
 
-    def project(self, state: S, J: Tensor) -> Tensor:
-        """J Sigma J^T (N, C, C) for J (N, C, D)."""
+    def project(self, state: S, J: Jacobian) -> Tensor:
+        """J Sigma J^T (N, C, C) for the Jacobian J (N, C, D) of N rows, given as an operator
+        (``networks.Jacobian``: ``gram``, ``jvp``, ``dense``; ``docs/algorithms.md`` 4.1)."""
         ...
 
     def condition_on(

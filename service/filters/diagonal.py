@@ -20,7 +20,7 @@ from torch import Tensor
 from service.filters.base import Linearization, innovation
 from service.filters.likelihoods import Likelihood
 from service.filters.linalg import Check, cholesky, finite_check, positive_check
-from service.filters.networks import Network
+from service.filters.networks import Jacobian, Network
 
 __all__ = ["DiagState", "Diagonal"]
 
@@ -50,8 +50,9 @@ class Diagonal:
             return state
         return DiagState(mean=decay * state.mean, var=decay**2 * state.var + process_noise)
 
-    def project(self, state: DiagState, J: Tensor) -> Tensor:
-        return (J * state.var) @ J.mT
+    def project(self, state: DiagState, J: Jacobian) -> Tensor:
+        """J diag(p) J^T (N, C, C): ``J.gram(p)`` (``docs/algorithms.md`` 4.1)."""
+        return J.gram(state.var)
 
     def condition_on(
         self, state: DiagState, lin: Linearization, y: Tensor

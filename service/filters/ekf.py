@@ -27,9 +27,12 @@ from service.errors import InvalidSpec
 from service.filters.base import Linearization, innovation
 from service.filters.likelihoods import Gaussian, Likelihood
 from service.filters.linalg import Check, cholesky, finite_check, positive_check, symmetrise
-from service.filters.networks import Network
+from service.filters.networks import Jacobian, Network
 
 __all__ = ["EKF", "GaussState", "Kalman"]
+
+#: ``project`` forms J in blocks of rows of at most about 2**24 numbers.
+_DENSE_NUMBERS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,16 @@ class EKF:
             P = P + process_noise * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
         return GaussState(mean=decay * state.mean, cov=P)
 
-    def project(self, state: GaussState, J: Tensor) -> Tensor:
-        """J P J^T for J (N, C, D): (N, C, C)."""
-        return symmetrise(J @ state.cov @ J.mT)
+    def project(self, state: GaussState, J: Jacobian) -> Tensor:
+        """J P J^T (N, C, C) through the dense J, formed in blocks of rows (``docs/algorithms.md``
+        4.1): P is dense, so the O(N C D^2) product dominates whatever form J comes in."""
+        N, C, D = J.shape
+        step = max(1, _DENSE_NUMBERS // (C * D))
+        parts = []
+        for start in range(0, N, step):
+            Jd = J.dense(start, start + step)
+            parts.append(symmetrise(Jd @ state.cov @ Jd.mT))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def condition_on(
         self, state: GaussState, lin: Linearization, y: Tensor

@@ -79,6 +79,13 @@ class Likelihood(Protocol):
         """mu(eta), (..., C)."""
         ...
 
+    @property
+    def mean_needs_variance(self) -> bool:
+        """Whether the mean of ``predictive`` depends on Var[eta] (the probit and log-normal means
+        do). Where it does not, that mean is ``mean(eta)``, one forward pass
+        (``OnlineFilter.predictive_mean``)."""
+        ...
+
     def variance_diag(self, eta: Tensor) -> Tensor:
         """diag V(eta) = Var[y | theta] per output, (..., C)."""
         ...
@@ -169,6 +176,10 @@ class Gaussian:
     def mean(self, eta: Tensor) -> Tensor:
         return eta
 
+    @property
+    def mean_needs_variance(self) -> bool:
+        return False
+
     def variance_diag(self, eta: Tensor) -> Tensor:
         return self.r(eta).expand(eta.shape)
 
@@ -219,6 +230,10 @@ class Bernoulli:
 
     def mean(self, eta: Tensor) -> Tensor:
         return torch.sigmoid(eta)
+
+    @property
+    def mean_needs_variance(self) -> bool:
+        return True
 
     def variance_diag(self, eta: Tensor) -> Tensor:
         mu = torch.sigmoid(eta)
@@ -277,6 +292,10 @@ class Categorical:
     def mean(self, eta: Tensor) -> Tensor:
         return torch.softmax(eta, dim=-1)
 
+    @property
+    def mean_needs_variance(self) -> bool:
+        return True
+
     def variance_diag(self, eta: Tensor) -> Tensor:
         mu = torch.softmax(eta, dim=-1)
         return mu * (1 - mu)
@@ -325,6 +344,10 @@ class Poisson:
 
     def mean(self, eta: Tensor) -> Tensor:
         return torch.exp(eta)
+
+    @property
+    def mean_needs_variance(self) -> bool:
+        return True
 
     def variance_diag(self, eta: Tensor) -> Tensor:
         return torch.exp(eta)

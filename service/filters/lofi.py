@@ -59,7 +59,7 @@ from service.filters.linalg import (
     settle,
     symmetrise,
 )
-from service.filters.networks import Network
+from service.filters.networks import Jacobian, Network
 
 __all__ = ["LoFi", "LoFiState"]
 
@@ -123,13 +123,18 @@ class LoFi:
             W = Wr
         return LoFiState(decay * state.mean, W, state.upsilon * ratio)
 
-    def project(self, state: LoFiState, J: Tensor) -> Tensor:
-        """J Sigma J^T for J (N, C, D) by Woodbury: J U^{-1} J^T - B^T (I + W U^{-1} W^T)^{-1} B."""
-        Ju = J / state.upsilon
-        JUJ = Ju @ J.mT
+    def project(self, state: LoFiState, J: Jacobian) -> Tensor:
+        """J Sigma J^T (N, C, C) by Woodbury (``docs/algorithms.md`` 3.5.3, 4.1)::
+
+            Omega = J U^{-1} J^T - (L_M^{-1} B)^T (L_M^{-1} B),   B = (W U^{-1}) J^T  (N, d, C)
+
+        J U^{-1} J^T is ``J.gram(1 / Upsilon)`` and B is ``J.jvp(W / Upsilon)``, the d rows of
+        W U^{-1} as directions: neither needs J as an array when the network has structure.
+        """
+        JUJ = J.gram(torch.reciprocal(state.upsilon))
         if not self.rank:
             return JUJ
-        B = state.W @ Ju.mT  # (N, d, C)
+        B = J.jvp(state.W / state.upsilon)  # (N, d, C)
         LB = torch.linalg.solve_triangular(state.capacitance_factor, B, upper=False)
         return symmetrise(JUJ - LB.mT @ LB)
 

@@ -33,13 +33,26 @@ import torch
 from torch import Tensor
 
 from service.errors import InvalidSpec
+from service.filters.jacobians import (
+    DenseJacobian,
+    Jacobian,
+    LayerJacobian,
+    layer_gram,
+    layer_jvp,
+)
 
 __all__ = [
     "MLP",
     "Activation",
+    "DenseJacobian",
+    "Jacobian",
+    "LayerJacobian",
     "Linear",
     "Network",
+    "dense_operator",
     "jacobian_autodiff",
+    "layer_gram",
+    "layer_jvp",
 ]
 
 Activation = Literal["relu", "tanh", "gelu", "elu"]
@@ -71,6 +84,18 @@ class Network(Protocol):
 
     def jacobian(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """(g, J): g (N, C) and J = dg/dtheta (N, C, D), both at theta (D,)."""
+        ...
+
+    def jacobian_operator(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Jacobian]:
+        """(g, J) with J as an operator (:class:`Jacobian`) that need not hold the (N, C, D)
+        array. A network without structure to exploit returns
+        ``g, DenseJacobian(J)`` from ``jacobian`` (see :func:`dense_operator`)."""
+        ...
+
+    @property
+    def jacobian_numbers(self) -> int:
+        """Numbers per row that ``jacobian_operator``'s J holds (C D for a dense J): what
+        ``OnlineFilter.predictive`` sizes its chunks of rows by."""
         ...
 
     def init_mean(self, generator: torch.Generator) -> Tensor:
@@ -105,6 +130,15 @@ def _dense(a: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     """a @ W^T + b, broadcasting a stack of draws W (S, out, in) against rows a (N, in)."""
     z = a @ W.mT
     return z if b is None else z + b.unsqueeze(-2)
+
+
+# -- the Jacobian as an operator (docs/algorithms.md 4.1) ----------------------------------------
+
+
+def dense_operator(network: Network, theta: Tensor, x: Tensor) -> tuple[Tensor, Jacobian]:
+    """``jacobian_operator`` for a network with no structure to exploit: (g, DenseJacobian(J))."""
+    g, J = network.jacobian(theta, x)
+    return g, DenseJacobian(J)
 
 
 def _uniform_init(sizes: Sequence[int], bias: bool, generator: torch.Generator) -> Tensor:
@@ -161,6 +195,16 @@ class Linear:
             if self.bias:
                 J[:, c, C * I + c] = 1.0
         return self.apply(theta, x), J
+
+    def jacobian_operator(self, theta: Tensor, x: Tensor) -> tuple[Tensor, LayerJacobian]:
+        """One layer whose G is I_C: row n's J is I_C ⊗ x_n (and I_C over the bias)."""
+        layers = tuple(_layers((self.input_dim, self.output_dim), self.bias))
+        J = LayerJacobian(layers, (x,), (None,), self.bias, self.output_dim, self.num_params)
+        return self.apply(theta, x), J
+
+    @property
+    def jacobian_numbers(self) -> int:
+        return self.input_dim
 
     def init_mean(self, generator: torch.Generator) -> Tensor:
         return torch.zeros(self.num_params, dtype=torch.float64)
@@ -243,7 +287,13 @@ class MLP:
         return a
 
     def jacobian(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        layers = _layers(self.sizes, True)
+        g, J = self.jacobian_operator(theta, x)
+        return g, J.dense()
+
+    def jacobian_operator(self, theta: Tensor, x: Tensor) -> tuple[Tensor, LayerJacobian]:
+        """The forward pass, keeping each layer's input, then G_l = dg/dz_l backwards (section
+        1.3): G_{L+1} = I_C (held as ``None``), G_{l-1} = (G_l W_l) ⊙ act'(z_{l-1})."""
+        layers = tuple(_layers(self.sizes, True))
         params = [_unflatten(theta, layer, True) for layer in layers]
         inputs: list[Tensor] = []  # a_{l-1} for each layer l
         slopes: list[Tensor] = []  # act'(z_l) for each hidden layer l
@@ -254,20 +304,21 @@ class MLP:
             if k < len(params) - 1:
                 a, slope = _activation(self.activation, a)
                 slopes.append(slope)
-        g = a
-        N, C = x.shape[0], self.output_dim
-        J = x.new_empty((N, C, self.num_params))
-        # G = dg/dz_l (N, C, out_l), starting from dg/dz_L = I.
-        G = torch.eye(C, dtype=x.dtype, device=x.device).expand(N, C, C)
-        for k in range(len(layers) - 1, -1, -1):
-            fan_in, fan_out, w_at, b_at = layers[k]
-            J[:, :, w_at:b_at].view(N, C, fan_out, fan_in).copy_(
-                G.unsqueeze(-1) * inputs[k].unsqueeze(1).unsqueeze(1)
-            )
-            J[:, :, b_at : b_at + fan_out] = G
-            if k > 0:
-                G = (G @ params[k][0]) * slopes[k - 1].unsqueeze(1)
-        return g, J
+        grads: list[Tensor | None] = [None] * len(layers)
+        G: Tensor | None = None  # dg/dz_l (N, C, out_l); None for I_C
+        for k in range(len(layers) - 1, 0, -1):
+            grads[k] = G
+            W = params[k][0]
+            G = (W if G is None else G @ W) * slopes[k - 1].unsqueeze(1)
+        grads[0] = G
+        J = LayerJacobian(
+            layers, tuple(inputs), tuple(grads), True, self.output_dim, self.num_params
+        )
+        return a, J
+
+    @property
+    def jacobian_numbers(self) -> int:
+        return sum(self.sizes[:-1]) + self.output_dim * sum(self.hidden)
 
     def init_mean(self, generator: torch.Generator) -> Tensor:
         return _uniform_init(self.sizes, True, generator)

@@ -35,12 +35,15 @@ from service.filters.algorithm import Algorithm, S
 from service.filters.base import Predictive, StepInfo
 from service.filters.likelihoods import Likelihood
 from service.filters.linalg import Check, all_finite, finite_check, psd_sqrt, settle
-from service.filters.networks import Network
+from service.filters.networks import DenseJacobian, Network
 
 __all__ = ["Dynamics", "OnlineFilter", "Prior"]
 
-#: Rows per chunk in ``predictive`` so that J (rows, C, D) stays under about 2**24 numbers.
+#: Rows per chunk in ``predictive``: the network's Jacobian operator (``jacobian_numbers`` a row;
+#: C D for a dense J) stays under about 2**24 numbers, and a chunk holds at most ``_CHUNK_ROWS``
+#: rows, which keeps a structured chunk's factors near the cache (``docs/algorithms.md`` 4.1).
 _CHUNK_NUMBERS = 1 << 24
+_CHUNK_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -211,16 +214,31 @@ class OnlineFilter(Generic[S]):
             )
         if method != "linearized":
             raise InvalidInput(f"unknown predictive method {method!r}; use 'linearized' or 'mc'")
-        rows = max(1, _CHUNK_NUMBERS // (self.network.output_dim * self.num_params))
+        rows = self._chunk_rows()
         parts = []
         for start in range(0, x.shape[0], rows):
-            eta, J = self.network.jacobian(theta, x[start : start + rows])
+            eta, J = self.network.jacobian_operator(theta, x[start : start + rows])
             parts.append(self.likelihood.predictive(eta, self.algorithm.project(state, J)))
         return Predictive(
             mean=torch.cat([p.mean for p in parts]),
             epistemic=torch.cat([p.epistemic for p in parts]),
             aleatoric=torch.cat([p.aleatoric for p in parts]),
         )
+
+    def predictive_mean(self, state: S, x: Tensor) -> Tensor:
+        """The mean of ``predictive(state, x)`` alone, (N, C) (``docs/algorithms.md`` 4.1.3).
+
+        Where the likelihood's predictive mean does not depend on Var[eta] (the gaussian: the mean
+        is eta), it is mu(g(m, x)): one forward pass. Otherwise (probit, log-normal means) it needs
+        diag(J Sigma J^T), and the whole linearised predictive is computed.
+        """
+        if self.likelihood.mean_needs_variance:
+            return self.predictive(state, x).mean
+        theta = state.mean
+        x = self._rows(x, theta)
+        rows = self._chunk_rows()
+        eta = [self.network.apply(theta, x[s : s + rows]) for s in range(0, x.shape[0], rows)]
+        return self.likelihood.mean(torch.cat(eta))
 
     def sample(self, state: S, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n exact draws of theta from the belief, (n, D)."""
@@ -243,7 +261,7 @@ class OnlineFilter(Generic[S]):
             N, C = unique.shape[0], self.network.output_dim
             if self.num_params >= N * C:  # fewer outputs than parameters
                 g, J = self.network.jacobian(theta, unique)
-                cov = self.algorithm.project(state, J.reshape(1, N * C, -1))[0]
+                cov = self.algorithm.project(state, DenseJacobian(J.reshape(1, N * C, -1)))[0]
                 if all_finite(cov):  # else the parameter draw below says what is wrong
                     z = torch.randn((n, N * C), generator=generator, dtype=g.dtype, device=g.device)
                     eta = (g.reshape(N * C) + z @ psd_sqrt(cov).mT).reshape(n, N, C)
@@ -268,7 +286,9 @@ class OnlineFilter(Generic[S]):
         small = N * N * I <= _CHUNK_NUMBERS  # the repeated-rows test of one group
         if self.network.linear_in_params and self.num_params >= N * C and small:
             g, J = self.network.jacobian(state.mean, flat)
-            cov = self.algorithm.project(state, J.reshape(G, N * C, -1))  # (G, N C, N C)
+            cov = self.algorithm.project(
+                state, DenseJacobian(J.reshape(G, N * C, -1))
+            )  # (G, NC, NC)
             if all_finite(cov):  # else the per-group draws below say what is wrong
                 z = torch.randn((G, n, N * C), generator=generator, dtype=g.dtype, device=g.device)
                 eta = (g.reshape(G, 1, N * C) + z @ psd_sqrt(cov).mT).reshape(G, n, N, C)
@@ -281,6 +301,10 @@ class OnlineFilter(Generic[S]):
         return self.algorithm.state_bytes(state)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _chunk_rows(self) -> int:
+        """Rows per chunk of the predictive (``docs/algorithms.md`` 4.1)."""
+        return max(1, min(_CHUNK_ROWS, _CHUNK_NUMBERS // self.network.jacobian_numbers))
 
     def _rows(self, x: Tensor, like: Tensor) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.network.input_dim:

@@ -60,14 +60,18 @@ def update(version: int, infos: list[StepInfo]) -> UpdateResponse:
     )
 
 
-def prediction(version: int, pred: Predictive, draws: Tensor | None) -> PredictResponse:
+def prediction(
+    version: int, mean: Tensor, pred: Predictive | None, draws: Tensor | None
+) -> PredictResponse:
+    """``/predict``: the mean, the variances of ``pred`` (empty lists without it: the request
+    asked for the mean alone) and the draws (empty without them)."""
     samples: list[list[list[float]]] = [] if draws is None else draws.tolist()
     return PredictResponse(
         version=version,
-        mean=pred.mean.tolist(),
-        variance=pred.variance.tolist(),
-        epistemic_variance=pred.epistemic.tolist(),
-        aleatoric_variance=pred.aleatoric.tolist(),
+        mean=mean.tolist(),
+        variance=[] if pred is None else pred.variance.tolist(),
+        epistemic_variance=[] if pred is None else pred.epistemic.tolist(),
+        aleatoric_variance=[] if pred is None else pred.aleatoric.tolist(),
         samples=samples,
     )
 

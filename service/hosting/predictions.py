@@ -40,16 +40,18 @@ def predict(h: HostedModel, current: Published[Belief], req: PredictRequest) -> 
     f = h.filter
     x = h.tensor(req.x)
     ahead = f.predict(current.state)  # the one-step-ahead belief p(theta_{t+1} | D_{1:t})
-    pred = f.predictive(ahead, x)
+    pred = f.predictive(ahead, x) if req.variance else None
+    mean = pred.mean if pred is not None else f.predictive_mean(ahead, x)
     draws = None
     if req.num_samples:
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         gen = torch.Generator(device=h.device).manual_seed(seed)
         draws = f.sample_outputs(ahead, x, req.num_samples, gen)
-    for t in (pred.mean, pred.epistemic, pred.aleatoric, draws):
+    variances = () if pred is None else (pred.epistemic, pred.aleatoric)
+    for t in (mean, *variances, draws):
         if t is not None and not bool(torch.isfinite(t).all()):
             raise InvalidInput(
                 "the prediction for these inputs is not finite (values too large for the "
                 f"model's {h.spec.dtype} arithmetic)"
             )
-    return answers.prediction(current.version, pred, draws)
+    return answers.prediction(current.version, mean, pred, draws)
