@@ -40,30 +40,44 @@ Body = Callable[[Store], Awaitable[None]]
 _REDIS: dict[str, str] = {}
 
 
-def _make(kind: str, tmp_path: Path, ttl: float = 3600.0) -> Backend:
+def _make(kind: str, tmp_path: Path, ttl: float = 3600.0, prefix: str | None = None) -> Backend:
     """A store of that kind and its lease, as ``service.store.make_backend`` pairs them."""
     if kind == "memory":
         return Backend(MemoryStore(ttl), SoleWriter())
     if kind == "redis":
         # A fresh key prefix per test on the session's redis-server keeps tests independent.
-        redis = RedisStore(_REDIS["url"], ttl, prefix=f"t{time.monotonic_ns()}:", lease_ms=5000)
+        prefix = prefix or f"t{time.monotonic_ns()}:"
+        redis = RedisStore(_REDIS["url"], ttl, prefix=prefix, lease_ms=5000)
         return Backend(redis, redis.lease)
     return Backend(SQLiteStore(tmp_path / "store.sqlite3", ttl), SoleWriter())
 
 
-def _run(kind: str, tmp_path: Path, body: Body, ttl: float = 3600.0) -> None:
-    """Open a fresh store, run the test body in one event loop, close it.
+def _run(
+    kind: str, tmp_path: Path, body: Body, ttl: float = 3600.0, reopen: Body | None = None
+) -> None:
+    """Open a fresh store, run the test body in one event loop, close it; then, with ``reopen``,
+    run that on the same data through a new store object (the memory store: the same one).
 
     The Redis store writes a model only while it holds the model's lease, so the body's writes
     go through the lease's ``acquire`` first (``SoleWriter`` for the single-process stores)."""
+    prefix = f"t{time.monotonic_ns()}:"
 
     async def main() -> None:
-        backend = _make(kind, tmp_path, ttl)
+        backend = _make(kind, tmp_path, ttl, prefix)
         await backend.store.open()
         try:
             await body(_Leased(backend.store, backend.lease))
+            if reopen is not None and kind == "memory":
+                await reopen(_Leased(backend.store, backend.lease))
         finally:
             await backend.store.close()
+        if reopen is not None and kind != "memory":
+            again = _make(kind, tmp_path, ttl, prefix)
+            await again.store.open()
+            try:
+                await reopen(_Leased(again.store, again.lease))
+            finally:
+                await again.store.close()
 
     asyncio.run(main())
 
@@ -76,6 +90,16 @@ class _Leased:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._store, name)
+
+    async def hold(self, name: str) -> None:
+        """Take the model's write lease now, so that later appends queue without waiting."""
+        await self._lease.acquire(name)
+
+    @property
+    def commits(self) -> int | None:
+        """The store's count of commits (batches), if it batches."""
+        commits = getattr(self._store, "commits", None)
+        return None if commits is None else int(commits)
 
     async def append(self, name: str, *args: object, **kw: object) -> None:
         await self._lease.acquire(name)
@@ -363,6 +387,307 @@ def test_sqlite_acknowledged_appends_survive_sigkill(tmp_path: Path) -> None:
         await store.open()
         try:
             await check(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+# -- group commit: appends in flight together share one commit --------------------------------
+
+
+def _commits(s: Store) -> int | None:
+    assert isinstance(s, _Leased)
+    return s.commits
+
+
+async def _hold(s: Store, *names: str) -> None:
+    assert isinstance(s, _Leased)
+    for name in names:
+        await s.hold(name)
+
+
+def test_concurrent_appends_to_several_models_share_commits_and_survive_a_reopen(
+    kind: str, tmp_path: Path
+) -> None:
+    models, last = ["a", "b", "c", "d"], 30
+
+    def record(m: str, v: int) -> bytes:
+        return f"{m}:{v}:".encode() + os.urandom(v)
+
+    records: dict[str, list[bytes]] = {
+        m: [record(m, v) for v in range(1, last + 1)] for m in models
+    }
+
+    async def write(s: Store) -> None:
+        for m in models:
+            await s.create_model(m, b"{}")
+            await s.append(m, 1, records[m][0], f"{m}-1", b"answer-1", after=0)
+        before = _commits(s)
+        appends = [  # started together, each model's records in version order, interleaved
+            asyncio.ensure_future(
+                s.append(m, v, records[m][v - 1], f"{m}-{v}", f"answer-{v}".encode(), after=v - 1)
+            )
+            for v in range(2, last + 1)
+            for m in models
+        ]
+        assert await asyncio.gather(*appends) == [None] * len(appends)
+        commits = _commits(s)
+        if before is not None and commits is not None:  # sqlite, redis: shared, not one each
+            assert commits - before <= len(appends) // 10
+
+    async def read(s: Store) -> None:
+        for m in models:
+            log = await s.read_log(m)
+            assert [r.version for r in log] == list(range(1, last + 1))
+            assert [r.record for r in log] == records[m]
+            for v in (1, 2, last):
+                assert await s.get_response(m, f"{m}-{v}") == f"answer-{v}".encode()
+
+    _run(kind, tmp_path, write, reopen=read)
+
+
+def test_a_refused_append_fails_alone_and_the_rest_of_its_commit_lands(
+    kind: str, tmp_path: Path
+) -> None:
+    async def body(s: Store) -> None:
+        for m in ("m", "n", "k"):
+            await s.create_model(m, b"{}")
+        await _hold(s, "m", "n", "k")
+        await s.append("m", 1, b"m1")
+        await s.append("n", 1, b"n1")
+        before = _commits(s)
+        batch = [  # (name, version, after, request id): one batch, checked one after another
+            ("m", 2, 1, "m-2"),  # ok
+            ("m", 2, 1, "m-2-again"),  # repeated version: refused
+            ("n", 1, None, "n-stale"),  # stale: refused
+            ("n", 2, None, "n-2"),  # ok
+            ("m", 3, 2, "m-3"),  # ok, after the m 2 of this batch
+            ("k", 5, 3, "k-5"),  # k is at 0, not 3: refused
+            ("k", 1, 0, "k-1"),  # ok
+            ("m", 5, 4, "m-5"),  # m is at 3, not 4: refused
+        ]
+        outcomes = await asyncio.gather(
+            *(
+                s.append(m, v, f"{rid}".encode(), rid, f"answer {rid}".encode(), after=after)
+                for m, v, after, rid in batch
+            ),
+            return_exceptions=True,
+        )
+        refused = [isinstance(o, VersionConflict) for o in outcomes]
+        assert refused == [False, True, True, False, False, True, False, True], outcomes
+        assert [o for o in outcomes if not isinstance(o, VersionConflict)] == [None] * 4
+        commits = _commits(s)
+        if before is not None and commits is not None:
+            assert commits - before == 1
+        assert [(r.version, r.record) for r in await s.read_log("m")] == [
+            (1, b"m1"),
+            (2, b"m-2"),
+            (3, b"m-3"),
+        ]
+        assert [(r.version, r.record) for r in await s.read_log("n")] == [(1, b"n1"), (2, b"n-2")]
+        assert [(r.version, r.record) for r in await s.read_log("k")] == [(1, b"k-1")]
+        for (_, _, _, rid), was_refused in zip(batch, refused, strict=True):
+            want = None if was_refused else f"answer {rid}".encode()
+            assert await s.get_response(rid[0], rid) == want
+
+    _run(kind, tmp_path, body)
+
+
+def test_after_chains_records_through_trims(kind: str, tmp_path: Path) -> None:
+    async def body(s: Store) -> None:
+        await s.create_model("m", b"{}")
+        with pytest.raises(VersionConflict):
+            await s.append("m", 2, b"x", after=1)  # an empty log is at 0
+        await s.append("m", 2, b"two", after=0)  # a record of two rows
+        await s.append("m", 3, b"three", after=2)
+        await s.put_snapshot("m", Snapshot(3, b"t", b"m"))  # trims every record
+        with pytest.raises(VersionConflict):
+            await s.append("m", 4, b"x", after=2)
+        await s.append("m", 4, b"four", after=3)  # the snapshot's version counts
+        assert [(r.version, r.record) for r in await s.read_log("m")] == [(4, b"four")]
+
+    _run(kind, tmp_path, body)
+
+
+def test_sqlite_a_failed_commit_fails_every_append_in_it_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "locked.sqlite3"
+
+    async def main() -> None:
+        store = SQLiteStore(path, timeout_s=0.1)
+        await store.open()
+        try:
+            await store.create_model("m", b"{}")
+            await store.create_model("n", b"{}")
+            await store.append("m", 1, b"m1", after=0)
+            blocker = sqlite3.connect(path, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # holds the write lock past the store's timeout
+            before = store.commits
+            try:
+                outcomes = await asyncio.gather(
+                    store.append("m", 2, b"m2", "m-2", b"answer", after=1),
+                    store.append("n", 1, b"n1", "n-1", b"answer"),
+                    store.append("m", 3, b"m3", after=2),
+                    return_exceptions=True,
+                )
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            assert [type(o) for o in outcomes] == [StoreUnavailable] * 3, outcomes
+            assert store.commits - before == 1  # one commit, and it failed as a whole
+            assert [r.version for r in await store.read_log("m")] == [1]
+            assert await store.read_log("n") == []
+            assert await store.get_response("m", "m-2") is None
+            with pytest.raises(VersionConflict):  # its predecessor never landed
+                await store.append("m", 3, b"m3", after=2)
+            await store.append("m", 2, b"m2 again", after=1)
+            assert [r.record for r in await store.read_log("m")] == [b"m1", b"m2 again"]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_redis_a_failed_commit_fails_every_append_in_it_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    redis = RedisServer(tmp_path / "redis").start()
+
+    async def main() -> None:
+        store = RedisStore(redis.url, lease_ms=30_000, timeout_s=0.5)
+        await store.open()
+        try:
+            for m in ("m", "n"):
+                await store.create_model(m, b"{}")
+                assert await store.lease.acquire(m)
+            await store.append("m", 1, b"m1", after=0)
+            redis.kill()
+            before = store.commits
+            outcomes = await asyncio.gather(
+                store.append("m", 2, b"m2", "m-2", b"answer", after=1),
+                store.append("n", 1, b"n1", after=0),
+                store.append("m", 3, b"m3", after=2),
+                return_exceptions=True,
+            )
+            assert [type(o) for o in outcomes] == [StoreUnavailable] * 3, outcomes
+            assert store.commits - before == 1
+            redis.start()  # the same AOF: what was acknowledged, and nothing else
+            deadline = time.monotonic() + 10
+            while not await store.ping():
+                assert time.monotonic() < deadline, "redis did not come back"
+                await asyncio.sleep(0.05)
+            assert [r.version for r in await store.read_log("m")] == [1]
+            assert await store.read_log("n") == []
+            assert await store.get_response("m", "m-2") is None
+            with pytest.raises(VersionConflict):  # its predecessor never landed
+                await store.append("m", 3, b"m3", after=2)
+            await store.append("m", 2, b"m2 again", after=1)  # the script reloads itself
+            assert [r.record for r in await store.read_log("m")] == [b"m1", b"m2 again"]
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        redis.stop()
+
+
+def test_redis_a_fenced_append_fails_alone_in_its_batch(redis_url: str) -> None:
+    prefix = f"t{time.monotonic_ns()}:"
+    a = _replica(prefix, "a")
+
+    async def body() -> None:
+        for m in ("m", "n"):
+            await a.create_model(m, b"{}")
+            assert await a.lease.acquire(m)
+            await a.append(m, 1, b"one", after=0)
+        await a.r.set(f"{prefix}lease:n", "b:999")  # another replica took n's lease meanwhile
+        before = a.commits
+        outcomes = await asyncio.gather(
+            a.append("m", 2, b"m2", after=1),
+            a.append("n", 2, b"n2", after=1),
+            a.append("m", 3, b"m3", after=2),
+            return_exceptions=True,
+        )
+        assert outcomes[0] is None and outcomes[2] is None, outcomes
+        assert isinstance(outcomes[1], NotOwner)
+        assert a.commits - before == 1
+        assert [r.version for r in await a.read_log("m")] == [1, 2, 3]
+        assert [r.version for r in await a.read_log("n")] == [1]
+        with pytest.raises(NotOwner):
+            a.lease.holder("n")  # forgotten: the next write takes the lease afresh
+
+    _replicas(a)(body)
+
+
+_GROUP_WRITER = """
+import asyncio, sys
+from service.store import SQLiteStore
+
+async def chain(store, name):
+    v, in_flight = 0, []
+    while True:  # eight appends of this model in flight at once, each after the one before
+        while len(in_flight) < 8:
+            v += 1
+            task = asyncio.ensure_future(
+                store.append(name, v, b"x" * 256, f"id-{v}", b"answer", after=v - 1))
+            in_flight.append((v, task))
+        done, task = in_flight.pop(0)
+        await task
+        print(name, done, store.commits, flush=True)
+
+async def main():
+    store = SQLiteStore(sys.argv[1])
+    await store.open()
+    for name in ("a", "b", "c"):
+        await store.create_model(name, b"{}")
+    await asyncio.gather(*(chain(store, name) for name in ("a", "b", "c")))
+
+asyncio.run(main())
+"""
+
+
+def test_sqlite_group_commits_survive_sigkill(tmp_path: Path) -> None:
+    """Three models, eight chained appends each in flight: what was acknowledged survives a
+    kill -9, every log has no gap, and the store did share commits."""
+    script = tmp_path / "group_writer.py"
+    script.write_text(_GROUP_WRITER)
+    path = tmp_path / "group.sqlite3"
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True
+    )
+    acked: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    commits = 0
+    assert child.stdout is not None
+    deadline = time.monotonic() + 20
+    try:
+        while sum(map(len, acked.values())) < 300 and time.monotonic() < deadline:
+            line = child.stdout.readline()
+            if not line:
+                break
+            name, version, commits_so_far = line.split()
+            acked[name].append(int(version))
+            commits = int(commits_so_far)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=10)
+        child.stdout.close()
+    assert sum(map(len, acked.values())) == 300, "the writer did not acknowledge 300 appends"
+    assert commits < 300 // 2, f"{commits} commits for 300 appends: they were not shared"
+
+    async def main() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            for name, versions in acked.items():
+                logged = [r.version for r in await store.read_log(name)]
+                assert logged == list(range(1, len(logged) + 1))  # no gap, nothing half-written
+                assert versions == sorted(versions)  # acknowledged in order
+                assert set(versions) <= set(logged)
+                if versions:
+                    assert await store.get_response(name, f"id-{versions[-1]}") == b"answer"
         finally:
             await store.close()
 

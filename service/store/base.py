@@ -17,8 +17,20 @@ events        (name, event_id) -> record bytes until ``expires_at`` (unix second
 
 Durability: when ``append`` returns, the record is durable to the backend's stated guarantee
 (sqlite: fsync'd WAL commit). A record at or below the log's latest version raises
-:class:`~service.errors.VersionConflict`; any other failure raises
-:class:`~service.errors.StoreUnavailable`. Either way nothing is half-written.
+:class:`~service.errors.VersionConflict`, and so does one whose ``after`` (the version it follows,
+when given) is not the log's latest; any other failure raises
+:class:`~service.errors.StoreUnavailable`. Either way nothing of that record is written.
+
+Group commit. ``append`` is awaited per record, but a durable store commits the appends that
+arrive while its previous commit is in flight together (sqlite: one transaction and one fsync;
+redis: one pipeline, one round trip). A batch behaves as its appends one after another, each
+checked on its own: a refused record (VersionConflict, NotOwner) fails alone and the others
+commit; a failure of the commit itself fails every append in it and writes none of them.
+
+Order. An append is queued before its first ``await``, so appends *called* in some order (a
+caller may start the next as a task before the previous returns) are checked and committed in
+that order. With ``after`` a caller can chain records: a record whose predecessor failed is
+refused, whichever commit it lands in, so the log never gets a gap.
 
 Who may write a model is not the store's business but its lease's (``service.store.lease``).
 """
@@ -29,7 +41,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["LogRecord", "Snapshot", "Store"]
+from service.errors import VersionConflict
+
+__all__ = ["LogRecord", "Snapshot", "Store", "refusal"]
 
 
 @dataclass(frozen=True)
@@ -72,12 +86,16 @@ class Store(Protocol):
         request_id: str | None = None,
         response: bytes | None = None,
         requests: Sequence[tuple[str, bytes]] = (),
+        *,
+        after: int | None = None,
     ) -> None:
         """Durably append one log record (and its request records), atomically: the record with
         ``request_id``'s response and every further ``(request_id, response)`` of ``requests``.
 
         VersionConflict (and nothing written) when ``version`` is at or below the log's latest
-        version, counting records already trimmed by a snapshot.
+        version, counting records already trimmed by a snapshot, or when ``after`` is given and
+        the log's latest version (0 for an empty log) is not ``after``. Returns once the commit
+        that holds the record is durable; appends in flight together share that commit.
         """
         ...
 
@@ -132,3 +150,18 @@ class Store(Protocol):
         """Up to ``limit`` pending events whose expiry is <= ``now``, oldest first; forgets
         settled ones that expired."""
         ...
+
+
+def refusal(name: str, version: int, after: int | None, latest: int | None) -> VersionConflict | None:
+    """Why a record of ``version`` (following ``after``, if given) may not go on a log whose
+    latest version is ``latest`` (None: no record, no snapshot), or None if it may."""
+    if after is not None and (latest or 0) != after:
+        return VersionConflict(
+            f"the log of {name!r} is at version {latest or 0}, but the record of version "
+            f"{version} follows version {after}; nothing was written"
+        )
+    if latest is not None and latest >= version:
+        return VersionConflict(
+            f"the log of {name!r} is at version {latest}, got {version}; nothing was written"
+        )
+    return None

@@ -1,4 +1,8 @@
-"""An in-process store: for tests and ephemeral runs (nothing survives the process)."""
+"""An in-process store: for tests and ephemeral runs (nothing survives the process).
+
+Nothing to make durable, so there is nothing to batch: ``append`` checks and writes its record
+at once, before its first (and only) suspension point, which keeps the protocol's order.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.errors import VersionConflict
-from service.store.base import LogRecord, Snapshot
+from service.store.base import LogRecord, Snapshot, refusal
 
 __all__ = ["MemoryStore"]
 
@@ -59,14 +62,15 @@ class MemoryStore:
         request_id: str | None = None,
         response: bytes | None = None,
         requests: Sequence[tuple[str, bytes]] = (),
+        *,
+        after: int | None = None,
     ) -> None:
         log = self._logs.setdefault(name, [])
         snap = self._snapshots.get(name)  # versions up to it may have been trimmed
         latest = max([r.version for r in log[-1:]] + ([snap.version] if snap else []), default=None)
-        if latest is not None and latest >= version:
-            raise VersionConflict(
-                f"the log of {name!r} is at version {latest}, got {version}; nothing was written"
-            )
+        refused = refusal(name, version, after, latest)
+        if refused is not None:
+            raise refused
         log.append(LogRecord(version, record))
         now = time.time()
         if request_id is not None and response is not None:

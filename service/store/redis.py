@@ -24,25 +24,37 @@ differ (:class:`~service.errors.NotOwner`): a replica that lost its lease cannot
 it still believes it owns the model. A stale version is refused by the Stream itself (entry ids
 only grow, even past a trim): :class:`~service.errors.VersionConflict`.
 
-Durability. An append is acknowledged when Redis has answered the script; what that survives
+Durability. An append is acknowledged when Redis has answered its script; what that survives
 depends on the server's persistence (see the README's table). When ``wait_aof`` is on and the
 server supports ``WAITAOF`` (Redis >= 7.2), the store also waits until the write is fsync'd to the
 local AOF before acknowledging.
+
+Group commit. ``append`` checks that this replica holds the lease, puts its script call on a queue
+(before its first ``await``) and waits. One committer drains the queue: every call queued so far
+goes out as one pipeline (one round trip; no MULTI), each still its own Lua script fenced by its
+model's lease token, followed by one ``WAITAOF`` for the whole batch when it is in use. Redis runs
+the scripts in order, and with ``appendfsync always`` fsyncs the AOF once before it answers the
+batch. Each script's own refusal (NotOwner, VersionConflict) fails only its append; a connection
+error or timeout fails every append of the batch with StoreUnavailable (then some of its scripts
+may have run: the caller's catch-up reads the log back). Calls queued meanwhile make the next
+batch. Each caller's ``append`` returns, or raises, only after the answer to its batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.errors import NotOwner, StoreUnavailable, VersionConflict
+from service.errors import NotOwner, PostserveError, StoreUnavailable, VersionConflict
 from service.store.base import LogRecord, Snapshot
 from service.store.redis_lease import RedisLease
 
@@ -53,25 +65,42 @@ log = logging.getLogger("postserve.store.redis")
 # KEYS[1] - lease key
 # KEYS[2] - log stream
 # KEYS[3] - request record key (unused when ARGV[4] is empty)
+# KEYS[4] - snapshot hash (read only when ARGV[7] is set and the stream is empty)
 # ARGV[1] - the writer's lease value, ``{replica}:{token}``
 # ARGV[2] - the model's version after the record (the entry id is ``{version}-1``)
 # ARGV[3] - record bytes
 # ARGV[4] - "1" to also keep the request record, "" not to
 # ARGV[5] - response bytes for the request record
 # ARGV[6] - the request record's time to live in milliseconds
-# KEYS[4..], ARGV[7..] - further request record keys and their responses (one log record that
-# answers several requests: a batch of rewards), kept as long
+# ARGV[7] - the version the record follows ("" for any lower one): the log's latest version (its
+#           top entry, else the snapshot's version, else 0) must be exactly this
+# KEYS[5..], ARGV[8..] - further request record keys and their responses (one log record that
+#           answers several requests: a batch of rewards), kept as long
 # return 1 once written; a POSTSERVE_NOT_OWNER error (nothing written) if the lease is not the
-# writer's; XADD's own error (nothing written) for a version at or below the stream's top
+# writer's; POSTSERVE_NOT_AFTER {latest} (nothing written) if the log is not at ARGV[7]; XADD's
+# own error (nothing written) for a version at or below the stream's top
 _APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('POSTSERVE_NOT_OWNER')
+end
+if ARGV[7] ~= '' then
+  local latest = 0
+  local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if #top > 0 then
+    latest = tonumber(string.match(top[1][1], '^(%d+)'))
+  else
+    local snap = redis.call('HGET', KEYS[4], 'version')
+    if snap then latest = tonumber(snap) end
+  end
+  if latest ~= tonumber(ARGV[7]) then
+    return redis.error_reply('POSTSERVE_NOT_AFTER ' .. latest)
+  end
 end
 redis.call('XADD', KEYS[2], ARGV[2] .. '-1', 'r', ARGV[3])
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 end
-for i = 4, #KEYS do
+for i = 5, #KEYS do
   redis.call('SET', KEYS[i], ARGV[i + 3], 'PX', ARGV[6])
 end
 return 1
@@ -116,6 +145,17 @@ return 1
 _EVENT_GRACE_S = 86400.0
 
 
+@dataclass
+class _Append:
+    """One queued append: its script's keys and arguments, and the future its caller waits on."""
+
+    name: str
+    version: int
+    keys: list[str]
+    args: list[Any]
+    done: asyncio.Future[None]
+
+
 class RedisStore:
     def __init__(
         self,
@@ -139,6 +179,9 @@ class RedisStore:
         self.replica = self.lease.replica
         self._use_waitaof = False
         self._probed = False
+        self._queue: list[_Append] = []
+        self._committer: asyncio.Task[None] | None = None
+        self.commits = 0  # batches sent (pipelines), for tests and benchmarks
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -168,7 +211,7 @@ class RedisStore:
             socket_connect_timeout=self._timeout,
             health_check_interval=5,
         )
-        self._append = self._r.register_script(_APPEND)
+        self._append_sha = self._r.register_script(_APPEND).sha
         self._snapshot = self._r.register_script(_SNAPSHOT)
         self._put_event = self._r.register_script(_PUT_EVENT)
         await self.lease.start()
@@ -191,7 +234,10 @@ class RedisStore:
         )
 
     async def close(self) -> None:
-        """Close the lease (stop renewing, release what it holds), then the connection."""
+        """Send what is queued, close the lease (stop renewing, release what it holds), then
+        the connection."""
+        if self._committer is not None:
+            await asyncio.shield(self._committer)
         await self.lease.close()
         if self._r is not None:
             await self._r.aclose()
@@ -241,15 +287,16 @@ class RedisStore:
         request_id: str | None = None,
         response: bytes | None = None,
         requests: Sequence[tuple[str, bytes]] = (),
+        *,
+        after: int | None = None,
     ) -> None:
         holder = self.lease.holder(name)
-        if not self._probed:
-            await self._probe()
         with_request = request_id is not None and response is not None
         keys = [
             self._k("lease", name),
             self._k("log", name),
             self._k("req", name, request_id or ""),
+            self._k("snap", name),
         ]
         args: list[Any] = [
             holder,
@@ -258,25 +305,94 @@ class RedisStore:
             "1" if with_request else "",
             response or b"",
             self._ttl_ms,
+            "" if after is None else after,
         ]
         for rid, answer in requests:
             keys.append(self._k("req", name, rid))
             args.append(answer)
+        done = asyncio.get_running_loop().create_future()
+        self._queue.append(_Append(name, version, keys, args, done))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_queued())
+        await done
+
+    async def _commit_queued(self) -> None:
+        """Send batches until the queue is empty; each batch is what was queued while the
+        previous one was in flight."""
+        batch: list[_Append] = []
         try:
-            await self._do(self._append(keys=keys, args=args))
-        except ResponseError as exc:
-            if "POSTSERVE_NOT_OWNER" in str(exc):
-                self.lease.forget(name)
-                raise NotOwner(f"this replica lost the lease of model {name!r}") from exc
-            if "equal or smaller than the target stream top item" in str(exc):
-                raise VersionConflict(
-                    f"the log of {name!r} is already at version {version} or past it; "
-                    "nothing was written"
-                ) from exc
-            raise StoreUnavailable(f"redis refused the append to {name!r}: {exc}") from exc
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    outcomes = await self._commit(batch)
+                except PostserveError as exc:
+                    outcomes = [StoreUnavailable(exc.message) for _ in batch]
+                for a, outcome in zip(batch, outcomes, strict=True):
+                    if a.done.done():  # its caller gave up; the outcome stands regardless
+                        continue
+                    if outcome is None:
+                        a.done.set_result(None)
+                    else:
+                        a.done.set_exception(outcome)
+        finally:  # the queue is empty, unless this task was cancelled: nobody may wait forever
+            self._committer = None
+            for a in [*batch, *self._queue]:
+                if not a.done.done():
+                    a.done.set_exception(StoreUnavailable("the redis store stopped committing"))
+            self._queue = []
+
+    async def _commit(self, batch: list[_Append]) -> list[PostserveError | None]:
+        """One pipeline of the batch's scripts (and WAITAOF); per append None or its refusal."""
+        self.commits += 1
+        if not self._probed:
+            await self._probe()
+        results = await self._pipeline(batch)
+        if any(isinstance(r, NoScriptError) for r in results):  # a restarted server: load, redo
+            self._append_sha = await self._do(self.r.script_load(_APPEND))
+            redo = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            for i, r in zip(redo, await self._pipeline([batch[i] for i in redo]), strict=True):
+                results[i] = r
+        return [self._outcome(a, r) for a, r in zip(batch, results, strict=True)]
+
+    async def _pipeline(self, batch: list[_Append]) -> list[Any]:
+        """The batch's scripts in one round trip: each one's result, or its error. With WAITAOF
+        (the last command: Redis answers it once the batch is fsync'd to its AOF), a script that
+        wrote but whose fsync was not confirmed in time is StoreUnavailable."""
+        pipe = self.r.pipeline(transaction=False)
+        for a in batch:
+            pipe.evalsha(self._append_sha, len(a.keys), *a.keys, *a.args)
         if self._use_waitaof:
-            wait = self.r.execute_command("WAITAOF", 1, 0, int(self._timeout * 1000))  # type: ignore[no-untyped-call]
-            await self._do(wait)
+            pipe.execute_command("WAITAOF", 1, 0, int(self._timeout * 1000))
+        results = list(await self._do(pipe.execute(raise_on_error=False)))
+        if not self._use_waitaof:
+            return results
+        waited, results = results[-1], results[:-1]
+        if isinstance(waited, Exception) or int(waited[0]) < 1:
+            unconfirmed = StoreUnavailable(f"redis did not confirm the AOF fsync: {waited}")
+            results = [r if isinstance(r, Exception) else unconfirmed for r in results]
+        return results
+
+    def _outcome(self, a: _Append, result: Any) -> PostserveError | None:
+        if isinstance(result, PostserveError):
+            return type(result)(result.message)
+        if not isinstance(result, Exception):
+            return None
+        message = str(result)
+        if "POSTSERVE_NOT_OWNER" in message:
+            self.lease.forget(a.name)
+            return NotOwner(f"this replica lost the lease of model {a.name!r}")
+        if "POSTSERVE_NOT_AFTER" in message:
+            latest = message.rsplit(" ", 1)[-1]
+            return VersionConflict(
+                f"the log of {a.name!r} is at version {latest}, but the record of version "
+                f"{a.version} follows version {a.args[6]}; nothing was written"
+            )
+        if "equal or smaller than the target stream top item" in message:
+            return VersionConflict(
+                f"the log of {a.name!r} is already at version {a.version} or past it; "
+                "nothing was written"
+            )
+        return StoreUnavailable(f"redis refused the append to {a.name!r}: {message}")
 
     async def read_log(self, name: str, after: int = 0) -> list[LogRecord]:
         out: list[LogRecord] = []

@@ -4,6 +4,16 @@ Every write is one transaction; ``append`` returns after the commit, which in WA
 synchronous=FULL has fsync'd the write-ahead log: an acknowledged update survives a crash of the
 process or of the machine. All SQLite calls run on one dedicated thread (one connection), off the
 event loop.
+
+Group commit. ``append`` puts its record on a queue (before its first ``await``) and waits. One
+committer drains the queue: it takes every record queued so far and writes them in one
+transaction, one commit, one fsync, on the SQLite thread; the records that arrive meanwhile make
+the next batch. In the transaction each record is checked against its model's latest version as
+the batch has left it (the base protocol's ``refusal``) before it is written, so a refused record
+fails alone (VersionConflict) and the others commit. An SQLite error (the file locked past
+``timeout_s``, the disk full, the store closed) rolls the whole transaction back and fails every
+append of the batch with StoreUnavailable: nothing of it is written. Each caller's ``append``
+returns, or raises, only after the commit that held its record.
 """
 
 from __future__ import annotations
@@ -13,11 +23,12 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from service.errors import StoreUnavailable, VersionConflict
-from service.store.base import LogRecord, Snapshot
+from service.errors import PostserveError, StoreUnavailable
+from service.store.base import LogRecord, Snapshot, refusal
 
 __all__ = ["SQLiteStore"]
 
@@ -40,12 +51,38 @@ CREATE INDEX IF NOT EXISTS events_due ON events (name, pending, expires_at);
 """
 
 
+_LATEST = (
+    "SELECT MAX(v) FROM (SELECT MAX(version) AS v FROM log WHERE name = ? "
+    "UNION ALL SELECT version FROM snapshots WHERE name = ?)"
+)
+
+
+@dataclass
+class _Append:
+    """One queued append and the future its caller waits on."""
+
+    name: str
+    version: int
+    record: bytes
+    answers: list[tuple[str, bytes]]  # (request_id, response) of each request it answers
+    after: int | None
+    done: asyncio.Future[None]
+
+
 class SQLiteStore:
-    def __init__(self, path: str | Path, idempotency_ttl_s: float = 86400.0) -> None:
+    """``timeout_s``: how long a write waits for a lock held by another connection."""
+
+    def __init__(
+        self, path: str | Path, idempotency_ttl_s: float = 86400.0, *, timeout_s: float = 5.0
+    ) -> None:
         self._path = Path(path)
         self._ttl = idempotency_ttl_s
+        self._timeout = timeout_s
         self._db: sqlite3.Connection | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postserve-sqlite")
+        self._queue: list[_Append] = []
+        self._committer: asyncio.Task[None] | None = None
+        self.commits = 0  # batches committed (or attempted), for tests and benchmarks
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -62,7 +99,9 @@ class SQLiteStore:
     async def open(self) -> None:
         def connect() -> None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            db = sqlite3.connect(
+                self._path, timeout=self._timeout, check_same_thread=False, isolation_level=None
+            )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
@@ -72,6 +111,10 @@ class SQLiteStore:
         await asyncio.get_running_loop().run_in_executor(self._pool, connect)
 
     async def close(self) -> None:
+        """Commit what is queued, then close the connection."""
+        if self._committer is not None:
+            await asyncio.shield(self._committer)
+
         def shut() -> None:
             if self._db is not None:
                 self._db.close()
@@ -114,29 +157,76 @@ class SQLiteStore:
         request_id: str | None = None,
         response: bytes | None = None,
         requests: Sequence[tuple[str, bytes]] = (),
+        *,
+        after: int | None = None,
     ) -> None:
         answers = list(requests)
         if request_id is not None and response is not None:
             answers.insert(0, (request_id, response))
+        done = asyncio.get_running_loop().create_future()
+        self._queue.append(_Append(name, version, record, answers, after, done))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_queued())
+        await done
 
-        def go(db: sqlite3.Connection) -> None:
-            last = db.execute(
-                "SELECT MAX(v) FROM (SELECT MAX(version) AS v FROM log WHERE name = ? "
-                "UNION ALL SELECT version FROM snapshots WHERE name = ?)",
-                (name, name),
-            ).fetchone()[0]
-            if last is not None and last >= version:
-                raise VersionConflict(
-                    f"the log of {name!r} is at version {last}, got {version}; nothing was written"
-                )
-            db.execute("INSERT INTO log VALUES (?, ?, ?)", (name, version, record))
-            now = time.time()
-            db.executemany(
-                "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
-                [(name, rid, now, answer) for rid, answer in answers],
-            )
+    async def _commit_queued(self) -> None:
+        """Commit batches until the queue is empty; each batch is what was queued while the
+        previous one was being committed."""
+        loop = asyncio.get_running_loop()
+        batch: list[_Append] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    outcomes = await loop.run_in_executor(self._pool, self._commit, batch)
+                except Exception as exc:
+                    outcomes = [StoreUnavailable(f"sqlite commit failed: {exc}") for _ in batch]
+                for a, outcome in zip(batch, outcomes, strict=True):
+                    if a.done.done():  # its caller gave up; the outcome stands regardless
+                        continue
+                    if outcome is None:
+                        a.done.set_result(None)
+                    else:
+                        a.done.set_exception(outcome)
+        finally:  # the queue is empty, unless this task was cancelled: nobody may wait forever
+            self._committer = None
+            for a in [*batch, *self._queue]:
+                if not a.done.done():
+                    a.done.set_exception(StoreUnavailable("the sqlite store stopped committing"))
+            self._queue = []
 
-        await self._run(go)
+    def _commit(self, batch: list[_Append]) -> list[PostserveError | None]:
+        """On the SQLite thread: the batch in one transaction; per append None (written) or its
+        refusal; a failed commit fails them all and writes nothing."""
+        self.commits += 1
+        db = self._db
+        if db is None:
+            return [StoreUnavailable("the sqlite store is not open") for _ in batch]
+        outcomes: list[PostserveError | None] = []
+        latest: dict[str, int | None] = {}  # each model's latest version, as the batch leaves it
+        now = time.time()
+        try:
+            with db:  # one transaction: commit (one fsync) on success, roll back on error
+                for a in batch:
+                    if a.name not in latest:
+                        latest[a.name] = db.execute(_LATEST, (a.name, a.name)).fetchone()[0]
+                    refused = refusal(a.name, a.version, a.after, latest[a.name])
+                    if refused is not None:
+                        outcomes.append(refused)
+                        continue
+                    db.execute("INSERT INTO log VALUES (?, ?, ?)", (a.name, a.version, a.record))
+                    db.executemany(
+                        "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
+                        [(a.name, rid, now, answer) for rid, answer in a.answers],
+                    )
+                    latest[a.name] = a.version
+                    outcomes.append(None)
+        except sqlite3.Error as exc:
+            return [
+                StoreUnavailable(f"sqlite: {exc}; nothing of this commit was written")
+                for _ in batch
+            ]
+        return outcomes
 
     async def read_log(self, name: str, after: int = 0) -> list[LogRecord]:
         rows = await self._run(
