@@ -22,6 +22,7 @@ import redis as redis_sync
 from service.errors import NotOwner, StoreUnavailable
 from service.store import RedisStore
 from service.testing import RedisServer, Server
+from service.testing.load import LOAD_SPEC, check_acknowledged_survived, updates_until_killed
 
 SPEC = {
     "network": {"type": "linear", "input_dim": 3, "output_dim": 1},
@@ -133,6 +134,33 @@ def test_sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice(tmp_p
         server.stop()
         redis.stop()
     print(f"kills before updates {kills}; {duplicates} retries answered as duplicates")
+
+
+def test_sigkill_of_server_and_redis_under_concurrent_updates_keeps_every_acknowledged_one(
+    tmp_path: Path,
+) -> None:
+    """16 clients update one model (their appends share pipelines) until the server is SIGKILLed
+    mid-stream; then redis-server is SIGKILLed too and restarted from its AOF."""
+    redis = RedisServer(tmp_path / "redis").start()
+    env = _env(redis, POSTSERVE_SNAPSHOT_EVERY="1000000", POSTSERVE_SNAPSHOT_INTERVAL_S="3600")
+    server = Server(tmp_path / "pa", {**env, "POSTSERVE_REPLICA_ID": "replica-a"})
+    try:
+        server.start()
+        assert _post(server.url, "/v1/models", LOAD_SPEC).status_code == 201
+        acked = updates_until_killed(server, "load", 3, clients=16, acks=150)
+        assert len(acked) >= 150
+        redis.kill()
+        redis.start()
+        client = redis_sync.Redis.from_url(redis.url)
+        try:
+            entries = client.xrange("postserve:log:load")
+        finally:
+            client.close()
+        logged = [(int(i.split(b"-")[0]), json.loads(f[b"r"])) for i, f in entries]
+        check_acknowledged_survived(server, acked, logged)
+    finally:
+        server.stop()
+        redis.stop()
 
 
 def _safe_post(url: str, path: str, body: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import json
 import random
 import re
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from service.schemas import (
     UpdateResponse,
 )
 from service.testing import MakeAppClient, MakeServer, Server, running
+from service.testing.load import LOAD_SPEC, check_acknowledged_survived, updates_until_killed
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 README_URL = "http://127.0.0.1:8000"
@@ -411,6 +413,27 @@ def test_64_concurrent_clients_each_posting_10_updates(make_server: MakeServer) 
     with httpx.Client(base_url=server.url) as c:
         assert c.get("/v1/models/busy").json()["version"] == 640
         assert c.post("/v1/models/busy/predict", json=query).content == before
+
+
+def test_sigkill_under_concurrent_updates_keeps_every_acknowledged_one(
+    make_server: MakeServer,
+) -> None:
+    """16 clients update one model (their updates share commits) until SIGKILL mid-stream."""
+    server = make_server(
+        env={"POSTSERVE_SNAPSHOT_EVERY": "1000000", "POSTSERVE_SNAPSHOT_INTERVAL_S": "3600"}
+    )
+    with httpx.Client(base_url=server.url) as c:
+        assert c.post("/v1/models", json=LOAD_SPEC).status_code == 201
+    acked = updates_until_killed(server, "load", 3, clients=16, acks=150)
+    assert len(acked) >= 150
+    db = sqlite3.connect(server.data_dir / "postserve.sqlite3")
+    try:
+        rows = db.execute(
+            "SELECT version, record FROM log WHERE name = 'load' ORDER BY version"
+        ).fetchall()
+    finally:
+        db.close()
+    check_acknowledged_survived(server, acked, [(int(v), json.loads(r)) for v, r in rows])
 
 
 # -- idempotency --------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ class Catalogue:
         async with hosted.lock:
             hosted.deleted = True
             self.models.pop(name, None)
+            await hosted.settle()  # no pending record may land after the delete
             await self.store.delete_model(name)
 
     async def restore(self) -> None:

@@ -3,13 +3,21 @@
 A hosted model holds its spec, its filter and a *published* pair (version, state): the pair is
 replaced whole, never mutated, so a reader that takes ``hosted.current`` once sees a consistent
 version and state without a lock. Writers (updates, catch-up) are serialised by ``lock``.
+
+Between the two sit the *pending* updates (``docs/architecture.md`` section 2): computed under
+the lock, each from the one before (``tip``), handed to the store, not yet known durable. The
+lock is not held while they wait for their commit, so updates of one model share commits. When a
+pending update's commit succeeds, it and every pending update before it are durable (each record
+follows the one before it, ``Store.append(after=...)``): they are published in version order.
+A failed one is never published; the ones after it fail too, and ``stale`` says the chain must be
+settled and the model caught up with the store before the next write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic
@@ -19,13 +27,13 @@ import torch
 from service.calibration import CalibrationTracker, Observation
 from service.components import Label
 from service.components.registry import Scorer
-from service.errors import InvalidInput
+from service.errors import InvalidInput, NotOwner, PostserveError, StoreUnavailable, VersionConflict
 from service.filters import Belief, OnlineFilter, StepInfo
 from service.filters.algorithm import S
 from service.filters.linalg import all_finite
 from service.schemas import ModelSpec
 
-__all__ = ["Counters", "Hosted", "HostedModel", "Published"]
+__all__ = ["Counters", "Hosted", "HostedModel", "Pending", "Published"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,19 @@ class Published(Generic[S]):
 
     version: int
     state: S
+
+
+@dataclass
+class Pending(Generic[S]):
+    """An update computed from version ``after`` and handed to the store (``commit``, the task
+    awaiting ``Store.append``), published once that commit is known durable."""
+
+    after: int
+    version: int
+    state: S
+    observations: list[Observation]
+    request_ids: tuple[str, ...]  # the requests its record answers
+    commit: asyncio.Future[None]
 
 
 @dataclass
@@ -54,6 +75,9 @@ class Hosted(Generic[S]):
     deleted: bool = False
     applied: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    pending: deque[Pending[S]] = field(default_factory=deque)
+    stale: bool = False  # a write failed: settle and catch up before the next one
+    failure: tuple[int, PostserveError] | None = None  # the first failed pending update
 
     @property
     def name(self) -> str:
@@ -63,8 +87,66 @@ class Hosted(Generic[S]):
     def version(self) -> int:
         return self.current.version
 
+    @property
+    def tip(self) -> Published[S]:
+        """What the next update computes from: the latest pending update, else the published."""
+        if self.pending:
+            last = self.pending[-1]
+            return Published(last.version, last.state)
+        return self.current
+
     def publish(self, version: int, state: S) -> None:
         self.current = Published(version, state)
+
+    def pend(self, p: Pending[S]) -> None:
+        """Queue ``p`` behind the other pending updates; it publishes itself once committed."""
+        self.pending.append(p)
+        p.commit.add_done_callback(lambda _: self._committed(p))
+
+    def _committed(self, p: Pending[S]) -> None:
+        """``p``'s commit finished (a done callback: it runs before anyone awaiting it)."""
+        if p.commit.cancelled() or p.commit.exception() is not None:
+            self.stale = True
+            if self.failure is None:
+                error = None if p.commit.cancelled() else p.commit.exception()
+                if not isinstance(error, PostserveError):
+                    error = StoreUnavailable(f"the commit of version {p.version} failed: {error}")
+                self.failure = (p.version, error)
+            return
+        while self.pending and self.pending[0].version <= p.version:  # durable: publish in order
+            q = self.pending.popleft()
+            self.publish(q.version, q.state)
+            self.score(q.after, q.observations)  # with the publish: snapshots see both or neither
+
+    def pending_request(self, request_ids: Sequence[str]) -> bool:
+        """Whether a pending update answers one of ``request_ids``."""
+        if not request_ids or not self.pending:
+            return False
+        ids = set(request_ids)
+        return any(not ids.isdisjoint(p.request_ids) for p in self.pending)
+
+    def chain_error(self, p: Pending[S], error: PostserveError) -> PostserveError:
+        """The error to answer for ``p``, whose commit raised ``error``: a record refused only
+        because an earlier pending one failed answers with that one's error."""
+        first = self.failure
+        if first is None or first[0] >= p.version or not isinstance(error, VersionConflict):
+            return error
+        version, cause = first
+        message = f"not written: the update before it (version {version}) failed: {cause.message}"
+        if isinstance(cause, NotOwner | VersionConflict):
+            return type(cause)(message)
+        return StoreUnavailable(message)
+
+    async def settle(self) -> None:
+        """Wait for every pending commit, then forget the pending updates (the durable ones
+        are published by then, the others failed). The caller holds ``lock``."""
+        while self.pending:
+            commits = [p.commit for p in self.pending]
+            await asyncio.wait(commits)
+            for p in list(self.pending):
+                if p.commit.done():
+                    self.pending.remove(p)
+        self.failure = None
 
     def tensor(self, rows: Sequence[object], what: str = "x") -> torch.Tensor:
         """Request rows as a tensor of the model's dtype, on its device.

@@ -1,7 +1,8 @@
 """Bringing a hosted model up to the store's latest: a newer snapshot, then the log after it.
 
-Runs at start (every model in the catalogue), and when this replica newly takes a model's write
-lease (another replica may have written it meanwhile). Replaying a log record repeats the same
+Runs at start (every model in the catalogue), when this replica newly takes a model's write
+lease (another replica may have written it meanwhile), and after a write of the model failed
+(``resync``: the store may hold a record whose answer was lost, or a newer writer's). Replaying a log record repeats the same
 deterministic steps, so the state comes back bit for bit on the same device and dtype; the
 calibration window travels in the snapshot's metadata and the replay refills the rest.
 """
@@ -24,9 +25,18 @@ class Recovery:
     def __init__(self, store: Store, compute: Compute) -> None:
         self.store, self.compute = store, compute
 
+    async def resync(self, h: HostedModel) -> None:
+        """Settle ``h``'s pending updates (each published if durable, dropped if not), then
+        catch up with the store; the caller holds ``h.lock``. ``h.stale`` stays set until the
+        catch-up succeeds."""
+        h.stale = True
+        await h.settle()
+        await self.catch_up(h)
+        h.stale = False
+
     async def catch_up(self, h: HostedModel) -> None:
-        """Apply what the store has beyond ``h.version``; the caller holds ``h.lock`` (or ``h``
-        is not published yet)."""
+        """Apply what the store has beyond ``h.version``; the caller holds ``h.lock`` and no
+        update is pending (or ``h`` is not published yet)."""
         snap = await self.store.get_snapshot(h.name)
         if snap is not None and snap.version > h.version:
             meta = json.loads(snap.meta)

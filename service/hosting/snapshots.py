@@ -41,11 +41,11 @@ class Snapshots:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def now(self, h: HostedModel) -> int:
-        """Snapshot ``h`` at the store's latest (catching up first if newly its writer); the
-        bytes written."""
+        """Snapshot ``h`` at the store's latest (resyncing first if newly its writer or a write
+        failed); the bytes written."""
         async with h.lock:
-            if await self.lease.acquire(h.name):
-                await self.recovery.catch_up(h)
+            if await self.lease.acquire(h.name) or h.stale:
+                await self.recovery.resync(h)
         return await self.take(h)
 
     async def take(self, h: HostedModel) -> int:

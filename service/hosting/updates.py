@@ -3,16 +3,25 @@
 For one request (``docs/architecture.md`` section 2):
 
 1. check the rows against the model and the limits, before anything changes;
-2. under the model's lock: make sure this process may write it (catching up first if it newly
-   may), answer a repeated ``request_id`` with its first answer;
-3. compute the new state, not yet visible; a non-finite or non-PSD result raises StepRejected
-   and nothing changes;
-4. append the log record (with the answer, for ``request_id``) to the store; if that fails,
-   StoreUnavailable and the old state stays;
-5. publish (version + rows, new state) with the rows' calibration scores, and answer.
+2. under the model's lock: make sure this process may write it; if it newly may, or a write of
+   the model failed, or the ``request_id`` is pending, settle the pending updates and catch up
+   with the store first; answer a repeated ``request_id`` with its first answer;
+3. compute the new state from the *tip* (the latest pending update, else the published state),
+   not yet visible; a non-finite or non-PSD result raises StepRejected and nothing changes;
+4. hand the log record (with the answer, for ``request_id``) to the store, following the tip's
+   version (``after``), and make it the new tip; release the lock;
+5. wait for the commit that holds the record; once durable it is published in version order
+   with the rows' calibration scores (``Hosted.pend``), and the request is answered. If it
+   fails, nothing is published, the pending updates after it fail with it, and the next writer
+   resyncs the model with the store first.
 
-``apply_keyed`` is the same protocol for rows that each answer a request of their own (a batch of
-rewards, one request id per event): the rows whose id has no answer yet are one log entry, and
+Updates of one model are computed one at a time, but wait for durability together: the store
+commits what arrives while its previous commit is in flight in one go (group commit).
+
+``apply_keyed`` is the same protocol, through the same pending chain (computed from the tip,
+published in version order once its commit is durable), for rows that each answer a request of
+their own (a batch of rewards, one request id per event): it resyncs first if one of the ids is
+pending, and the rows whose id has no answer yet are one log entry (one pending update), and
 each of their answers (the version after its row, its predictive and log density: what it
 would have answered alone) is written with it in the same atomic append; a row whose id has an
 answer already, or repeats an earlier row's id, is not applied and gets that answer with
@@ -24,6 +33,7 @@ Every refusal is counted here (:class:`~service.hosting.hosted.Counters`), by er
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -32,11 +42,11 @@ from service.calibration import Observation
 from service.components import Label
 from service.config import Settings
 from service.errors import InvalidInput, NotFound, NotReady, PostserveError
-from service.filters import Belief
+from service.filters import Belief, StepInfo
 from service.hosting import answers
 from service.hosting.catalogue import Catalogue
 from service.hosting.compute import Compute
-from service.hosting.hosted import Counters, HostedModel
+from service.hosting.hosted import Counters, HostedModel, Pending, Published
 from service.hosting.limits import Limits
 from service.hosting.records import LogEntry
 from service.hosting.recovery import Recovery
@@ -105,37 +115,30 @@ class Updates:
             raise InvalidInput(f"x has {len(x)} rows but y has {len(y)}")
 
     @asynccontextmanager
-    async def _writing(self, h: HostedModel) -> AsyncIterator[None]:
-        """Under the model's lock, as its writer, caught up with what other replicas wrote."""
+    async def _writing(self, h: HostedModel, request_ids: Sequence[str]) -> AsyncIterator[None]:
+        """Under the model's lock, as its writer, in step with the store: resynced first if this
+        replica newly writes it, a write of it failed, or one of ``request_ids`` is pending."""
         async with h.lock:
             if h.deleted:
                 raise NotFound(f"no model named {h.name!r}")
-            if await self.lease.acquire(h.name):  # newly the writer: catch up with the log first
-                await self.recovery.catch_up(h)
+            newly = await self.lease.acquire(h.name)  # newly the writer: catch up first
+            if newly or h.stale or h.pending_request(request_ids):
+                await self.recovery.resync(h)
             yield
 
     async def _apply(self, h: HostedModel, entry: LogEntry) -> UpdateResponse:
         self._admit(h, entry.x, entry.y, "update")
-        n = len(entry.x)
-        async with self._writing(h):
-            if entry.request_id is not None:
-                first = await self.store.get_response(h.name, entry.request_id)
+        n, rid = len(entry.x), entry.request_id
+        async with self._writing(h, [] if rid is None else [rid]):
+            if rid is not None:
+                first = await self.store.get_response(h.name, rid)
                 if first is not None:
                     return _duplicate(first)
-            version, state = h.current.version, h.current.state
-            work = h.filter.state_bytes(state) * n
-            new, infos, obs = await self.compute.run(work, h.step, state, entry.x, entry.y)
-            response = answers.update(version + n, infos)
-            await self.store.append(
-                h.name,
-                version + n,
-                entry.to_bytes(),
-                entry.request_id,
-                response.model_dump_json().encode() if entry.request_id is not None else None,
-            )
-            self._publish(h, version, n, new, obs)
-        if self.snapshots.due(h):
-            self.snapshots.spawn(h)
+            tip, new, infos, obs = await self._step(h, entry.x, entry.y)
+            response = answers.update(tip.version + n, infos)
+            requests = [] if rid is None else [(rid, response.model_dump_json().encode())]
+            pending = self._pend(h, tip, n, new, obs, entry.to_bytes(), requests)
+        await self._durable(h, pending, n)
         return response
 
     async def _apply_keyed(
@@ -143,9 +146,10 @@ class Updates:
     ) -> list[UpdateResponse]:
         self._admit(h, x, y, "reward")
         done: dict[int, UpdateResponse] = {}
-        async with self._writing(h):
+        fresh: dict[str, int] = {}  # request id -> its row, for the rows to apply
+        pending: Pending[Belief] | None = None
+        async with self._writing(h, request_ids):
             firsts = await self.store.get_responses(h.name, request_ids)
-            fresh: dict[str, int] = {}  # request id -> its row, for the rows to apply
             for i, (rid, first) in enumerate(zip(request_ids, firsts, strict=True)):
                 if first is not None:
                     done[i] = _duplicate(first)
@@ -153,37 +157,71 @@ class Updates:
                     fresh[rid] = i
             if fresh:
                 rows = list(fresh.values())
-                each = await self._commit_keyed(
+                pending, each = await self._pend_keyed(
                     h, [x[i] for i in rows], [y[i] for i in rows], list(fresh)
                 )
                 done.update(zip(rows, each, strict=True))
+        if pending is not None:
+            await self._durable(h, pending, len(fresh))
+        elif self.snapshots.due(h):
+            self.snapshots.spawn(h)
         for i, rid in enumerate(request_ids):  # a repeat within the batch: its first row's answer
             if i not in done:
                 done[i] = done[fresh[rid]].model_copy(update={"duplicate": True})
-        if self.snapshots.due(h):
-            self.snapshots.spawn(h)
         return [done[i] for i in range(len(request_ids))]
 
-    async def _commit_keyed(
+    async def _pend_keyed(
         self, h: HostedModel, x: list[list[float]], y: list[Label], ids: Sequence[str]
-    ) -> list[UpdateResponse]:
-        """Compute, append (one record, one request record per row) and publish new rows."""
-        entry = LogEntry(x, y, None)
-        version, state = h.current.version, h.current.state
-        work = h.filter.state_bytes(state) * len(x)
-        new, infos, obs = await self.compute.run(work, h.step, state, entry.x, entry.y)
-        each = [answers.update(version + k + 1, [info]) for k, info in enumerate(infos)]
+    ) -> tuple[Pending[Belief], list[UpdateResponse]]:
+        """Compute new rows from the tip and hand them to the store as one record, with one
+        request record per row (each row's answer as it would have answered alone)."""
+        tip, new, infos, obs = await self._step(h, x, y)
+        each = [answers.update(tip.version + k + 1, [info]) for k, info in enumerate(infos)]
         records = [(rid, a.model_dump_json().encode()) for rid, a in zip(ids, each, strict=True)]
-        await self.store.append(h.name, version + len(x), entry.to_bytes(), requests=records)
-        self._publish(h, version, len(x), new, obs)
-        return each
+        record = LogEntry(x, y, None).to_bytes()
+        return self._pend(h, tip, len(x), new, obs, record, records), each
 
-    def _publish(
-        self, h: HostedModel, version: int, n: int, new: Belief, obs: list[Observation]
-    ) -> None:
-        h.publish(version + n, new)
-        h.score(version, obs)  # with the publish: snapshots see both or neither
+    async def _step(
+        self, h: HostedModel, x: list[list[float]], y: Sequence[Label]
+    ) -> tuple[Published[Belief], Belief, list[StepInfo], list[Observation]]:
+        """The tip, and the state after rows ``x``, ``y`` from it (not yet visible)."""
+        tip = h.tip
+        work = h.filter.state_bytes(tip.state) * len(x)
+        new, infos, obs = await self.compute.run(work, h.step, tip.state, x, y)
+        return tip, new, infos, obs
+
+    def _pend(
+        self,
+        h: HostedModel,
+        tip: Published[Belief],
+        n: int,
+        new: Belief,
+        obs: list[Observation],
+        record: bytes,
+        requests: list[tuple[str, bytes]],
+    ) -> Pending[Belief]:
+        """Hand the record of ``n`` rows after ``tip`` (and its request records) to the store,
+        following the tip's version, and make it the new tip; the caller holds the lock."""
+        version = tip.version + n
+        append = self.store.append(h.name, version, record, requests=requests, after=tip.version)
+        ids = tuple(rid for rid, _ in requests)
+        pending = Pending(tip.version, version, new, obs, ids, asyncio.ensure_future(append))
+        # The task's first step queues the record in the store before the next holder of the
+        # lock resumes, so the store sees the model's records in version order (and with
+        # ``after``, a record out of order would be refused, never written after a gap).
+        h.pend(pending)
+        return pending
+
+    async def _durable(self, h: HostedModel, pending: Pending[Belief], n: int) -> None:
+        """Wait (without the lock) for ``pending``'s commit: published once durable, or the
+        error it failed with."""
+        try:
+            await asyncio.shield(pending.commit)  # a cancelled request leaves the commit be
+        except PostserveError as exc:
+            raise h.chain_error(pending, exc) from exc
         self.counters.note_applied(h, n)
+        if self.snapshots.due(h):
+            self.snapshots.spawn(h)
 
 
 def _duplicate(first: bytes) -> UpdateResponse:

@@ -10,6 +10,7 @@ builders. Not used by the service itself.
   lifespan run, the engine ready): a synchronous ``httpx.Client`` with no process and no socket;
   :func:`in_process` makes one from ``Settings(store="memory", device="cpu", ...)``.
 * :class:`RedisServer` is a real ``redis-server`` with AOF on, on a free port.
+* :func:`updates_until_killed` posts concurrent updates to a server and SIGKILLs it mid-stream.
 * :func:`linear_spec` and :func:`mlp_spec` build the JSON body of ``POST /v1/models``.
 
 Only the standard library and httpx are imported up front; anyio, torch and the app come in when
@@ -17,6 +18,7 @@ an :class:`InProcessClient` is made, and pytest only when ``redis-server`` is mi
 """
 
 from service.testing.inprocess import InProcessClient, MakeAppClient, app_settings, in_process
+from service.testing.load import Acked, updates_until_killed
 from service.testing.redis import RedisServer
 from service.testing.servers import (
     SERVE,
@@ -31,6 +33,7 @@ from service.testing.specs import linear_spec, mlp_spec
 
 __all__ = [
     "SERVE",
+    "Acked",
     "InProcessClient",
     "MakeAppClient",
     "MakeServer",
@@ -43,5 +46,6 @@ __all__ = [
     "linear_spec",
     "mlp_spec",
     "running",
+    "updates_until_killed",
     "wait_ready",
 ]
