@@ -152,7 +152,9 @@ class Store(Protocol):
         ...
 
 
-def refusal(name: str, version: int, after: int | None, latest: int | None) -> VersionConflict | None:
+def refusal(
+    name: str, version: int, after: int | None, latest: int | None
+) -> VersionConflict | None:
     """Why a record of ``version`` (following ``after``, if given) may not go on a log whose
     latest version is ``latest`` (None: no record, no snapshot), or None if it may."""
     if after is not None and (latest or 0) != after:

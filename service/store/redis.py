@@ -325,8 +325,9 @@ class RedisStore:
                 batch, self._queue = self._queue, []
                 try:
                     outcomes = await self._commit(batch)
-                except PostserveError as exc:
-                    outcomes = [StoreUnavailable(exc.message) for _ in batch]
+                except Exception as exc:  # unreachable, refused, or anything else: all fail
+                    message = exc.message if isinstance(exc, PostserveError) else f"redis: {exc}"
+                    outcomes = [StoreUnavailable(message) for _ in batch]
                 for a, outcome in zip(batch, outcomes, strict=True):
                     if a.done.done():  # its caller gave up; the outcome stands regardless
                         continue
