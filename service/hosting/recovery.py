@@ -2,9 +2,10 @@
 
 Runs at start (every model in the catalogue), when this replica newly takes a model's write
 lease (another replica may have written it meanwhile), and after a write of the model failed
-(``resync``: the store may hold a record whose answer was lost, or a newer writer's). Replaying a log record repeats the same
-deterministic steps, so the state comes back bit for bit on the same device and dtype; the
-calibration window travels in the snapshot's metadata and the replay refills the rest.
+(``resync``: the store may hold a record whose answer was lost, or a newer writer's). Replaying a
+log record repeats the same deterministic steps, so the state comes back bit for bit on the same
+device and dtype; the calibration window travels in the snapshot's metadata and the replay
+refills the rest.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The store protocol: a small byte-level interface the engine persists through.
 
-A store never interprets tensors or specs: it keeps bytes. Four kinds of record, per model name:
+A store never interprets tensors or specs: it keeps bytes. Five kinds of record, per model name:
 
 ============  ======================================================================
 catalogue     name -> spec (JSON bytes)
@@ -19,13 +19,17 @@ Durability: when ``append`` returns, the record is durable to the backend's stat
 (sqlite: fsync'd WAL commit). A record at or below the log's latest version raises
 :class:`~service.errors.VersionConflict`, and so does one whose ``after`` (the version it follows,
 when given) is not the log's latest; any other failure raises
-:class:`~service.errors.StoreUnavailable`. Either way nothing of that record is written.
+:class:`~service.errors.StoreUnavailable`. Either way nothing of that record is written, nor
+any of the request records it carries (one append is one atomic step: the log record and every
+request record it answers, or none of them).
 
 Group commit. ``append`` is awaited per record, but a durable store commits the appends that
 arrive while its previous commit is in flight together (sqlite: one transaction and one fsync;
-redis: one pipeline, one round trip). A batch behaves as its appends one after another, each
-checked on its own: a refused record (VersionConflict, NotOwner) fails alone and the others
-commit; a failure of the commit itself fails every append in it and writes none of them.
+redis: one pipeline, one round trip; the queue is ``service.store.group``'s). A batch behaves
+as its appends one after another, each checked on its own: a refused record (VersionConflict,
+NotOwner) fails alone, with its request records, and the others commit; a failure of the commit
+itself fails every append in it and writes none of them. The other methods (the batched reads
+and event writes included) do not go through that queue.
 
 Order. An append is queued before its first ``await``, so appends *called* in some order (a
 caller may start the next as a task before the previous returns) are checked and committed in

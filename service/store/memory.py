@@ -1,7 +1,8 @@
 """An in-process store: for tests and ephemeral runs (nothing survives the process).
 
-Nothing to make durable, so there is nothing to batch: ``append`` checks and writes its record
-at once, before its first (and only) suspension point, which keeps the protocol's order.
+Nothing to make durable, so there is nothing to batch: ``append`` checks and writes its record,
+with its request records, at once, before its first (and only) suspension point, which keeps the
+protocol's order.
 """
 
 from __future__ import annotations

@@ -22,89 +22,41 @@ there). Every log append and snapshot runs as a Lua script that first compares t
 with the writer's own ``replica:token`` (``lease.holder(name)``) and writes nothing if they
 differ (:class:`~service.errors.NotOwner`): a replica that lost its lease cannot write, even if
 it still believes it owns the model. A stale version is refused by the Stream itself (entry ids
-only grow, even past a trim): :class:`~service.errors.VersionConflict`.
+only grow, even past a trim): :class:`~service.errors.VersionConflict`; so is a record whose
+``after`` is not the log's latest version.
 
 Durability. An append is acknowledged when Redis has answered its script; what that survives
 depends on the server's persistence (see the README's table). When ``wait_aof`` is on and the
 server supports ``WAITAOF`` (Redis >= 7.2), the store also waits until the write is fsync'd to the
 local AOF before acknowledging.
 
-Group commit. ``append`` checks that this replica holds the lease, puts its script call on a queue
-(before its first ``await``) and waits. One committer drains the queue: every call queued so far
-goes out as one pipeline (one round trip; no MULTI), each still its own Lua script fenced by its
-model's lease token, followed by one ``WAITAOF`` for the whole batch when it is in use. Redis runs
-the scripts in order, and with ``appendfsync always`` fsyncs the AOF once before it answers the
-batch. Each script's own refusal (NotOwner, VersionConflict) fails only its append; a connection
-error or timeout fails every append of the batch with StoreUnavailable (then some of its scripts
-may have run: the caller's catch-up reads the log back). Calls queued meanwhile make the next
-batch. Each caller's ``append`` returns, or raises, only after the answer to its batch.
+The store is composed of three parts on one connection: the lease, the appends
+(:class:`~service.store.redis_commit.RedisCommitter`: group commit, one pipeline of fenced
+scripts and one ``WAITAOF`` per batch of appends in flight together) and the events
+(:class:`~service.store.redis_events.RedisEvents`); the store's own methods are the Store
+protocol's, delegating to them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.errors import NotOwner, PostserveError, StoreUnavailable, VersionConflict
+from service.errors import NotOwner, StoreUnavailable
 from service.store.base import LogRecord, Snapshot
+from service.store.redis_commit import RedisCommitter
+from service.store.redis_events import RedisEvents
 from service.store.redis_lease import RedisLease
 
 __all__ = ["RedisStore"]
 
 log = logging.getLogger("postserve.store.redis")
-
-# KEYS[1] - lease key
-# KEYS[2] - log stream
-# KEYS[3] - request record key (unused when ARGV[4] is empty)
-# KEYS[4] - snapshot hash (read only when ARGV[7] is set and the stream is empty)
-# ARGV[1] - the writer's lease value, ``{replica}:{token}``
-# ARGV[2] - the model's version after the record (the entry id is ``{version}-1``)
-# ARGV[3] - record bytes
-# ARGV[4] - "1" to also keep the request record, "" not to
-# ARGV[5] - response bytes for the request record
-# ARGV[6] - the request record's time to live in milliseconds
-# ARGV[7] - the version the record follows ("" for any lower one): the log's latest version (its
-#           top entry, else the snapshot's version, else 0) must be exactly this
-# KEYS[5..], ARGV[8..] - further request record keys and their responses (one log record that
-#           answers several requests: a batch of rewards), kept as long
-# return 1 once written; a POSTSERVE_NOT_OWNER error (nothing written) if the lease is not the
-# writer's; POSTSERVE_NOT_AFTER {latest} (nothing written) if the log is not at ARGV[7]; XADD's
-# own error (nothing written) for a version at or below the stream's top
-_APPEND = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('POSTSERVE_NOT_OWNER')
-end
-if ARGV[7] ~= '' then
-  local latest = 0
-  local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-  if #top > 0 then
-    latest = tonumber(string.match(top[1][1], '^(%d+)'))
-  else
-    local snap = redis.call('HGET', KEYS[4], 'version')
-    if snap then latest = tonumber(snap) end
-  end
-  if latest ~= tonumber(ARGV[7]) then
-    return redis.error_reply('POSTSERVE_NOT_AFTER ' .. latest)
-  end
-end
-redis.call('XADD', KEYS[2], ARGV[2] .. '-1', 'r', ARGV[3])
-if ARGV[4] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
-end
-for i = 5, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 3], 'PX', ARGV[6])
-end
-return 1
-"""
 
 # KEYS[1] - lease key
 # KEYS[2] - snapshot hash
@@ -123,37 +75,6 @@ redis.call('HSET', KEYS[2], 'version', ARGV[2], 'tensors', ARGV[3], 'meta', ARGV
 redis.call('XTRIM', KEYS[3], 'MINID', tostring(tonumber(ARGV[2]) + 1) .. '-0')
 return 1
 """
-
-# KEYS[1] - event hash
-# KEYS[2] - the model's sorted set of pending events
-# ARGV[1] - expiry (unix seconds, as text)
-# ARGV[2] - record bytes
-# ARGV[3] - the event hash's time to live in milliseconds (the expiry plus a grace period)
-# ARGV[4] - event id
-# return 1 if the event was kept, 0 (and no change) if its id exists
-_PUT_EVENT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'e', ARGV[1], 'r', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
-return 1
-"""
-
-#: How long an event's record outlives its expiry, so that a default reward can still read it.
-_EVENT_GRACE_S = 86400.0
-
-
-@dataclass
-class _Append:
-    """One queued append: its script's keys and arguments, and the future its caller waits on."""
-
-    name: str
-    version: int
-    keys: list[str]
-    args: list[Any]
-    done: asyncio.Future[None]
 
 
 class RedisStore:
@@ -177,11 +98,23 @@ class RedisStore:
             lambda: self.r, self._k, self._do, replica=replica, lease_ms=lease_ms, idle_s=idle_s
         )
         self.replica = self.lease.replica
+        self._appends = RedisCommitter(
+            lambda: self.r,
+            self._k,
+            self._do,
+            self.lease,
+            self._waitaof,
+            ttl_ms=self._ttl_ms,
+            timeout_s=timeout_s,
+        )
+        self._events = RedisEvents(lambda: self.r, self._k, self._do)
         self._use_waitaof = False
         self._probed = False
-        self._queue: list[_Append] = []
-        self._committer: asyncio.Task[None] | None = None
-        self.commits = 0  # batches sent (pipelines), for tests and benchmarks
+
+    @property
+    def commits(self) -> int:
+        """Batches of appends sent (pipelines), for tests and benchmarks."""
+        return self._appends.commits
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -211,9 +144,9 @@ class RedisStore:
             socket_connect_timeout=self._timeout,
             health_check_interval=5,
         )
-        self._append_sha = self._r.register_script(_APPEND).sha
         self._snapshot = self._r.register_script(_SNAPSHOT)
-        self._put_event = self._r.register_script(_PUT_EVENT)
+        self._appends.start()
+        self._events.start()
         await self.lease.start()
         try:
             await self._probe()
@@ -233,11 +166,16 @@ class RedisStore:
             "on" if self._use_waitaof else "off",
         )
 
+    async def _waitaof(self) -> bool:
+        """Whether appends wait for ``WAITAOF`` (probing the server first, once)."""
+        if not self._probed:
+            await self._probe()
+        return self._use_waitaof
+
     async def close(self) -> None:
         """Send what is queued, close the lease (stop renewing, release what it holds), then
         the connection."""
-        if self._committer is not None:
-            await asyncio.shield(self._committer)
+        await self._appends.close()
         await self.lease.close()
         if self._r is not None:
             await self._r.aclose()
@@ -290,110 +228,12 @@ class RedisStore:
         *,
         after: int | None = None,
     ) -> None:
-        holder = self.lease.holder(name)
-        with_request = request_id is not None and response is not None
-        keys = [
-            self._k("lease", name),
-            self._k("log", name),
-            self._k("req", name, request_id or ""),
-            self._k("snap", name),
-        ]
-        args: list[Any] = [
-            holder,
-            version,
-            record,
-            "1" if with_request else "",
-            response or b"",
-            self._ttl_ms,
-            "" if after is None else after,
-        ]
-        for rid, answer in requests:
-            keys.append(self._k("req", name, rid))
-            args.append(answer)
-        done = asyncio.get_running_loop().create_future()
-        self._queue.append(_Append(name, version, keys, args, done))
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_queued())
-        await done
-
-    async def _commit_queued(self) -> None:
-        """Send batches until the queue is empty; each batch is what was queued while the
-        previous one was in flight."""
-        batch: list[_Append] = []
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    outcomes = await self._commit(batch)
-                except Exception as exc:  # unreachable, refused, or anything else: all fail
-                    message = exc.message if isinstance(exc, PostserveError) else f"redis: {exc}"
-                    outcomes = [StoreUnavailable(message) for _ in batch]
-                for a, outcome in zip(batch, outcomes, strict=True):
-                    if a.done.done():  # its caller gave up; the outcome stands regardless
-                        continue
-                    if outcome is None:
-                        a.done.set_result(None)
-                    else:
-                        a.done.set_exception(outcome)
-        finally:  # the queue is empty, unless this task was cancelled: nobody may wait forever
-            self._committer = None
-            for a in [*batch, *self._queue]:
-                if not a.done.done():
-                    a.done.set_exception(StoreUnavailable("the redis store stopped committing"))
-            self._queue = []
-
-    async def _commit(self, batch: list[_Append]) -> list[PostserveError | None]:
-        """One pipeline of the batch's scripts (and WAITAOF); per append None or its refusal."""
-        self.commits += 1
-        if not self._probed:
-            await self._probe()
-        results = await self._pipeline(batch)
-        if any(isinstance(r, NoScriptError) for r in results):  # a restarted server: load, redo
-            self._append_sha = await self._do(self.r.script_load(_APPEND))
-            redo = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            for i, r in zip(redo, await self._pipeline([batch[i] for i in redo]), strict=True):
-                results[i] = r
-        return [self._outcome(a, r) for a, r in zip(batch, results, strict=True)]
-
-    async def _pipeline(self, batch: list[_Append]) -> list[Any]:
-        """The batch's scripts in one round trip: each one's result, or its error. With WAITAOF
-        (the last command: Redis answers it once the batch is fsync'd to its AOF), a script that
-        wrote but whose fsync was not confirmed in time is StoreUnavailable."""
-        pipe = self.r.pipeline(transaction=False)
-        for a in batch:
-            pipe.evalsha(self._append_sha, len(a.keys), *a.keys, *a.args)
-        if self._use_waitaof:
-            pipe.execute_command("WAITAOF", 1, 0, int(self._timeout * 1000))
-        results = list(await self._do(pipe.execute(raise_on_error=False)))
-        if not self._use_waitaof:
-            return results
-        waited, results = results[-1], results[:-1]
-        if isinstance(waited, Exception) or int(waited[0]) < 1:
-            unconfirmed = StoreUnavailable(f"redis did not confirm the AOF fsync: {waited}")
-            results = [r if isinstance(r, Exception) else unconfirmed for r in results]
-        return results
-
-    def _outcome(self, a: _Append, result: Any) -> PostserveError | None:
-        if isinstance(result, PostserveError):
-            return type(result)(result.message)
-        if not isinstance(result, Exception):
-            return None
-        message = str(result)
-        if "POSTSERVE_NOT_OWNER" in message:
-            self.lease.forget(a.name)
-            return NotOwner(f"this replica lost the lease of model {a.name!r}")
-        if "POSTSERVE_NOT_AFTER" in message:
-            latest = message.rsplit(" ", 1)[-1]
-            return VersionConflict(
-                f"the log of {a.name!r} is at version {latest}, but the record of version "
-                f"{a.version} follows version {a.args[6]}; nothing was written"
-            )
-        if "equal or smaller than the target stream top item" in message:
-            return VersionConflict(
-                f"the log of {a.name!r} is already at version {a.version} or past it; "
-                "nothing was written"
-            )
-        return StoreUnavailable(f"redis refused the append to {a.name!r}: {message}")
+        """Group committed (``service.store.redis_commit``): one fenced script, in one pipeline
+        with the appends in flight together."""
+        answers = list(requests)
+        if request_id is not None and response is not None:
+            answers.insert(0, (request_id, response))
+        await self._appends.append(name, version, record, answers, after)
 
     async def read_log(self, name: str, after: int = 0) -> list[LogRecord]:
         out: list[LogRecord] = []
@@ -431,61 +271,29 @@ class RedisStore:
             return None
         return Snapshot(int(raw[b"version"]), bytes(raw[b"tensors"]), bytes(raw[b"meta"]))
 
-    # -- events ------------------------------------------------------------------------------
+    # -- events (``service.store.redis_events``) -------------------------------------------
 
     async def put_event(self, name: str, event_id: str, record: bytes, expires_at: float) -> bool:
-        life_ms = max(1, int((expires_at - time.time() + _EVENT_GRACE_S) * 1000))
-        keys = [self._k("event", name, event_id), self._k("events", name)]
-        args: list[bytes | str | int] = [repr(expires_at), record, life_ms, event_id]
-        return bool(await self._do(self._put_event(keys=keys, args=args)))
+        return await self._events.put_event(name, event_id, record, expires_at)
 
     async def get_event(self, name: str, event_id: str) -> bytes | None:
-        expires, record = await self._do(self.r.hmget(self._k("event", name, event_id), ["e", "r"]))
-        if expires is None or float(expires) <= time.time():
-            return None
-        return bytes(record)
+        return await self._events.get_event(name, event_id)
 
     async def settle_event(self, name: str, event_id: str) -> None:
-        await self._do(self.r.zrem(self._k("events", name), event_id))
+        await self._events.settle_event(name, event_id)
 
     async def put_events(
         self, name: str, events: Sequence[tuple[str, bytes]], expires_at: float
     ) -> list[bool]:
-        """One pipelined round trip of ``put_event`` scripts (each atomic on its own)."""
-        life_ms = max(1, int((expires_at - time.time() + _EVENT_GRACE_S) * 1000))
-        pipe = self.r.pipeline(transaction=False)
-        for event_id, record in events:
-            keys = [self._k("event", name, event_id), self._k("events", name)]
-            args: list[bytes | str | int] = [repr(expires_at), record, life_ms, event_id]
-            await self._put_event(keys=keys, args=args, client=pipe)  # queued, not sent
-        return [bool(done) for done in await self._do(pipe.execute())]
+        return await self._events.put_events(name, events, expires_at)
 
     async def get_events(self, name: str, event_ids: Sequence[str]) -> list[bytes | None]:
-        pipe = self.r.pipeline(transaction=False)
-        for event_id in event_ids:
-            pipe.hmget(self._k("event", name, event_id), ["e", "r"])
-        now = time.time()
-        return [
-            None if expires is None or float(expires) <= now else bytes(record)
-            for expires, record in await self._do(pipe.execute())
-        ]
+        return await self._events.get_events(name, event_ids)
 
     async def settle_events(self, name: str, event_ids: Sequence[str]) -> None:
-        if event_ids:
-            await self._do(self.r.zrem(self._k("events", name), *event_ids))
+        await self._events.settle_events(name, event_ids)
 
     async def expired_events(
         self, name: str, now: float, limit: int = 100
     ) -> list[tuple[str, bytes]]:
-        ids = await self._do(
-            self.r.zrangebyscore(self._k("events", name), "-inf", now, start=0, num=limit)
-        )
-        out: list[tuple[str, bytes]] = []
-        for raw_id in ids:
-            event_id = raw_id.decode()
-            record = await self._do(self.r.hget(self._k("event", name, event_id), "r"))
-            if record is None:  # outlived its grace period: nothing left to reward
-                await self.settle_event(name, event_id)
-            else:
-                out.append((event_id, bytes(record)))
-        return out
+        return await self._events.expired_events(name, now, limit)

@@ -5,15 +5,17 @@ synchronous=FULL has fsync'd the write-ahead log: an acknowledged update survive
 process or of the machine. All SQLite calls run on one dedicated thread (one connection), off the
 event loop.
 
-Group commit. ``append`` puts its record on a queue (before its first ``await``) and waits. One
-committer drains the queue: it takes every record queued so far and writes them in one
+Group commit. ``append`` puts its record (with the request records it answers: one, or one per
+event of a reward batch) on a queue (before its first ``await``: ``service.store.group``) and
+waits. One committer drains the queue: it takes every record queued so far and writes them in one
 transaction, one commit, one fsync, on the SQLite thread; the records that arrive meanwhile make
 the next batch. In the transaction each record is checked against its model's latest version as
-the batch has left it (the base protocol's ``refusal``) before it is written, so a refused record
-fails alone (VersionConflict) and the others commit. An SQLite error (the file locked past
-``timeout_s``, the disk full, the store closed) rolls the whole transaction back and fails every
-append of the batch with StoreUnavailable: nothing of it is written. Each caller's ``append``
-returns, or raises, only after the commit that held its record.
+the batch has left it (the base protocol's ``refusal``) before it and its request records are
+written, so a refused record fails alone (VersionConflict, none of its request records written)
+and the others commit. An SQLite error (the file locked past ``timeout_s``, the disk full, the
+store closed) rolls the whole transaction back and fails every append of the batch with
+StoreUnavailable: nothing of it is written. Each caller's ``append`` returns, or raises, only
+after the commit that held its record.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TypeVar
 
 from service.errors import PostserveError, StoreUnavailable
 from service.store.base import LogRecord, Snapshot, refusal
+from service.store.group import GroupCommit
 
 __all__ = ["SQLiteStore"]
 
@@ -59,14 +62,13 @@ _LATEST = (
 
 @dataclass
 class _Append:
-    """One queued append and the future its caller waits on."""
+    """One queued append."""
 
     name: str
     version: int
     record: bytes
     answers: list[tuple[str, bytes]]  # (request_id, response) of each request it answers
     after: int | None
-    done: asyncio.Future[None]
 
 
 class SQLiteStore:
@@ -80,9 +82,12 @@ class SQLiteStore:
         self._timeout = timeout_s
         self._db: sqlite3.Connection | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postserve-sqlite")
-        self._queue: list[_Append] = []
-        self._committer: asyncio.Task[None] | None = None
-        self.commits = 0  # batches committed (or attempted), for tests and benchmarks
+        self._batches = GroupCommit(self._commit, "sqlite")
+
+    @property
+    def commits(self) -> int:
+        """Batches committed (or attempted), for tests and benchmarks."""
+        return self._batches.commits
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -112,8 +117,7 @@ class SQLiteStore:
 
     async def close(self) -> None:
         """Commit what is queued, then close the connection."""
-        if self._committer is not None:
-            await asyncio.shield(self._committer)
+        await self._batches.close()
 
         def shut() -> None:
             if self._db is not None:
@@ -163,70 +167,11 @@ class SQLiteStore:
         answers = list(requests)
         if request_id is not None and response is not None:
             answers.insert(0, (request_id, response))
-        done = asyncio.get_running_loop().create_future()
-        self._queue.append(_Append(name, version, record, answers, after, done))
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_queued())
-        await done
+        await self._batches.submit(_Append(name, version, record, answers, after))
 
-    async def _commit_queued(self) -> None:
-        """Commit batches until the queue is empty; each batch is what was queued while the
-        previous one was being committed."""
+    async def _commit(self, batch: list[_Append]) -> list[PostserveError | None]:
         loop = asyncio.get_running_loop()
-        batch: list[_Append] = []
-        try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                try:
-                    outcomes = await loop.run_in_executor(self._pool, self._commit, batch)
-                except Exception as exc:
-                    outcomes = [StoreUnavailable(f"sqlite commit failed: {exc}") for _ in batch]
-                for a, outcome in zip(batch, outcomes, strict=True):
-                    if a.done.done():  # its caller gave up; the outcome stands regardless
-                        continue
-                    if outcome is None:
-                        a.done.set_result(None)
-                    else:
-                        a.done.set_exception(outcome)
-        finally:  # the queue is empty, unless this task was cancelled: nobody may wait forever
-            self._committer = None
-            for a in [*batch, *self._queue]:
-                if not a.done.done():
-                    a.done.set_exception(StoreUnavailable("the sqlite store stopped committing"))
-            self._queue = []
-
-    def _commit(self, batch: list[_Append]) -> list[PostserveError | None]:
-        """On the SQLite thread: the batch in one transaction; per append None (written) or its
-        refusal; a failed commit fails them all and writes nothing."""
-        self.commits += 1
-        db = self._db
-        if db is None:
-            return [StoreUnavailable("the sqlite store is not open") for _ in batch]
-        outcomes: list[PostserveError | None] = []
-        latest: dict[str, int | None] = {}  # each model's latest version, as the batch leaves it
-        now = time.time()
-        try:
-            with db:  # one transaction: commit (one fsync) on success, roll back on error
-                for a in batch:
-                    if a.name not in latest:
-                        latest[a.name] = db.execute(_LATEST, (a.name, a.name)).fetchone()[0]
-                    refused = refusal(a.name, a.version, a.after, latest[a.name])
-                    if refused is not None:
-                        outcomes.append(refused)
-                        continue
-                    db.execute("INSERT INTO log VALUES (?, ?, ?)", (a.name, a.version, a.record))
-                    db.executemany(
-                        "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
-                        [(a.name, rid, now, answer) for rid, answer in a.answers],
-                    )
-                    latest[a.name] = a.version
-                    outcomes.append(None)
-        except sqlite3.Error as exc:
-            return [
-                StoreUnavailable(f"sqlite: {exc}; nothing of this commit was written")
-                for _ in batch
-            ]
-        return outcomes
+        return await loop.run_in_executor(self._pool, lambda: _write(self._db, batch))
 
     async def read_log(self, name: str, after: int = 0) -> list[LogRecord]:
         rows = await self._run(
@@ -347,3 +292,34 @@ class SQLiteStore:
             return [(str(e), bytes(r)) for e, r in rows]
 
         return await self._run(go)
+
+
+def _write(db: sqlite3.Connection | None, batch: list[_Append]) -> list[PostserveError | None]:
+    """On the SQLite thread: the batch in one transaction; per append None (written) or its
+    refusal; a failed commit fails them all and writes nothing."""
+    if db is None:
+        return [StoreUnavailable("the sqlite store is not open") for _ in batch]
+    outcomes: list[PostserveError | None] = []
+    latest: dict[str, int | None] = {}  # each model's latest version, as the batch leaves it
+    now = time.time()
+    try:
+        with db:  # one transaction: commit (one fsync) on success, roll back on error
+            for a in batch:
+                if a.name not in latest:
+                    latest[a.name] = db.execute(_LATEST, (a.name, a.name)).fetchone()[0]
+                refused = refusal(a.name, a.version, a.after, latest[a.name])
+                if refused is not None:
+                    outcomes.append(refused)
+                    continue
+                db.execute("INSERT INTO log VALUES (?, ?, ?)", (a.name, a.version, a.record))
+                db.executemany(
+                    "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
+                    [(a.name, rid, now, answer) for rid, answer in a.answers],
+                )
+                latest[a.name] = a.version
+                outcomes.append(None)
+    except sqlite3.Error as exc:
+        return [
+            StoreUnavailable(f"sqlite: {exc}; nothing of this commit was written") for _ in batch
+        ]
+    return outcomes
