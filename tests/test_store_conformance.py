@@ -494,6 +494,42 @@ def test_a_refused_append_fails_alone_and_the_rest_of_its_commit_lands(
     _run(kind, tmp_path, body)
 
 
+def test_records_answering_several_requests_share_a_commit_and_are_refused_whole(
+    kind: str, tmp_path: Path
+) -> None:
+    """Reward batches (one record, one request record per event) in one group commit with
+    ``after``: each lands with all its request records or, refused, with none of them."""
+    ids = ["e1", "e2", "r4", "e3", "e4", "e5"]
+
+    async def body(s: Store) -> None:
+        await s.create_model("m", b"{}")
+        await _hold(s, "m")
+        await s.append("m", 1, b"m1", after=0)
+        before = _commits(s)
+        outcomes = await asyncio.gather(
+            s.append("m", 3, b"two rows", requests=[("e1", b"a1"), ("e2", b"a2")], after=1),
+            s.append("m", 4, b"x", "r4", b"a4", requests=[("e3", b"a3")], after=2),  # m is at 3
+            s.append("m", 5, b"two more", requests=[("e4", b"a4"), ("e5", b"a5")], after=3),
+            s.append("m", 6, b"y", requests=[("e1", b"not this")], after=4),  # m is at 5
+            return_exceptions=True,
+        )
+        assert outcomes[0] is None and outcomes[2] is None, outcomes
+        assert isinstance(outcomes[1], VersionConflict) and isinstance(outcomes[3], VersionConflict)
+        commits = _commits(s)
+        if before is not None and commits is not None:
+            assert commits - before == 1
+
+    async def read(s: Store) -> None:
+        assert [(r.version, r.record) for r in await s.read_log("m")] == [
+            (1, b"m1"),
+            (3, b"two rows"),
+            (5, b"two more"),
+        ]
+        assert await s.get_responses("m", ids) == [b"a1", b"a2", None, None, b"a4", b"a5"]
+
+    _run(kind, tmp_path, body, reopen=read)
+
+
 def test_after_chains_records_through_trims(kind: str, tmp_path: Path) -> None:
     async def body(s: Store) -> None:
         await s.create_model("m", b"{}")
@@ -528,7 +564,7 @@ def test_sqlite_a_failed_commit_fails_every_append_in_it_and_writes_nothing(
             try:
                 outcomes = await asyncio.gather(
                     store.append("m", 2, b"m2", "m-2", b"answer", after=1),
-                    store.append("n", 1, b"n1", "n-1", b"answer"),
+                    store.append("n", 1, b"n1", "n-1", b"a", requests=[("e1", b"a1")]),
                     store.append("m", 3, b"m3", after=2),
                     return_exceptions=True,
                 )
@@ -540,6 +576,7 @@ def test_sqlite_a_failed_commit_fails_every_append_in_it_and_writes_nothing(
             assert [r.version for r in await store.read_log("m")] == [1]
             assert await store.read_log("n") == []
             assert await store.get_response("m", "m-2") is None
+            assert await store.get_responses("n", ["n-1", "e1"]) == [None, None]
             with pytest.raises(VersionConflict):  # its predecessor never landed
                 await store.append("m", 3, b"m3", after=2)
             await store.append("m", 2, b"m2 again", after=1)
@@ -567,7 +604,7 @@ def test_redis_a_failed_commit_fails_every_append_in_it_and_writes_nothing(
             before = store.commits
             outcomes = await asyncio.gather(
                 store.append("m", 2, b"m2", "m-2", b"answer", after=1),
-                store.append("n", 1, b"n1", after=0),
+                store.append("n", 1, b"n1", requests=[("e1", b"a1"), ("e2", b"a2")], after=0),
                 store.append("m", 3, b"m3", after=2),
                 return_exceptions=True,
             )
@@ -581,6 +618,7 @@ def test_redis_a_failed_commit_fails_every_append_in_it_and_writes_nothing(
             assert [r.version for r in await store.read_log("m")] == [1]
             assert await store.read_log("n") == []
             assert await store.get_response("m", "m-2") is None
+            assert await store.get_responses("n", ["e1", "e2"]) == [None, None]
             with pytest.raises(VersionConflict):  # its predecessor never landed
                 await store.append("m", 3, b"m3", after=2)
             await store.append("m", 2, b"m2 again", after=1)  # the script reloads itself

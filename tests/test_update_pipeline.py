@@ -20,7 +20,7 @@ import pytest
 from service.config import Settings
 from service.errors import StoreUnavailable, VersionConflict
 from service.hosting.engine import Engine
-from service.schemas import ModelSpec, PredictRequest, UpdateRequest
+from service.schemas import ModelSpec, PredictRequest, UpdateRequest, UpdateResponse
 from service.store import Backend, MemoryStore, SoleWriter, SQLiteStore, Store
 from service.testing import linear_spec
 
@@ -247,3 +247,105 @@ def test_concurrent_updates_of_one_model_share_sqlite_commits_and_restore(tmp_pa
 
     _run(SQLiteStore(path), body)
     _run(SQLiteStore(path), restored)
+
+
+# -- keyed batches (reward batches): the same pending chain ------------------------------------
+
+
+def _row(i: int) -> tuple[list[float], float]:
+    return [0.3 - 0.1 * i, 0.2 * i], 0.25 * i - 0.4
+
+
+def _keyed(engine: Engine, ids: list[str], rows: list[int]) -> Awaitable[list[UpdateResponse]]:
+    """``Updates.apply_keyed`` of rows ``_row(i)``, row k answering ``ids[k]``."""
+    h = engine.catalogue.get("m")
+    x, y = zip(*(_row(i) for i in rows), strict=True)
+    return engine.updates.apply_keyed(h, list(x), list(y), ids)
+
+
+def _as_update(i: int) -> UpdateRequest:
+    x, y = _row(i)
+    return UpdateRequest(x=[x], y=[y])
+
+
+def test_a_keyed_batch_is_computed_from_the_tip_and_published_after_its_commit() -> None:
+    store = GatedStore()
+
+    async def body(engine: Engine) -> None:
+        await engine.create(SPEC)
+        store.gate.clear()
+        first = asyncio.ensure_future(engine.update("m", _update(1)))
+        keyed = asyncio.ensure_future(_keyed(engine, ["e1", "e2", "e1"], [1, 2, 1]))
+        last = asyncio.ensure_future(engine.update("m", _update(2)))
+        await _until(lambda: len(store.waiting) == 3)
+        assert store.waiting == [1, 3, 4]  # the batch's two new rows are one record, after 1
+        h = engine.catalogue.get("m")
+        assert h.version == 0 and len(h.pending) == 3
+        assert await store.get_responses("m", ["e1", "e2"]) == [None, None]
+        store.gate.set()
+        answers = await keyed
+        assert [(a.version, a.duplicate) for a in answers] == [(2, False), (3, False), (2, True)]
+        assert (await first).version == 1 and (await last).version == 4
+        assert h.version == 4 and not h.pending
+        assert [r.version for r in await store.read_log("m")] == [1, 3, 4]
+        stored = await store.get_responses("m", ["e1", "e2"])
+        assert [UpdateResponse.model_validate_json(b or b"").version for b in stored] == [2, 3]
+        replay = [_update(1), _as_update(1), _as_update(2), _update(2)]
+        assert await _answer(engine) == await _replayed(replay)
+        again = await _keyed(engine, ["e2", "e1"], [2, 1])  # retried: applied once, as before
+        assert [(a.version, a.duplicate) for a in again] == [(3, True), (2, True)]
+        assert h.version == 4
+
+    _run(store, body)
+
+
+def test_a_failed_commit_before_a_keyed_batch_fails_all_of_it() -> None:
+    store = GatedStore()
+
+    async def body(engine: Engine) -> None:
+        await engine.create(SPEC)
+        await engine.update("m", _update(0))
+        store.gate.clear()
+        store.fail = {2}
+        update = asyncio.ensure_future(engine.update("m", _update(1)))
+        keyed = asyncio.ensure_future(_keyed(engine, ["e1", "e2"], [1, 2]))
+        await _until(lambda: len(store.waiting) == 2)
+        store.gate.set()
+        outcomes = await asyncio.gather(update, keyed, return_exceptions=True)
+        assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+        assert "version 2" in str(outcomes[1])  # it answers the failure it followed
+        h = engine.catalogue.get("m")
+        assert h.version == 1 and h.stale
+        assert [r.version for r in await store.read_log("m")] == [1]
+        assert await store.get_responses("m", ["e1", "e2"]) == [None, None]
+        store.fail = set()
+        answers = await _keyed(engine, ["e1", "e2"], [1, 2])  # retried: applied now, whole
+        assert [(a.version, a.duplicate) for a in answers] == [(2, False), (3, False)]
+        assert not h.stale
+        assert await _answer(engine) == await _replayed([_update(0), _as_update(1), _as_update(2)])
+
+    _run(store, body)
+
+
+def test_a_pending_request_id_of_a_keyed_batch_waits_for_its_twin() -> None:
+    store = GatedStore()
+
+    async def body(engine: Engine) -> None:
+        await engine.create(SPEC)
+        store.gate.clear()
+        first = asyncio.ensure_future(_keyed(engine, ["e1", "e2"], [1, 2]))
+        await _until(lambda: len(store.waiting) == 1)
+        twin = asyncio.ensure_future(_keyed(engine, ["e2", "e3"], [2, 3]))
+        single = asyncio.ensure_future(
+            engine.update("m", UpdateRequest(x=[_row(1)[0]], y=[_row(1)[1]], request_id="e1"))
+        )
+        await asyncio.sleep(0.05)
+        assert store.waiting == [2]  # the twins wait for the first batch's commit
+        store.gate.set()
+        answers = await first
+        assert [(a.version, a.duplicate) for a in answers] == [(1, False), (2, False)]
+        assert [(a.version, a.duplicate) for a in await twin] == [(2, True), (3, False)]
+        assert ((await single).version, (await single).duplicate) == (1, True)
+        assert [r.version for r in await store.read_log("m")] == [2, 3]
+
+    _run(store, body)
