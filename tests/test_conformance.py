@@ -266,3 +266,35 @@ def test_a_restored_model_answers_as_the_one_that_wrote_it(
         await second.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("network", "likelihood", "algorithm"), COMBOS, ids=IDS)
+def test_the_encoded_answer_is_the_response_model(
+    network: str, likelihood: str, algorithm: str
+) -> None:
+    """What the /predict route sends (JSON bytes encoded from the tensors) holds exactly the
+    numbers of the response model, with and without variances and samples."""
+    spec = _spec(network, likelihood, algorithm)
+    f = build_filter(spec)
+    x, y = _stream(f, 4, seed=9)
+
+    async def scenario() -> None:
+        engine = Engine(
+            Settings(store="memory", device="cpu"), Backend(MemoryStore(), SoleWriter())
+        )
+        await engine.start()
+        while not engine.ready:
+            await asyncio.sleep(0.005)
+        await engine.create(spec)
+        await engine.update(spec.name, UpdateRequest(x=x.tolist(), y=y.tolist()))
+        for query in (
+            PredictRequest(x=x.tolist(), num_samples=3, seed=10),
+            PredictRequest(x=x.tolist()[:1]),
+            PredictRequest(x=x.tolist(), num_samples=2, seed=11, variance=False),
+        ):
+            model = await engine.predict(spec.name, query)
+            sent = json.loads(await engine.predict_json(spec.name, query))
+            assert sent == json.loads(model.model_dump_json())
+        await engine.stop()
+
+    asyncio.run(scenario())

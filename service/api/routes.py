@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import anyio.to_thread
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -38,10 +37,6 @@ from service.schemas import (
 )
 
 __all__ = ["router", "updates"]
-
-
-#: rows x (1 + samples) of a /predict answer encoded on the event loop; larger ones in a thread.
-_INLINE_ROWS = 2048
 
 
 def _json(answer: BaseModel, status_code: int = 200) -> Response:
@@ -116,13 +111,8 @@ async def update(name: str, body: UpdateRequest, request: Request) -> Response:
     response_model=PredictResponse,
 )
 async def predict(name: str, body: PredictRequest, request: Request) -> Response:
-    answer = await _engine(request).predict(name, body)
-    if len(body.x) * (1 + body.num_samples) <= _INLINE_ROWS:
-        return _json(answer)
-    # A large answer is encoded off the event loop, so that other requests go on meanwhile.
-    return Response(
-        await anyio.to_thread.run_sync(answer.model_dump_json), media_type="application/json"
-    )
+    # Encoded from the tensors where they are computed (off the event loop when large).
+    return Response(await _engine(request).predict_json(name, body), media_type="application/json")
 
 
 @router.post("/v1/models/{name}/decide", response_model=DecideResponse)

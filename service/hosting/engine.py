@@ -158,6 +158,10 @@ class Engine:
     async def predict(self, name: str, req: PredictRequest) -> PredictResponse:
         return await self.predictions.predict(self.catalogue.get(name), req)
 
+    async def predict_json(self, name: str, req: PredictRequest) -> bytes:
+        """``predict``'s answer as JSON bytes (what the HTTP route sends)."""
+        return await self.predictions.predict_json(self.catalogue.get(name), req)
+
     async def decide(self, name: str, req: DecideRequest) -> DecideResponse:
         return await self.bandits.decide(self.catalogue.get(name), req)
 

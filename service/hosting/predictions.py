@@ -10,16 +10,17 @@ from __future__ import annotations
 import secrets
 
 import torch
+from torch import Tensor
 
 from service.errors import InvalidInput
-from service.filters import Belief
+from service.filters import Belief, Predictive
 from service.hosting import answers
 from service.hosting.compute import Compute
 from service.hosting.hosted import HostedModel, Published
 from service.hosting.limits import Limits
 from service.schemas import PredictRequest, PredictResponse
 
-__all__ = ["Predictions", "predict"]
+__all__ = ["Predictions", "predict", "predict_encoded"]
 
 
 class Predictions:
@@ -27,16 +28,30 @@ class Predictions:
         self.limits, self.compute = limits, compute
 
     async def predict(self, h: HostedModel, req: PredictRequest) -> PredictResponse:
+        """The answer as a response model."""
+        work = self._admit(h, req)
+        current = h.current
+        return await self.compute.run(work, predict, h, current, req)
+
+    async def predict_json(self, h: HostedModel, req: PredictRequest) -> bytes:
+        """The same answer as JSON bytes, encoded from the tensors in the worker (for the HTTP
+        route: a large answer never holds the event loop while it is built)."""
+        work = self._admit(h, req)
+        current = h.current
+        return await self.compute.run(work, predict_encoded, h, current, req)
+
+    def _admit(self, h: HostedModel, req: PredictRequest) -> int:
+        """Check the request against the limits; its work in state bytes x rows."""
         self.limits.rows(req.x, h.filter.network.input_dim, "predict")
         self.limits.samples(req.num_samples)
         self.limits.answer(len(req.x), req.num_samples, h.filter.network.output_dim)
-        current = h.current
-        work = h.filter.state_bytes(current.state) * len(req.x) * (1 + req.num_samples)
-        return await self.compute.run(work, predict, h, current, req)
+        return h.filter.state_bytes(h.current.state) * len(req.x) * (1 + req.num_samples)
 
 
-def predict(h: HostedModel, current: Published[Belief], req: PredictRequest) -> PredictResponse:
-    """The answer to ``req`` under ``current`` (pure but for the random seed it may draw)."""
+def _moments(
+    h: HostedModel, current: Published[Belief], req: PredictRequest
+) -> tuple[Tensor, Predictive | None, Tensor | None]:
+    """(mean, the predictive or None for the mean alone, the draws or None), checked finite."""
     f = h.filter
     x = h.tensor(req.x)
     ahead = f.predict(current.state)  # the one-step-ahead belief p(theta_{t+1} | D_{1:t})
@@ -54,4 +69,14 @@ def predict(h: HostedModel, current: Published[Belief], req: PredictRequest) -> 
                 "the prediction for these inputs is not finite (values too large for the "
                 f"model's {h.spec.dtype} arithmetic)"
             )
-    return answers.prediction(current.version, mean, pred, draws)
+    return mean, pred, draws
+
+
+def predict(h: HostedModel, current: Published[Belief], req: PredictRequest) -> PredictResponse:
+    """The answer to ``req`` under ``current`` (pure but for the random seed it may draw)."""
+    return answers.prediction(current.version, *_moments(h, current, req))
+
+
+def predict_encoded(h: HostedModel, current: Published[Belief], req: PredictRequest) -> bytes:
+    """:func:`predict`'s answer as JSON bytes."""
+    return answers.prediction_json(current.version, *_moments(h, current, req))
