@@ -52,7 +52,7 @@ from torch import Tensor
 
 from service.errors import InvalidInput, InvalidSpec
 from service.filters.base import Linearization, Predictive
-from service.filters.linalg import cholesky
+from service.filters.linalg import cholesky, not_finite
 from service.filters.quadrature import poisson_lognormal_cdf, poisson_lognormal_logpmf
 
 __all__ = ["Bernoulli", "Categorical", "Gaussian", "Likelihood", "Poisson"]
@@ -122,7 +122,7 @@ def _as_rows(y: Tensor, output_dim: int, what: str) -> Tensor:
             f"{what}: y must have shape (rows,) or (rows, {output_dim}), got {tuple(y.shape)}"
         )
     if not bool(torch.isfinite(y).all()):
-        raise InvalidInput(f"{what}: y holds NaN or infinite values")
+        raise InvalidInput(f"{what}: {not_finite('y', y.dtype)}")
     return y
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "check_positive",
     "cholesky",
     "finite_check",
+    "not_finite",
     "positive_check",
     "psd_sqrt",
     "settle",
@@ -84,6 +85,16 @@ def all_finite(*tensors: Tensor) -> bool:
     for t in tensors[1:]:
         total = total + t.sum()
     return math.isfinite(float(total))
+
+
+def not_finite(what: str, dtype: torch.dtype) -> str:
+    """The message for input that is not finite in ``dtype``: NaN, infinite, or a number that
+    overflowed it when converted (the HTTP edge admits finite numbers only, so there it is that)."""
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"{what} holds NaN or infinite values, or values beyond the {name} range (magnitudes up "
+        f'to {torch.finfo(dtype).max:.3g}); scale them or create the model with "dtype": "float64"'
+    )
 
 
 def check_finite(name: str, *tensors: Tensor) -> None:

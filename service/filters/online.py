@@ -34,7 +34,14 @@ from service.errors import InvalidInput, InvalidSpec, StepRejected
 from service.filters.algorithm import Algorithm, S
 from service.filters.base import Predictive, StepInfo
 from service.filters.likelihoods import Likelihood
-from service.filters.linalg import Check, all_finite, finite_check, psd_sqrt, settle
+from service.filters.linalg import (
+    Check,
+    all_finite,
+    finite_check,
+    not_finite,
+    psd_sqrt,
+    settle,
+)
 from service.filters.networks import DenseJacobian, Network
 
 __all__ = ["Dynamics", "OnlineFilter", "Prior"]
@@ -313,7 +320,7 @@ class OnlineFilter(Generic[S]):
             )
         x = x.to(dtype=like.dtype, device=like.device)
         if not all_finite(x):
-            raise InvalidInput("x holds NaN or infinite values")
+            raise InvalidInput(not_finite("x", x.dtype))
         return x
 
 

@@ -30,7 +30,6 @@ from service.components.registry import Scorer
 from service.errors import InvalidInput, NotOwner, PostserveError, StoreUnavailable, VersionConflict
 from service.filters import Belief, OnlineFilter, StepInfo
 from service.filters.algorithm import S
-from service.filters.linalg import all_finite
 from service.schemas import ModelSpec
 
 __all__ = ["Counters", "Hosted", "HostedModel", "Pending", "Published"]
@@ -148,19 +147,10 @@ class Hosted(Generic[S]):
                     self.pending.remove(p)
         self.failure = None
 
-    def tensor(self, rows: Sequence[object], what: str = "x") -> torch.Tensor:
-        """Request rows as a tensor of the model's dtype, on its device.
-
-        The HTTP edge admits finite numbers only, so a value that is not finite here overflowed
-        the dtype: InvalidInput says so, naming the range."""
-        t = torch.tensor(rows, dtype=self.dtype, device=self.device)
-        if not all_finite(t):
-            big = torch.finfo(self.dtype).max
-            raise InvalidInput(
-                f"{what} holds values outside the model's {self.spec.dtype} range (magnitudes "
-                f'up to {big:.3g}); scale the inputs or create the model with "dtype": "float64"'
-            )
-        return t
+    def tensor(self, rows: Sequence[object]) -> torch.Tensor:
+        """Request rows as a tensor of the model's dtype, on its device (the filter checks them:
+        a number the dtype cannot hold becomes infinite, and is refused naming the range)."""
+        return torch.tensor(rows, dtype=self.dtype, device=self.device)
 
     def step(
         self, state: S, x: list[list[float]], y: Sequence[Label]
@@ -169,7 +159,7 @@ class Hosted(Generic[S]):
         and what calibration scores of each row. Raises StepRejected / InvalidInput."""
         X = self.tensor(x)
         try:
-            Y = self.tensor(y, "y")
+            Y = self.tensor(y)
         except (ValueError, TypeError) as exc:
             raise InvalidInput(f"y rows must all have the same shape: {exc}") from exc
         new, infos = self.filter.run(state, X, Y)
