@@ -28,7 +28,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from service.config import Settings
@@ -222,7 +221,7 @@ class Bandits:
             chosen = decide_many(
                 h.filter,
                 belief,
-                _stack(h, [row for i in free for row in rows[i]]),
+                h.tensor([row for i in free for row in rows[i]]),
                 [len(rows[i]) for i in free],
                 [items[i].strategy for i in free],
                 [items[i].epsilon for i in free],
@@ -310,11 +309,6 @@ def _rows(h: HostedModel, req: DecideRequest, where: str = "") -> list[list[floa
                 f"values) makes {len(context) + len(action)} inputs, the model takes {want}"
             )
     return [context + action for action in req.actions]
-
-
-def _stack(h: HostedModel, rows: list[list[float]]) -> torch.Tensor:
-    """``h.tensor(rows)`` (the same numbers) through NumPy: three times faster on many rows."""
-    return torch.from_numpy(np.array(rows, dtype=np.float64)).to(dtype=h.dtype, device=h.device)
 
 
 def _record(
