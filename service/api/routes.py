@@ -53,7 +53,8 @@ def _engine(request: Request) -> Engine:
 
 class CountsRefusals(APIRoute):
     """A route whose bodies are updates: one refused by validation is counted as a refused
-    update (``invalid_input``), as the engine counts the ones it refuses itself."""
+    update, under the code it is answered with (``invalid_input``, ``unsupported_media_type``),
+    as the engine counts the ones it refuses itself."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
