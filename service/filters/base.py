@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.filters.linalg import Check, check_finite, cholesky, finite_check, symmetrise
+from service.filters.linalg import Check, check_finite, cholesky, symmetrise
 
 __all__ = ["Innovation", "Linearization", "Predictive", "StepInfo", "innovation"]
 
@@ -99,10 +99,9 @@ def innovation(JSJ: Tensor, lin: Linearization, y: Tensor) -> Innovation:
     S = symmetrise(S + lin.R)
     if S.shape[-1] == 1:
         a = (y - lin.yhat) / S[0]
-        finite = finite_check("the innovation covariance", S)
-        positive = Check(
-            "not_psd", "the innovation covariance S is not positive definite", S[0, 0] > 0
-        )
+        s = S[0, 0]
+        finite = Check("non_finite", "the step made the innovation covariance non-finite", s)
+        positive = Check("not_psd", "the innovation covariance S is not positive definite", s.log())
         w = a if lin.V is None else lin.V.mT @ a
         return Innovation(S=S, L=S.sqrt(), w=w, checks=(finite, positive))
     check_finite("the innovation covariance", S)

@@ -6,6 +6,7 @@ and device of their inputs.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.errors import StepRejected
+from service.errors import InvalidInput, StepRejected
 
 __all__ = [
     "Check",
@@ -22,6 +23,8 @@ __all__ = [
     "check_positive",
     "cholesky",
     "finite_check",
+    "identity",
+    "input_check",
     "not_finite",
     "positive_check",
     "psd_sqrt",
@@ -35,6 +38,12 @@ def symmetrise(A: Tensor) -> Tensor:
     if A.shape[-1] == 1:
         return A
     return 0.5 * (A + A.mT)
+
+
+@functools.lru_cache(maxsize=64)
+def identity(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """I_n, made once per size, dtype and device: shared, so never to be written to."""
+    return torch.eye(n, dtype=dtype, device=device)
 
 
 def cholesky(A: Tensor, *, what: str = "matrix", max_tries: int = 6) -> Tensor:
@@ -87,6 +96,7 @@ def all_finite(*tensors: Tensor) -> bool:
     return math.isfinite(float(total))
 
 
+@functools.lru_cache(maxsize=64)
 def not_finite(what: str, dtype: torch.dtype) -> str:
     """The message for input that is not finite in ``dtype``: NaN, infinite, or a number that
     overflowed it when converted (the HTTP edge admits finite numbers only, so there it is that)."""
@@ -112,38 +122,59 @@ def check_positive(name: str, t: Tensor) -> None:
 
 @dataclass(frozen=True)
 class Check:
-    """A validity check whose verdict is still on the device: ``ok`` is a 0-d bool tensor.
+    """A validity check whose verdict is still on the device: ``value`` is a 0-d tensor that is
+    finite exactly when the check passes.
 
-    Steps collect their checks and :func:`settle` reads them all at once, one host sync per
-    request instead of one per check; a failed check raises :class:`StepRejected` with its
-    ``reason`` ("non_finite" or "not_psd") and ``message``.
+    Steps collect their checks and :func:`settle` reads them all at once, one ``isfinite`` over
+    them all and one host sync per request instead of a reduction and a sync per check; a failed
+    check raises :class:`StepRejected` with its ``reason`` ("non_finite" or "not_psd") and
+    ``message``, or :class:`InvalidInput` with ``message`` when ``reason`` is "invalid_input"
+    (a check of the request's own numbers).
     """
 
     reason: str
     message: str
-    ok: Tensor
+    value: Tensor
+
+
+def _total(tensors: Sequence[Tensor]) -> Tensor:
+    total = tensors[0].sum()
+    for t in tensors[1:]:
+        total = total + t.sum()
+    return total
 
 
 def finite_check(name: str, *tensors: Tensor) -> Check:
     """Deferred :func:`check_finite`: no NaN or +-inf in any tensor (by the sum, as ``all_finite``)."""
-    total = tensors[0].sum()
-    for t in tensors[1:]:
-        total = total + t.sum()
-    return Check("non_finite", f"the step made {name} non-finite", torch.isfinite(total))
+    return Check("non_finite", f"the step made {name} non-finite", _total(tensors))
 
 
 def positive_check(name: str, t: Tensor) -> Check:
-    """Deferred :func:`check_positive`: every entry of ``t`` finite and > 0."""
-    ok = torch.isfinite(t.sum()) & (t.min() > 0)
-    return Check("not_psd", f"the step made {name} non-positive", ok)
+    """Deferred :func:`check_positive`: every entry of ``t`` finite and > 0.
+
+    sum(t) + log(min(t)) is finite exactly then: log of a minimum <= 0 is -inf or NaN, and the
+    sum is not finite if an entry is not.
+    """
+    return Check("not_psd", f"the step made {name} non-positive", t.sum() + t.min().log())
+
+
+def input_check(what: str, t: Tensor) -> Check:
+    """Deferred finiteness of request numbers ``t`` already converted to the model's dtype: a
+    failure is the caller's (:class:`InvalidInput`, with :func:`not_finite`'s message)."""
+    return Check("invalid_input", not_finite(what, t.dtype), t.sum())
 
 
 def settle(checks: Sequence[Check]) -> None:
-    """Raise the first failed check's StepRejected (in order); one host sync when all pass."""
+    """Raise the first failed check's error (in order); one host sync when all pass."""
     if not checks:
         return
-    flags = torch.stack([c.ok for c in checks])
-    if bool(flags.all()):
+    values = torch.stack([c.value for c in checks])
+    if math.isfinite(float(values.sum() * 0)):  # x * 0 is 0 for finite x, NaN otherwise
         return
-    first = checks[int((~flags).nonzero()[0, 0])]
+    failed = (~torch.isfinite(values)).nonzero()
+    if failed.numel() == 0:  # the finite values' sum overflowed
+        return
+    first = checks[int(failed[0, 0])]
+    if first.reason == "invalid_input":
+        raise InvalidInput(first.message)
     raise StepRejected(first.reason, first.message)

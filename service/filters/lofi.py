@@ -55,6 +55,7 @@ from service.filters.linalg import (
     Check,
     cholesky,
     finite_check,
+    identity,
     positive_check,
     settle,
     symmetrise,
@@ -113,7 +114,7 @@ class LoFi:
         ratio = 1 / (g2 + q * state.upsilon)  # Upsilon' / Upsilon
         Wr = state.W * ratio
         if self.rank:
-            eye = torch.eye(self.rank, dtype=Wr.dtype, device=Wr.device)
+            eye = identity(self.rank, Wr.dtype, Wr.device)
             L = cholesky(symmetrise(eye + q * (Wr @ state.W.mT)), what="the predict capacitance")
             # gamma L^{-1} W diag(ratio): a d x d inverse, then one pass over W (a wide
             # triangular solve is several times slower than the matmul).
@@ -155,7 +156,7 @@ class LoFi:
         Gw, Gp = grams[:n], grams[n:]
         # J Sigma J^T and, for the mean, Sigma J^T w, by Woodbury on W.
         if d:
-            eye = torch.eye(d, dtype=W.dtype, device=W.device)
+            eye = identity(d, W.dtype, W.device)
             L = cholesky(symmetrise(eye + Gw[:d, :d]), what="the LoFi capacitance")
             X = torch.cholesky_solve(Gw[:d, d:], L)  # (d, C)
             JSJ = symmetrise(Gw[d:, d:] - Gw[:d, d:].mT @ X)
@@ -166,10 +167,10 @@ class LoFi:
         mean = state.mean + torch.cat([-(X @ inn.w), inn.w]) @ Zu
 
         # Truncate diag(Upsilon) + W~^T W~, W~ = T Z with T = blockdiag(I_d, L_R^{-1} V).
-        LR = cholesky(lin.R, what="the observation covariance R")
-        M = lin.V if lin.V is not None else torch.eye(C, dtype=W.dtype, device=W.device)
-        T = torch.eye(n, dtype=W.dtype, device=W.device)
-        T[d:, d:] = torch.linalg.solve_triangular(LR, M, upper=False)
+        TJ, checks = _whitener(lin)
+        T = W.new_zeros((n, n))
+        T[:d, :d] = identity(d, W.dtype, W.device)
+        T[d:, d:] = TJ
         G = symmetrise(T @ Gp @ T.mT)
         try:
             _, Q = torch.linalg.eigh(G.to(torch.float64))
@@ -181,7 +182,7 @@ class LoFi:
         Y = (Q.flip(-1).mT.to(W.dtype) @ T) @ Z  # rows: directions, leading first
         E = Y[d:]
         upsilon = ups + (E * E).sum(0)
-        return LoFiState(mean=mean, W=Y[:d], upsilon=upsilon), JSJ, inn.checks
+        return LoFiState(mean=mean, W=Y[:d], upsilon=upsilon), JSJ, (*inn.checks, *checks)
 
     def validity(self, state: LoFiState) -> tuple[Check, ...]:
         return (
@@ -210,3 +211,18 @@ class LoFi:
 
     def state_bytes(self, state: LoFiState) -> int:
         return sum(t.numel() * t.element_size() for t in (state.mean, state.W, state.upsilon))
+
+
+def _whitener(lin: Linearization) -> tuple[Tensor, tuple[Check, ...]]:
+    """L_R^{-1} V (C, C), the rows that whiten the observation's share of the truncation, with
+    the checks it defers. One output: V / sqrt(R), R's positivity a deferred check (no
+    factorisation and no host sync); several: by the Cholesky factor of R (which raises now)."""
+    R = lin.R
+    if R.shape[-1] == 1:
+        r = R[0, 0]
+        TJ = r.rsqrt().reshape(1, 1)
+        check = Check("not_psd", "the observation covariance R is not positive definite", r.log())
+        return (TJ if lin.V is None else TJ * lin.V), (check,)
+    LR = cholesky(R, what="the observation covariance R")
+    M = lin.V if lin.V is not None else identity(R.shape[-1], R.dtype, R.device)
+    return torch.linalg.solve_triangular(LR, M, upper=False), ()

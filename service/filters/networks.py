@@ -189,6 +189,9 @@ class Linear:
 
     def jacobian(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         N, C, I = x.shape[0], self.output_dim, self.input_dim
+        if C == 1:  # J = [x, 1]: two ops, where the general loop below takes eight
+            parts = (x, torch.ones((N, 1), dtype=x.dtype, device=x.device)) if self.bias else (x,)
+            return self.apply(theta, x), torch.cat(parts, 1).unsqueeze(1)
         J = x.new_zeros((N, C, self.num_params))
         for c in range(C):
             J[:, c, c * I : (c + 1) * I] = x

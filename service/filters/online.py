@@ -38,6 +38,7 @@ from service.filters.linalg import (
     Check,
     all_finite,
     finite_check,
+    input_check,
     not_finite,
     psd_sqrt,
     settle,
@@ -143,10 +144,10 @@ class OnlineFilter(Generic[S]):
     def update(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
         """Condition the (already predicted) belief on one row: x (I,), y encoded (C,)."""
         theta = state.mean
-        x = self._rows(x.unsqueeze(0) if x.ndim == 1 else x, theta)
+        x = self._shaped(x.unsqueeze(0) if x.ndim == 1 else x, theta)
         y = y.to(dtype=theta.dtype, device=theta.device).reshape(-1)
         new, info, checks = self._update(state, x, y)
-        settle(checks)
+        settle([input_check("x", x), *checks])
         return new, info
 
     def _update(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo, list[Check]]:
@@ -176,12 +177,12 @@ class OnlineFilter(Generic[S]):
     def run(self, state: S, x: Tensor, y: Tensor) -> tuple[S, list[StepInfo]]:
         """``step`` over the rows of x (N, I) with raw targets y (see ``encode``), in order."""
         theta = state.mean
-        x = self._rows(x, theta)
+        x = self._shaped(x, theta)
         Y = self.encode(y).to(dtype=theta.dtype, device=theta.device)
         if Y.shape[0] != x.shape[0]:
             raise InvalidInput(f"x has {x.shape[0]} rows but y has {Y.shape[0]}")
         infos: list[StepInfo] = []
-        pending: list[Check] = []
+        pending: list[Check] = [input_check("x", x)]  # settled with the steps' own checks
         for i in range(x.shape[0]):
             try:
                 state, info, checks = self._update(self.predict(state), x[i : i + 1], Y[i])
@@ -314,14 +315,20 @@ class OnlineFilter(Generic[S]):
         return max(1, min(_CHUNK_ROWS, _CHUNK_NUMBERS // self.network.jacobian_numbers))
 
     def _rows(self, x: Tensor, like: Tensor) -> Tensor:
+        """Rows x (N, I) checked (shape and finiteness) and on ``like``'s dtype and device."""
+        x = self._shaped(x, like)
+        if not all_finite(x):
+            raise InvalidInput(not_finite("x", x.dtype))
+        return x
+
+    def _shaped(self, x: Tensor, like: Tensor) -> Tensor:
+        """``_rows`` but for finiteness, which the caller checks (updates: with the step's own
+        checks, one host sync for both)."""
         if x.ndim != 2 or x.shape[1] != self.network.input_dim:
             raise InvalidInput(
                 f"x must have shape (rows, {self.network.input_dim}), got {tuple(x.shape)}"
             )
-        x = x.to(dtype=like.dtype, device=like.device)
-        if not all_finite(x):
-            raise InvalidInput(not_finite("x", x.dtype))
-        return x
+        return x.to(dtype=like.dtype, device=like.device)
 
 
 def _first_repeats(rows: Tensor) -> Tensor:
