@@ -168,12 +168,18 @@ class Bandits:
         return dict(zip(todo, responses, strict=True))
 
     def _work(self, h: HostedModel, state: Belief, rows: int, items: list[DecideRequest]) -> int:
-        """The compute's size (state bytes x rows, times the parameter draws where drawn)."""
-        draws = not h.filter.network.linear_in_params and any(
-            item.strategy == "thompson" for item in items
-        )
+        """The compute's size in the units of an update's (state bytes x rows).
+
+        A model linear in its parameters decides in output space: its rows are projected
+        together, J Sigma J^T in one product, about a quarter of the passes over the state that
+        an update row makes, so four rows count as one. Otherwise each row counts once, times the
+        parameter draws where Thompson sampling draws them."""
+        size = h.filter.state_bytes(state)
+        if h.filter.network.linear_in_params:
+            return size * -(-rows // 4)
+        draws = any(item.strategy == "thompson" for item in items)
         samples = self.settings.propensity_samples if draws else 0
-        return h.filter.state_bytes(state) * rows * (1 + samples)
+        return size * rows * (1 + samples)
 
     async def _answer_of(self, h: HostedModel, event_id: str) -> DecideResponse | None:
         raw = await self.store.get_event(h.name, event_id)

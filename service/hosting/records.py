@@ -1,7 +1,8 @@
 """The records the engine writes to its store, typed; their bytes are JSON.
 
 The byte layout is the store format (snapshots and logs written by earlier versions must keep
-restoring), so each record reads and writes exactly these keys:
+restoring), so each record reads and writes exactly these keys (written by orjson, compact,
+over 10x faster than the json module on rows of numbers; read by either):
 
 =============  ============================================================================
 log entry      ``{"x": rows, "y": labels, "request_id": str | null}``: one ``/update`` (or one
@@ -16,10 +17,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from service.components import Label
 
 __all__ = ["EventRecord", "LogEntry"]
+
+
+def _loads(raw: bytes) -> dict[str, Any]:
+    """A record's JSON: written by orjson (compact; floats as their shortest repr, which read back
+    to the same doubles) or by the json module of earlier versions, which orjson reads too but
+    for numbers beyond 64-bit integers, left to json."""
+    try:
+        body: dict[str, Any] = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = json.loads(raw)
+    return body
 
 
 @dataclass(frozen=True)
@@ -29,11 +44,11 @@ class LogEntry:
     request_id: str | None
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"x": self.x, "y": self.y, "request_id": self.request_id}).encode()
+        return orjson.dumps({"x": self.x, "y": self.y, "request_id": self.request_id})
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> LogEntry:
-        body = json.loads(raw)
+        body = _loads(raw)
         return cls(x=body["x"], y=body["y"], request_id=body.get("request_id"))
 
 
@@ -52,9 +67,9 @@ class EventRecord:
             "x": self.x, "action": self.action, "propensity": self.propensity,
             "strategy": self.strategy, "version": self.version, "response": self.response,
         }  # fmt: skip
-        return json.dumps(body).encode()
+        return orjson.dumps(body)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> EventRecord:
-        body = json.loads(raw)
+        body = _loads(raw)
         return cls(**{k: body[k] for k in cls.__dataclass_fields__})
