@@ -9,9 +9,12 @@ machine even when the absolute times do not:
   update, the pre-update predictive and log density, one settle of the checks);
 - ``lofi-10 mlp 8-32-1`` and ``diagonal mlp 8-32-1``: the same on an MLP (D = 321);
 - ``posteriors diag_fisher mlp 8-32-1``: `posteriors.ekf.diag_fisher.update` on the same MLP with a
-  Gaussian log likelihood (its Jacobian by autograd).
+  Gaussian log likelihood (its Jacobian by autograd);
+- with ``--kernels DIR``: the Kalman and LoFi cases with their compiled steps
+  (``service.filters.compiled``, compiled into DIR first, seconds to a minute each): ``run`` of one
+  row as above, and the kernel alone (the step: no validation, encoding or settling of checks).
 
-    python -m benchmarks.step_speed [--rounds 7] [--n 300]
+    python -m benchmarks.step_speed [--rounds 7] [--n 300] [--kernels /tmp/postserve-kernels]
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from service.filters import MLP, Diagonal, Gaussian, Kalman, Linear, LoFi, OnlineFilter, Prior
+from service.filters.compiled import compile_step
 
 
 def _median_us(fn: Callable[[], object], n: int) -> float:
@@ -54,12 +59,25 @@ def _numpy_kalman(D: int) -> Callable[[], object]:
     return step
 
 
-def _ours(f: OnlineFilter[object], seed: int) -> Callable[[], object]:  # type: ignore[type-var]
+def _ours(
+    f: OnlineFilter[object],  # type: ignore[type-var]
+    seed: int,
+    kernels: Path | None = None,
+    only_kernel: bool = False,
+) -> Callable[[], object]:
+    """``f.run`` of one row (with its compiled step from ``kernels`` when given), or with
+    ``only_kernel`` the compiled step alone (no validation, encoding or settling of checks)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, f.network.input_dim, generator=g)
     y = torch.randn(1, generator=g)
     state, _ = f.run(f.init(), torch.randn(20, f.network.input_dim, generator=g), torch.randn(20))
-    return lambda: f.run(state, x, y)
+    if kernels is None:
+        return lambda: f.run(state, x, y)
+    kernel = compile_step(f, state, kernels)
+    if only_kernel:
+        Y = f.encode(y)[0]
+        return lambda: kernel(state, x, Y)
+    return lambda: f.run(state, x, y, kernel)
 
 
 def _posteriors_diag(net: MLP) -> Callable[[], object]:
@@ -84,17 +102,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--n", type=int, default=300, help="calls per case per round")
+    parser.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        help="also the compiled steps (service.filters.compiled), kept in this directory",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     mlp = MLP(8, (32,), 1, "relu")
+    kalman = OnlineFilter(Linear(16), Gaussian(0.5), Kalman(), prior=Prior(1.0))
+    lofi = OnlineFilter(mlp, Gaussian(0.5), LoFi(10), prior=Prior(1.0))
+    compiled: dict[str, Callable[[], object]] = {}
+    if args.kernels is not None:
+        print("compiling (or loading) the two steps ...", flush=True)
+        compiled = {
+            "kalman compiled: run": _ours(kalman, 0, args.kernels),
+            "kalman compiled: the kernel alone": _ours(kalman, 0, args.kernels, True),
+            "lofi-10 compiled: run": _ours(lofi, 1, args.kernels),
+            "lofi-10 compiled: the kernel alone": _ours(lofi, 1, args.kernels, True),
+        }
     cases: dict[str, Callable[[], object]] = {
         "numpy kalman (D = 17)": _numpy_kalman(17),
-        "kalman Linear(16) (D = 17)": _ours(
-            OnlineFilter(Linear(16), Gaussian(0.5), Kalman(), prior=Prior(1.0)), 0
-        ),
-        "lofi-10 mlp 8-32-1 (D = 321)": _ours(
-            OnlineFilter(mlp, Gaussian(0.5), LoFi(10), prior=Prior(1.0)), 1
-        ),
+        "kalman Linear(16) (D = 17)": _ours(kalman, 0),
+        "lofi-10 mlp 8-32-1 (D = 321)": _ours(lofi, 1),
+        **compiled,
         "diagonal mlp 8-32-1 (D = 321)": _ours(
             OnlineFilter(mlp, Gaussian(0.5), Diagonal(), prior=Prior(1.0)), 2
         ),

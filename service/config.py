@@ -82,7 +82,20 @@ class Settings(BaseSettings):
     compute_threads: int = Field(
         0, ge=0, description="filter steps run at once off the event loop; 0: one per CPU core"
     )
+    compile_steps: bool = Field(
+        False,
+        description="compile each model's step (AOTInductor, needs a C++ compiler) in the "
+        "background after it is created or restored; it steps eagerly until then",
+    )
+    kernel_dir: Path | None = Field(
+        None, description="where compiled steps are kept; unset: DATA_DIR/kernels"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def kernel_directory(self) -> Path:
+        """``kernel_dir``, or ``data_dir/kernels``."""
+        return self.kernel_dir if self.kernel_dir is not None else self.data_dir / "kernels"
 
     @field_validator("api_keys")
     @classmethod

@@ -292,6 +292,12 @@ class ModelInfo(BaseModel):
     state_bytes: int
     snapshot_version: int
     device: str
+    step: Literal["eager", "compiled"] = Field(
+        "eager",
+        description="how updates step it: the eager step, or its compiled kernel "
+        "(POSTSERVE_COMPILE_STEPS), built in the background after create or restore",
+    )
+    step_error: str | None = Field(None, description="why it has no compiled step, if one failed")
     calibration: CalibrationSummary = Field(default_factory=CalibrationSummary)
 
 

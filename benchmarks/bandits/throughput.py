@@ -42,12 +42,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from benchmarks.bandits import agents as ag
 from benchmarks.bandits import data
 from benchmarks.bandits.run import cpu_seconds, vw_available, vw_rate
-from benchmarks.http.bench_http import LOAD_CPU, ROW, _can_pin, _wrk, bench_server
+from benchmarks.http.bench_http import LOAD_CPU, ROW, _can_pin, _wait_compiled, _wrk, bench_server
 from service.client import Client
 
 CONTEXTS = 2000
@@ -163,6 +164,13 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--p50-seconds", type=int, default=3, help="0: no wrk latency cases")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/bandits"))
+    p.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        help="serve with POSTSERVE_COMPILE_STEPS, kernels kept in this directory\n"
+        "(the cases start once every model steps with its compiled kernel)",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data.fetch()
@@ -172,12 +180,19 @@ def main() -> None:
     if vw_error is None:
         report["vw before"] = vw_rate(task)
     work = Path(tempfile.mkdtemp(prefix="postserve-bandit-tp-"))
-    server = bench_server(work, {"POSTSERVE_STORE": "memory"})
+    env = {"POSTSERVE_STORE": "memory"}
+    if args.kernels is not None:
+        env.update(POSTSERVE_COMPILE_STEPS="1", POSTSERVE_KERNEL_DIR=str(args.kernels.resolve()))
+    server = bench_server(work, env)
     url = server.start(timeout=60)
+    report["compiled steps"] = args.kernels is not None
     try:
         with Client(url) as client:
             for model in args.models:
                 client.create_model(_spec(model, task))
+        if args.kernels is not None:
+            with httpx.Client(base_url=url, timeout=30) as raw:
+                _wait_compiled(raw, [f"tp-{m}" for m in args.models])
         for model in args.models:
             for items in args.items:
                 for clients in args.clients:
@@ -209,7 +224,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"VW cb_explore_adf in process: {' then '.join(f'{v:.0f}' for v in vw) or 'n/a'} "
         f"predict + learn / s (reference: their geometric mean, {ref:.0f}). Server and clients "
-        f"{'pinned to CPU 0 and 1' if report['pinned'] else 'not pinned'}.",
+        f"{'pinned to CPU 0 and 1' if report['pinned'] else 'not pinned'}. Steps: "
+        f"{'compiled (POSTSERVE_COMPILE_STEPS)' if report.get('compiled steps') else 'eager'}.",
         "",
         "| model | items per request | client processes | decide + reward / s | vs VW "
         "| server CPU ms / decision | client CPU ms / decision | decide ms / item "

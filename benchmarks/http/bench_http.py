@@ -13,7 +13,8 @@ every answer was 200 and that each model's final version equals the number of up
 (warm-ups included; requests still in flight when wrk stops are sent and applied, not answered).
 
     apt-get install wrk            # the load generator
-    python -m benchmarks.http.bench_http --out benchmarks/out/http [--store memory|sqlite|both]
+    python -m benchmarks.http.bench_http --out benchmarks/out/http [--store memory|sqlite|both] \\
+        [--kernels /tmp/postserve-kernels]   # with compiled steps
 """
 
 from __future__ import annotations
@@ -177,11 +178,33 @@ def _geomean(a: float, b: float) -> float:
     return math.sqrt(a * b)
 
 
+def _wait_compiled(client: httpx.Client, names: list[str], timeout: float = 900.0) -> None:
+    """Wait until every model steps with its compiled kernel (``POSTSERVE_COMPILE_STEPS``)."""
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while True:
+            info = client.get(f"/v1/models/{name}").json()
+            if info["step"] == "compiled":
+                break
+            if info["step_error"] is not None or time.monotonic() > deadline:
+                sys.exit(f"{name}: no compiled step: {info['step_error']}")
+            time.sleep(1.0)
+        print(f"  {name}: compiled", flush=True)
+
+
 def run_store(
-    store: str, seconds: int, warmup: int, noop_seconds: int, conns_list: list[int]
+    store: str,
+    seconds: int,
+    warmup: int,
+    noop_seconds: int,
+    conns_list: list[int],
+    kernels: Path | None = None,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="postserve-bench-"))
-    server = bench_server(work, {"POSTSERVE_STORE": store})
+    env = {"POSTSERVE_STORE": store}
+    if kernels is not None:
+        env.update(POSTSERVE_COMPILE_STEPS="1", POSTSERVE_KERNEL_DIR=str(kernels.resolve()))
+    server = bench_server(work, env)
     t_start = time.monotonic()
     base = server.start(timeout=60)
     results: list[dict[str, Any]] = []
@@ -198,6 +221,8 @@ def run_store(
                     "num_params": info["num_params"],
                     "state_bytes": info["state_bytes"],
                 }
+            if kernels is not None:
+                _wait_compiled(client, list(MODELS))
             cases: list[Case] = []
             for name in MODELS:
                 path = f"/v1/models/{name}"
@@ -390,6 +415,13 @@ def main() -> None:
         "--noop-seconds", type=int, default=2, help="seconds of each no-op between the cases"
     )
     parser.add_argument("--conns", default="1,32", help="comma-separated concurrencies")
+    parser.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        help="serve with POSTSERVE_COMPILE_STEPS, kernels kept in this directory; the cases "
+        "start once every model steps with its compiled kernel",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
@@ -400,7 +432,7 @@ def main() -> None:
     failed = False
     for store in stores:
         print(f"store {store}: {meta['pinning']}; {meta['load_generator']}", flush=True)
-        run = run_store(store, args.seconds, args.warmup, args.noop_seconds, conns)
+        run = run_store(store, args.seconds, args.warmup, args.noop_seconds, conns, args.kernels)
         report = _report(run, meta)
         print(report)
         (args.out / f"http_{store}.md").write_text(report)

@@ -42,7 +42,6 @@ function; see ``service.filters.quadrature``) at k = y - 1 and k = y.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -52,7 +51,7 @@ from torch import Tensor
 
 from service.errors import InvalidInput, InvalidSpec
 from service.filters.base import Linearization, Predictive
-from service.filters.linalg import cholesky, not_finite
+from service.filters.linalg import cholesky, not_finite, shared_constant
 from service.filters.quadrature import poisson_lognormal_cdf, poisson_lognormal_logpmf
 
 __all__ = ["Bernoulli", "Categorical", "Gaussian", "Likelihood", "Poisson"]
@@ -126,7 +125,7 @@ def _as_rows(y: Tensor, output_dim: int, what: str) -> Tensor:
     return y
 
 
-@functools.lru_cache(maxsize=256)
+@shared_constant
 def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small constant tensor, made once per dtype and device (never written to)."""
     return torch.tensor(values, dtype=dtype, device=device)

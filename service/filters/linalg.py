@@ -6,9 +6,11 @@ and device of their inputs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,9 @@ __all__ = [
     "positive_check",
     "psd_sqrt",
     "settle",
+    "shared_constant",
     "symmetrise",
+    "tracing",
 ]
 
 
@@ -40,7 +44,39 @@ def symmetrise(A: Tensor) -> Tensor:
     return 0.5 * (A + A.mT)
 
 
-@functools.lru_cache(maxsize=64)
+_TRACE = threading.local()
+
+
+@contextlib.contextmanager
+def tracing() -> Iterator[None]:
+    """Marks this thread as tracing a step to compile it (``service.filters.compiled``): code
+    that branches on data takes its branch-free form meanwhile. Per thread, unlike torch's own
+    ``is_exporting`` flag, so that eager steps on other threads keep their exact behaviour."""
+    _TRACE.on = True
+    try:
+        yield
+    finally:
+        _TRACE.on = False
+
+
+def _traced() -> bool:
+    return bool(getattr(_TRACE, "on", False))
+
+
+def shared_constant(make: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``make`` (hashable arguments -> a constant tensor) made once per arguments and shared, so
+    its tensors are never to be written to; made afresh while traced, so that no tensor of the
+    tracer's outlives the trace in the cache."""
+    cached = functools.lru_cache(maxsize=256)(make)
+
+    @functools.wraps(make)
+    def get(*args: object) -> Tensor:
+        return make(*args) if _traced() else cached(*args)
+
+    return get
+
+
+@shared_constant
 def identity(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """I_n, made once per size, dtype and device: shared, so never to be written to."""
     return torch.eye(n, dtype=dtype, device=device)
@@ -56,6 +92,8 @@ def cholesky(A: Tensor, *, what: str = "matrix", max_tries: int = 6) -> Tensor:
     """
     L: Tensor
     L, info = torch.linalg.cholesky_ex(A)
+    if _traced():  # no branch on data: a failure poisons L, which the step's checks then catch
+        return torch.where(info.unsqueeze(-1).unsqueeze(-1) == 0, L, torch.nan)
     if not bool(info.any()):
         return L
     scale = A.diagonal(dim1=-2, dim2=-1).abs().mean().clamp_min(torch.finfo(A.dtype).tiny)

@@ -24,6 +24,7 @@ result) raises :class:`~service.errors.StepRejected` and the caller's state is u
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Literal
 
@@ -45,13 +46,19 @@ from service.filters.linalg import (
 )
 from service.filters.networks import DenseJacobian, Network
 
-__all__ = ["Dynamics", "OnlineFilter", "Prior"]
+__all__ = ["Dynamics", "OnlineFilter", "Prior", "RowStep"]
 
 #: Rows per chunk in ``predictive``: the network's Jacobian operator (``jacobian_numbers`` a row;
 #: C D for a dense J) stays under about 2**24 numbers, and a chunk holds at most ``_CHUNK_ROWS``
 #: rows, which keeps a structured chunk's factors near the cache (``docs/algorithms.md`` 4.1).
 _CHUNK_NUMBERS = 1 << 24
 _CHUNK_ROWS = 512
+
+
+#: A compiled row step (``service.filters.compiled.RowKernel``): the new state and the row's
+#: report from (state before the dynamics, x (1, I), encoded y (C,)), or None when the eager step
+#: must compute the row.
+RowStep = Callable[[S, Tensor, Tensor], "tuple[S, StepInfo] | None"]
 
 
 @dataclass(frozen=True)
@@ -174,8 +181,13 @@ class OnlineFilter(Generic[S]):
         """predict, then update on one row."""
         return self.update(self.predict(state), x, y)
 
-    def run(self, state: S, x: Tensor, y: Tensor) -> tuple[S, list[StepInfo]]:
-        """``step`` over the rows of x (N, I) with raw targets y (see ``encode``), in order."""
+    def run(
+        self, state: S, x: Tensor, y: Tensor, kernel: RowStep[S] | None = None
+    ) -> tuple[S, list[StepInfo]]:
+        """``step`` over the rows of x (N, I) with raw targets y (see ``encode``), in order.
+
+        ``kernel`` (a compiled step, ``service.filters.compiled``) computes each row in place of
+        the eager step where it can: a row it answers ``None`` for is computed eagerly."""
         theta = state.mean
         x = self._shaped(x, theta)
         Y = self.encode(y).to(dtype=theta.dtype, device=theta.device)
@@ -184,6 +196,11 @@ class OnlineFilter(Generic[S]):
         infos: list[StepInfo] = []
         pending: list[Check] = [input_check("x", x)]  # settled with the steps' own checks
         for i in range(x.shape[0]):
+            done = None if kernel is None else kernel(state, x[i : i + 1], Y[i])
+            if done is not None:  # its checks passed
+                state, info = done
+                infos.append(info)
+                continue
             try:
                 state, info, checks = self._update(self.predict(state), x[i : i + 1], Y[i])
             except StepRejected:

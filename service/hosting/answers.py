@@ -154,6 +154,8 @@ def model_info(h: HostedModel) -> ModelInfo:
         state_bytes=h.filter.state_bytes(current.state),
         snapshot_version=h.snapshot_version,
         device=str(h.device),
+        step="eager" if h.kernel is None else "compiled",
+        step_error=h.kernel_error,
         calibration=summary(h.calibration.stats()),
     )
 

@@ -18,6 +18,7 @@ from service.errors import AlreadyExists, InvalidInput, InvalidSpec, NotFound, N
 from service.filters import Belief, OnlineFilter
 from service.hosting.compute import Compute
 from service.hosting.hosted import Hosted, HostedModel, Published
+from service.hosting.kernels import Kernels
 from service.hosting.limits import Limits
 from service.hosting.recovery import Recovery
 from service.schemas import ModelSpec
@@ -36,9 +37,10 @@ class Catalogue:
         limits: Limits,
         compute: Compute,
         recovery: Recovery,
+        kernels: Kernels,
     ) -> None:
         self.settings, self.store, self.limits = settings, store, limits
-        self.compute, self.recovery = compute, recovery
+        self.compute, self.recovery, self.kernels = compute, recovery, kernels
         self.models: dict[str, HostedModel] = {}
         self.ready = False
         self._reserved = 0  # bytes of states being created
@@ -114,6 +116,7 @@ class Catalogue:
         finally:
             self._reserved -= need
         self.models[spec.name] = hosted
+        self.kernels.start(hosted)
         return hosted
 
     def state_bytes(self) -> int:
@@ -135,4 +138,5 @@ class Catalogue:
                 hosted = self.host(ModelSpec.model_validate_json(raw))
                 await self.recovery.catch_up(hosted)
                 self.models[name] = hosted
+                self.kernels.start(hosted)
                 log.info("restored %s at version %d", name, hosted.version)

@@ -9,6 +9,7 @@ updates        the write-ahead update pipeline (``/update`` and rewards); refusa
 predictions    ``/predict`` on the published state
 bandits        ``/decide``, ``/reward``, their batches, default rewards of expired events
 snapshots      snapshots on demand, every N observations and from their own ticker
+kernels        compiled steps, built in the background; the one a log record names, for replay
 answers        domain results -> response models
 stats          the counters and per-model figures that metrics read
 =============  ===============================================================================
@@ -31,6 +32,7 @@ from service.hosting import answers
 from service.hosting.bandits import Bandits
 from service.hosting.catalogue import Catalogue
 from service.hosting.compute import Compute
+from service.hosting.kernels import Kernels
 from service.hosting.limits import Limits
 from service.hosting.predictions import Predictions
 from service.hosting.records import LogEntry
@@ -71,8 +73,9 @@ class Engine:
         self.store, self.lease = backend.store, backend.lease
         limits = Limits(settings)
         compute = Compute(settings.compute_threads)
-        recovery = Recovery(self.store, compute)
-        self.catalogue = Catalogue(settings, self.store, limits, compute, recovery)
+        self.kernels = Kernels(settings)
+        recovery = Recovery(self.store, compute, self.kernels)
+        self.catalogue = Catalogue(settings, self.store, limits, compute, recovery, self.kernels)
         self.snapshots = Snapshots(
             settings, self.store, self.lease, self.catalogue, compute, recovery
         )
@@ -118,6 +121,7 @@ class Engine:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.kernels.stop()
         await self.snapshots.drain()
         await self.store.close()
 

@@ -31,6 +31,7 @@ from service.components.registry import Scorer
 from service.errors import InvalidInput, NotOwner, PostserveError, StoreUnavailable, VersionConflict
 from service.filters import Belief, OnlineFilter, StepInfo
 from service.filters.algorithm import S
+from service.filters.compiled import RowKernel
 from service.schemas import ModelSpec
 
 __all__ = ["Counters", "Hosted", "HostedModel", "Pending", "Published"]
@@ -78,6 +79,8 @@ class Hosted(Generic[S]):
     pending: deque[Pending[S]] = field(default_factory=deque)
     stale: bool = False  # a write failed: settle and catch up before the next one
     failure: tuple[int, PostserveError] | None = None  # the first failed pending update
+    kernel: RowKernel[S] | None = None  # its compiled step, once built (``kernels``)
+    kernel_error: str | None = None  # why it has none, if building one failed
 
     @property
     def name(self) -> str:
@@ -158,16 +161,21 @@ class Hosted(Generic[S]):
         return t.to(dtype=self.dtype, device=self.device)
 
     def step(
-        self, state: S, x: list[list[float]], y: Sequence[Label]
+        self,
+        state: S,
+        x: list[list[float]],
+        y: Sequence[Label],
+        kernel: RowKernel[S] | None = None,
     ) -> tuple[S, list[StepInfo], list[Observation]]:
-        """One filtering step per row from ``state`` (pure): the new state, each row's report,
-        and what calibration scores of each row. Raises StepRejected / InvalidInput."""
+        """One filtering step per row from ``state`` (pure), by ``kernel`` where it can: the new
+        state, each row's report, and what calibration scores of each row. Raises
+        StepRejected / InvalidInput."""
         X = self.tensor(x)
         try:
             Y = self.tensor(y)
         except (ValueError, TypeError) as exc:
             raise InvalidInput(f"y rows must all have the same shape: {exc}") from exc
-        new, infos = self.filter.run(state, X, Y)
+        new, infos = self.filter.run(state, X, Y, kernel)
         return new, infos, self.scorer(self.filter.likelihood, infos, y)
 
     def score(self, version: int, observations: list[Observation]) -> None:

@@ -5,8 +5,9 @@ restoring), so each record reads and writes exactly these keys (written by orjso
 over 10x faster than the json module on rows of numbers; read by either):
 
 =============  ============================================================================
-log entry      ``{"x": rows, "y": labels, "request_id": str | null}``: one ``/update`` (or one
-               reward), applied as ``len(x)`` filtering steps
+log entry      ``{"x": rows, "y": labels, "request_id": str | null, "kernel"?: str}``: one
+               ``/update`` (or one batch of rewards), applied as ``len(x)`` filtering steps;
+               ``kernel`` names the compiled step that computed it (absent: the eager step)
 event          ``{"x", "action", "propensity", "strategy", "version", "response"}``: one
                ``/decide``; ``x`` the chosen action's input row, ``response`` the JSON answer
                given (returned again to a retried decision)
@@ -42,14 +43,18 @@ class LogEntry:
     x: list[list[float]]
     y: list[Label]
     request_id: str | None
+    kernel: str | None = None  # the compiled step that computed it; None: the eager step
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps({"x": self.x, "y": self.y, "request_id": self.request_id})
+        body: dict[str, object] = {"x": self.x, "y": self.y, "request_id": self.request_id}
+        if self.kernel is not None:
+            body["kernel"] = self.kernel
+        return orjson.dumps(body)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> LogEntry:
         body = _loads(raw)
-        return cls(x=body["x"], y=body["y"], request_id=body.get("request_id"))
+        return cls(body["x"], body["y"], body.get("request_id"), body.get("kernel"))
 
 
 @dataclass(frozen=True)

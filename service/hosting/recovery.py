@@ -3,8 +3,8 @@
 Runs at start (every model in the catalogue), when this replica newly takes a model's write
 lease (another replica may have written it meanwhile), and after a write of the model failed
 (``resync``: the store may hold a record whose answer was lost, or a newer writer's). Replaying a
-log record repeats the same deterministic steps, so the state comes back bit for bit on the same
-device and dtype; the calibration window travels in the snapshot's metadata and the replay
+log record repeats the same deterministic steps, through the compiled step that computed it if
+one did (``kernels``), so the state comes back bit for bit on the same device and dtype; the calibration window travels in the snapshot's metadata and the replay
 refills the rest.
 """
 
@@ -16,6 +16,7 @@ from service.calibration import CalibrationTracker
 from service.components.build import decode_state
 from service.hosting.compute import Compute
 from service.hosting.hosted import HostedModel
+from service.hosting.kernels import Kernels
 from service.hosting.records import LogEntry
 from service.store import Store
 
@@ -23,8 +24,8 @@ __all__ = ["Recovery"]
 
 
 class Recovery:
-    def __init__(self, store: Store, compute: Compute) -> None:
-        self.store, self.compute = store, compute
+    def __init__(self, store: Store, compute: Compute, kernels: Kernels) -> None:
+        self.store, self.compute, self.kernels = store, compute, kernels
 
     async def resync(self, h: HostedModel) -> None:
         """Settle ``h``'s pending updates (each published if durable, dropped if not), then
@@ -54,6 +55,7 @@ class Recovery:
                 raise RuntimeError(
                     f"log of {h.name!r} is inconsistent: record {rec.version} follows {version}"
                 )
-            new, _, obs = await self.compute.offload(h.step, state, entry.x, entry.y)
+            kernel = await self.kernels.for_replay(h, entry.kernel)  # the one that computed it
+            new, _, obs = await self.compute.offload(h.step, state, entry.x, entry.y, kernel)
             h.publish(rec.version, new)
             h.score(version, obs)

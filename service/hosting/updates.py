@@ -34,6 +34,7 @@ Every refusal is counted here (:class:`~service.hosting.hosted.Counters`), by er
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -134,10 +135,11 @@ class Updates:
                 first = await self.store.get_response(h.name, rid)
                 if first is not None:
                     return _duplicate(first)
-            tip, new, infos, obs = await self._step(h, entry.x, entry.y)
+            tip, new, infos, obs, kernel = await self._step(h, entry.x, entry.y)
             response = answers.update(tip.version + n, infos)
             requests = [] if rid is None else [(rid, response.model_dump_json().encode())]
-            pending = self._pend(h, tip, n, new, obs, entry.to_bytes(), requests)
+            record = dataclasses.replace(entry, kernel=kernel).to_bytes()
+            pending = self._pend(h, tip, n, new, obs, record, requests)
         await self._durable(h, pending, n)
         return response
 
@@ -175,20 +177,21 @@ class Updates:
     ) -> tuple[Pending[Belief], list[UpdateResponse]]:
         """Compute new rows from the tip and hand them to the store as one record, with one
         request record per row (each row's answer as it would have answered alone)."""
-        tip, new, infos, obs = await self._step(h, x, y)
+        tip, new, infos, obs, kernel = await self._step(h, x, y)
         each = [answers.update(tip.version + k + 1, [info]) for k, info in enumerate(infos)]
         records = [(rid, a.model_dump_json().encode()) for rid, a in zip(ids, each, strict=True)]
-        record = LogEntry(x, y, None).to_bytes()
+        record = LogEntry(x, y, None, kernel).to_bytes()
         return self._pend(h, tip, len(x), new, obs, record, records), each
 
     async def _step(
         self, h: HostedModel, x: list[list[float]], y: Sequence[Label]
-    ) -> tuple[Published[Belief], Belief, list[StepInfo], list[Observation]]:
-        """The tip, and the state after rows ``x``, ``y`` from it (not yet visible)."""
-        tip = h.tip
+    ) -> tuple[Published[Belief], Belief, list[StepInfo], list[Observation], str | None]:
+        """The tip, the state after rows ``x``, ``y`` from it (not yet visible), and the key of
+        the compiled step that computed it (None: the eager step), for its log record."""
+        tip, kernel = h.tip, h.kernel  # read once: a kernel built meanwhile waits for the next
         work = h.filter.state_bytes(tip.state) * len(x)
-        new, infos, obs = await self.compute.run(work, h.step, tip.state, x, y)
-        return tip, new, infos, obs
+        new, infos, obs = await self.compute.run(work, h.step, tip.state, x, y, kernel)
+        return tip, new, infos, obs, None if kernel is None else kernel.key
 
     def _pend(
         self,

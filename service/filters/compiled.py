@@ -1,0 +1,165 @@
+"""Compiled steps: one row's ``predict`` + ``update`` of one filter at one state shape, compiled
+ahead of time by AOTInductor (``docs/algorithms.md`` 6.5).
+
+A small model's eager step is mostly PyTorch's per-op dispatch (about a hundred ops of 1-2 us on
+17 numbers). :func:`compile_step` traces the filter's own step, ``OnlineFilter._update`` after
+``predict`` (``torch.export``: the same Python math, no second copy), compiles the graph to one
+C++ kernel and loads it; a call then costs one dispatch::
+
+    kernel(state fields..., x (1, I), y (C,))
+        -> (new state fields..., predictive mean, epistemic, aleatoric (1, C),
+            log density (), eta (1, C), var_eta (1, C, C), verdict ())
+
+Code that branches on data takes a branch-free form while traced (``linalg.cholesky``: a failed
+factorisation poisons its factor with NaN instead of retrying with jitter), so the kernel is
+trusted only when all its checks pass: the verdict is whether all the checks' values are finite
+(not ``sum * 0``, which the compiler may fold to 0). :class:`RowKernel` reads it with one host sync
+per row and answers ``None`` when it is false; the caller then computes that row with the eager
+step, which retries, or raises the exact error. The same rows through the same kernel give the same
+bits, so a replay through it reproduces the state it replays; the kernel's rounding differs from
+the eager step's (its reductions are fused), which is why each log record names the kernel that
+computed it (``service.hosting``).
+
+Compiling takes seconds to a minute (a C++ compiler runs); the package is kept under
+``directory`` by a key of everything it depends on (the filter, the state's shapes, dtype and
+device, the torch version and CPU capability), so a restart or a second model of the same shape
+loads it in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import platform
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic
+
+import torch
+from torch import Tensor
+
+from service.filters.algorithm import S
+from service.filters.base import Predictive, StepInfo
+from service.filters.linalg import tracing
+from service.filters.online import OnlineFilter
+
+__all__ = ["RowKernel", "compile_step", "kernel_key"]
+
+log = logging.getLogger("postserve.filters")
+
+
+@dataclass(frozen=True)
+class RowKernel(Generic[S]):
+    """A compiled step of one filter at one state shape (see the module's docstring)."""
+
+    key: str
+    state_type: type[S]
+    fields: tuple[str, ...]
+    run: Callable[..., Sequence[Tensor]]
+
+    def __call__(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo] | None:
+        """The step of row x (1, I) with encoded target y (C,) from ``state`` (before the
+        dynamics), or ``None`` when one of its checks fails: the caller computes that row with
+        the eager step instead."""
+        out = self.run(*(getattr(state, k) for k in self.fields), x, y)
+        n = len(self.fields)
+        if not out[-1].item():  # the checks' verdict: one host sync
+            return None
+        new = self.state_type(*out[:n])
+        mean, epistemic, aleatoric, loglik, eta, var_eta = out[n : n + 6]
+        return new, StepInfo(Predictive(mean, epistemic, aleatoric), loglik, eta, var_eta)
+
+
+class _Step(torch.nn.Module, Generic[S]):
+    """The traced function: ``OnlineFilter._update(predict(state), x, y)`` over flat tensors."""
+
+    def __init__(self, f: OnlineFilter[S], state_type: type[S], fields: tuple[str, ...]) -> None:
+        super().__init__()
+        self.f, self.state_type, self.fields = f, state_type, fields
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        n = len(self.fields)
+        state = self.state_type(*args[:n])
+        new, info, checks = self.f._update(self.f.predict(state), args[n], args[n + 1])
+        p = info.predictive
+        assert info.eta is not None and info.var_eta is not None
+        return (
+            *(getattr(new, k) for k in self.fields),
+            p.mean,
+            p.epistemic,
+            p.aleatoric,
+            info.log_likelihood,
+            info.eta,
+            info.var_eta,
+            torch.isfinite(torch.stack([c.value for c in checks])).all(),
+        )
+
+
+def _fields(state: object) -> tuple[str, ...]:
+    return tuple(fl.name for fl in dataclasses.fields(state))  # type: ignore[arg-type]
+
+
+def kernel_key(f: OnlineFilter[S], state: S) -> str:
+    """What a compiled step depends on, hashed: the filter's parts (the prior only sets the
+    initial state), the state's shapes, dtype and device, the torch version and the CPU."""
+    shapes = [(k, tuple(getattr(state, k).shape)) for k in _fields(state)]
+    mean: Tensor = state.mean
+    parts = (
+        repr((f.network, f.likelihood, f.algorithm, f.dynamics, f.process_noise)),
+        repr(shapes),
+        str(mean.dtype),
+        str(mean.device),
+        torch.__version__,
+        torch.backends.cpu.get_cpu_capability(),
+        platform.machine(),
+    )
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def compile_step(f: OnlineFilter[S], state: S, directory: Path) -> RowKernel[S]:
+    """The compiled step of ``f`` at ``state``'s shapes, from ``directory`` when it holds one
+    of the same key, else compiled now (seconds) and kept there. Raises whatever torch.export
+    or the compiler raises for a step it cannot compile; the caller keeps the eager step."""
+    state_type, fields = type(state), _fields(state)
+    key = kernel_key(f, state)
+    path = directory / f"{key}.pt2"
+    if not path.exists():
+        mean: Tensor = state.mean
+        x = mean.new_zeros((1, f.network.input_dim))
+        y = mean.new_zeros((f.network.output_dim,))
+        args = (*(getattr(state, k) for k in fields), x, y)
+        directory.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():  # torch's own deprecations, inside the compiler
+            warnings.simplefilter("ignore")
+            with tracing():
+                program = torch.export.export(_Step(f, state_type, fields), args, strict=False)
+            fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=directory)
+            os.close(fd)
+            try:
+                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+                os.replace(tmp, path)  # whole or not at all, for a concurrent reader
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        log.info("compiled the step of %s into %s", type(f.algorithm).__name__, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        package = torch._inductor.aoti_load_package(str(path))
+    return RowKernel(key=key, state_type=state_type, fields=fields, run=_flat_call(package))
+
+
+def _flat_call(package: Callable[..., Sequence[Tensor]]) -> Callable[..., Sequence[Tensor]]:
+    """The package's runner on flat tensors in, flat tensors out. The package's own ``__call__``
+    parses its input and output tree specs from JSON on every call (about 10 us, as long as the
+    Kalman kernel itself); the inputs and outputs here are flat already, so the runner's
+    ``boxed_run`` takes them as they are (the same outputs, ``tests/test_compiled.py``)."""
+    loader = getattr(package, "loader", None)
+    if loader is None or not hasattr(loader, "boxed_run"):  # another torch: its own call
+        return package
+    boxed_run: Callable[[list[Tensor]], Sequence[Tensor]] = loader.boxed_run
+    return lambda *args: boxed_run(list(args))

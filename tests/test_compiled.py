@@ -1,0 +1,202 @@
+"""Compiled steps (``service.filters.compiled``, ``POSTSERVE_COMPILE_STEPS``): the kernel computes
+what the eager step computes, to rounding; the same rows through it give the same bits; a row it
+cannot vouch for is computed eagerly, with the eager step's verdict; and a server that compiles
+its models' steps restores them bit for bit after a SIGKILL, through the kernel that computed
+each log record.
+
+Each kernel compiles in seconds to a minute (a C++ compiler runs), so the module compiles two,
+once, and the server test a third.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from service.errors import InvalidInput, StepRejected
+from service.filters import MLP, Bernoulli, Gaussian, Kalman, Linear, LoFi, OnlineFilter, Prior
+from service.filters.compiled import RowKernel, compile_step, kernel_key
+from service.testing import MakeServer
+
+pytestmark = pytest.mark.slow
+
+KALMAN = OnlineFilter(Linear(3), Gaussian(0.5), Kalman(), prior=Prior(2.0))
+LOFI = OnlineFilter(MLP(4, (8,), 1, "tanh"), Bernoulli(), LoFi(3), prior=Prior(1.0))
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RowKernel[object]]:
+    directory = tmp_path_factory.mktemp("kernels")
+    return {
+        "kalman": compile_step(KALMAN, KALMAN.init(dtype=torch.float64), directory),
+        "lofi": compile_step(LOFI, LOFI.init(dtype=torch.float32), directory),
+    }
+
+
+def _rows(
+    f: OnlineFilter[object], n: int, seed: int, binary: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, f.network.input_dim, generator=g, dtype=torch.float64)
+    y = (
+        (torch.rand(n, generator=g) > 0.5).double()
+        if binary
+        else torch.randn(n, generator=g, dtype=torch.float64)
+    )
+    return x, y
+
+
+def test_the_kalman_kernel_is_the_exact_posterior_to_rounding(
+    kernels: dict[str, RowKernel[object]],
+) -> None:
+    x, y = _rows(KALMAN, 40, 0)
+    state0 = KALMAN.init(dtype=torch.float64)
+    eager, e_infos = KALMAN.run(state0, x, y)
+    fast, k_infos = KALMAN.run(state0, x, y, kernels["kalman"])
+    # the closed form: the Bayesian linear-regression posterior over [x, 1]
+    H = torch.cat([x, torch.ones(40, 1, dtype=torch.float64)], 1)
+    precision = torch.eye(4, dtype=torch.float64) / 2.0 + H.T @ H / 0.5
+    cov = torch.linalg.inv(precision)
+    mean = cov @ (H.T @ y) / 0.5
+    torch.testing.assert_close(fast.mean, mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast.cov, cov, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast.mean, eager.mean, rtol=1e-12, atol=1e-14)
+    for a, b in zip(e_infos, k_infos, strict=True):  # each row's one-step-ahead report
+        torch.testing.assert_close(b.predictive.mean, a.predictive.mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(b.predictive.variance, a.predictive.variance, rtol=1e-12, atol=0)
+        torch.testing.assert_close(b.log_likelihood, a.log_likelihood, rtol=1e-12, atol=1e-14)
+
+
+def test_the_lofi_kernel_agrees_with_the_eager_step_and_repeats_its_bits(
+    kernels: dict[str, RowKernel[object]],
+) -> None:
+    x, y = _rows(LOFI, 60, 1, binary=True)
+    state0 = LOFI.init(dtype=torch.float32)
+    eager, e_infos = LOFI.run(state0, x, y)
+    fast, k_infos = LOFI.run(state0, x, y, kernels["lofi"])
+    again, _ = LOFI.run(state0, x, y, kernels["lofi"])
+    for name in ("mean", "W", "upsilon"):
+        assert torch.equal(getattr(fast, name), getattr(again, name)), name
+    # W's rows are eigenvectors, each up to its sign: compare the precision they make
+    torch.testing.assert_close(fast.mean, eager.mean, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(
+        LOFI.algorithm.precision(fast), LOFI.algorithm.precision(eager), rtol=1e-3, atol=1e-3
+    )
+    for a, b in zip(e_infos, k_infos, strict=True):
+        torch.testing.assert_close(b.predictive.mean, a.predictive.mean, rtol=1e-3, atol=1e-4)
+
+
+def test_a_row_the_kernel_cannot_vouch_for_gets_the_eager_verdict(
+    kernels: dict[str, RowKernel[object]],
+) -> None:
+    state = KALMAN.init(dtype=torch.float64)
+    k = kernels["kalman"]
+    bad_x = torch.tensor([[1.0, float("nan"), 0.0]], dtype=torch.float64)
+    for kernel in (None, k):
+        with pytest.raises(InvalidInput, match="x holds NaN"):
+            KALMAN.run(state, bad_x, torch.tensor([0.0], dtype=torch.float64), kernel)
+    # a finite row whose update overflows float64: rejected, whichever computes it
+    huge = torch.tensor([[1e200, 1e200, 1e200]], dtype=torch.float64)
+    reasons = []
+    for kernel in (None, k):
+        with pytest.raises(StepRejected) as err:
+            KALMAN.run(state, huge, torch.tensor([1.0], dtype=torch.float64), kernel)
+        reasons.append(err.value.reason)
+    assert reasons[0] == reasons[1]
+    assert k(state, huge, torch.tensor([1.0], dtype=torch.float64)) is None  # its checks failed
+
+
+def test_a_kernel_key_names_everything_the_kernel_depends_on(
+    kernels: dict[str, RowKernel[object]],
+) -> None:
+    state = KALMAN.init(dtype=torch.float64)
+    key = kernel_key(KALMAN, state)
+    assert key == kernels["kalman"].key
+    other = OnlineFilter(Linear(3), Gaussian(0.25), Kalman(), prior=Prior(2.0))
+    assert kernel_key(other, other.init(dtype=torch.float64)) != key  # R is in the kernel
+    assert kernel_key(KALMAN, KALMAN.init(dtype=torch.float32)) != key
+    wider = OnlineFilter(Linear(4), Gaussian(0.5), Kalman(), prior=Prior(2.0))
+    assert kernel_key(wider, wider.init(dtype=torch.float64)) != key
+    same_but_prior = OnlineFilter(Linear(3), Gaussian(0.5), Kalman(), prior=Prior(9.0))
+    assert kernel_key(same_but_prior, same_but_prior.init(dtype=torch.float64)) == key
+
+
+def test_eager_steps_on_another_thread_are_untouched_by_a_compile(tmp_path: Path) -> None:
+    f = OnlineFilter(Linear(5), Gaussian(1.0), Kalman(), prior=Prior(1.0))
+    x, y = _rows(f, 30, 2)
+    reference, _ = f.run(f.init(dtype=torch.float64), x, y)
+    built: list[RowKernel[object]] = []
+    worker = threading.Thread(
+        target=lambda: built.append(compile_step(f, f.init(dtype=torch.float32), tmp_path))
+    )
+    worker.start()
+    runs = 0
+    while worker.is_alive():  # the tracer runs meanwhile: the eager step must not see it
+        state, _ = f.run(f.init(dtype=torch.float64), x, y)
+        assert torch.equal(state.mean, reference.mean) and torch.equal(state.cov, reference.cov)
+        runs += 1
+    worker.join()
+    assert built and runs > 0
+    t0 = time.perf_counter()
+    again = compile_step(f, f.init(dtype=torch.float32), tmp_path)
+    assert again.key == built[0].key and time.perf_counter() - t0 < 5.0  # loaded, not compiled
+
+
+def _predictions(url: str, name: str) -> bytes:
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post(f"/v1/models/{name}/predict", json={"x": [[0.3, -1.0, 2.0], [1.5, 0.0, -0.5]]})
+        assert r.status_code == 200, r.text
+        return r.content
+
+
+def _wait_compiled(c: httpx.Client, name: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = c.get(f"/v1/models/{name}").json()
+        assert info["step_error"] is None, info["step_error"]
+        if info["step"] == "compiled":
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{name}'s step was not compiled within {timeout} s")
+
+
+def test_a_compiling_server_restores_bit_for_bit_after_sigkill(make_server: MakeServer) -> None:
+    server = make_server(env={"POSTSERVE_COMPILE_STEPS": "1"})
+    spec = {
+        "name": "k32",
+        "network": {"type": "linear", "input_dim": 3},
+        "likelihood": {"type": "gaussian", "noise_variance": 0.5},
+        "filter": {"type": "kalman"},
+        "dtype": "float32",
+    }
+    g = torch.Generator().manual_seed(3)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert c.post("/v1/models", json=spec).status_code == 201
+        info = c.get("/v1/models/k32").json()
+        assert info["step"] in ("eager", "compiled")
+        body = {
+            "x": torch.randn(5, 3, generator=g).tolist(),
+            "y": torch.randn(5, generator=g).tolist(),
+        }
+        assert c.post("/v1/models/k32/update", json=body).status_code == 200  # eager, or not
+        _wait_compiled(c, "k32")
+        for _ in range(6):
+            body = {
+                "x": torch.randn(4, 3, generator=g).tolist(),
+                "y": torch.randn(4, generator=g).tolist(),
+            }
+            r = c.post("/v1/models/k32/update", json=body)
+            assert r.status_code == 200, r.text
+            assert all(math.isfinite(v) for v in r.json()["log_likelihood"])
+    before = _predictions(server.url, "k32")
+    server.restart(crash=True)
+    assert _predictions(server.url, "k32") == before  # every record replayed by its own kernel
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        _wait_compiled(c, "k32", timeout=60.0)  # from the kernel directory: no second compile
+        assert c.get("/v1/models/k32").json()["version"] == 29
