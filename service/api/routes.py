@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from service.api.errors import refusal
 from service.hosting import Engine
@@ -65,6 +66,10 @@ class CountsRefusals(APIRoute):
             except RequestValidationError as exc:
                 code = refusal(request, exc)[1]
                 _engine(request).refused(request.path_params.get("name", ""), code)
+                raise
+            except HTTPException as exc:
+                if exc.status_code == 400:  # a body that is not UTF-8: answered invalid_input
+                    _engine(request).refused(request.path_params.get("name", ""), "invalid_input")
                 raise
 
         return counted
