@@ -14,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.api import errors
+from service.api import docs, errors
 from service.api.auth import Authenticate, Keyring
 from service.api.routes import router
 from service.config import Settings
@@ -100,10 +100,18 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
         Middleware(BodyLimit, limit=settings.max_body_bytes),
         Middleware(Authenticate, keyring=Keyring(settings.keys)),
     ]
-    app = FastAPI(title="Postserve", version=__version__, lifespan=lifespan, middleware=middleware)
+    app = FastAPI(
+        title="Postserve",
+        version=__version__,
+        lifespan=lifespan,
+        middleware=middleware,
+        docs_url=None,  # FastAPI's pages load from CDNs; docs.install serves them offline
+        redoc_url=None,
+    )
     app.state.engine = engine
     app.state.settings = settings
     app.state.registry = registry
     app.include_router(router)
+    docs.install(app)
     errors.install(app)
     return app
