@@ -31,9 +31,12 @@ __all__ = [
     "DiagonalSpec",
     "DynamicsSpec",
     "EKFSpec",
+    "ErrorDetail",
+    "ErrorResponse",
     "EventsSpec",
     "FilterSpec",
     "GaussianSpec",
+    "Health",
     "KalmanSpec",
     "LikelihoodSpec",
     "LinearSpec",
@@ -47,6 +50,7 @@ __all__ = [
     "PredictRequest",
     "PredictResponse",
     "PriorSpec",
+    "Readiness",
     "ReliabilityBin",
     "RewardBatchRequest",
     "RewardBatchResponse",
@@ -303,3 +307,29 @@ class SnapshotResponse(BaseModel):
     name: str
     version: int
     bytes: int
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, snake_case: what clients match on")
+    message: str = Field(description="for people: what was wrong, naming the field or setting")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: ``{"error": {"code", "message"}}`` (the codes by status in
+    ``service/api/errors.py``)."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    """``GET /healthz``: the process answers."""
+
+    ok: bool
+
+
+class Readiness(BaseModel):
+    """``GET /readyz``: 200 once every model is restored and the store answers, else 503."""
+
+    ready: bool
+    models_restored: bool
+    store: bool
