@@ -16,7 +16,7 @@ from service.components import ALGORITHMS, LIKELIHOODS, NETWORKS, TypedSpec
 from service.components.algorithms import DiagonalSpec, EKFSpec, KalmanSpec, LoFiSpec
 from service.components.likelihoods import BernoulliSpec, CategoricalSpec, GaussianSpec, PoissonSpec
 from service.components.networks import LinearSpec, MLPSpec
-from service.validation import Strict, all_finite, finite, finite_field
+from service.validation import Integer, Strict, all_finite, finite, finite_field
 
 __all__ = [
     "BernoulliSpec",
@@ -31,9 +31,12 @@ __all__ = [
     "DiagonalSpec",
     "DynamicsSpec",
     "EKFSpec",
+    "ErrorDetail",
+    "ErrorResponse",
     "EventsSpec",
     "FilterSpec",
     "GaussianSpec",
+    "Health",
     "KalmanSpec",
     "LikelihoodSpec",
     "LinearSpec",
@@ -47,6 +50,7 @@ __all__ = [
     "PredictRequest",
     "PredictResponse",
     "PriorSpec",
+    "Readiness",
     "ReliabilityBin",
     "RewardBatchRequest",
     "RewardBatchResponse",
@@ -121,7 +125,7 @@ class ModelSpec(Strict):
     filter: FilterSpec = Field(default_factory=lambda: LoFiSpec(type="lofi"))
     prior: PriorSpec = Field(default_factory=PriorSpec)
     dynamics: DynamicsSpec = Field(default_factory=DynamicsSpec)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    seed: Integer = Field(0, ge=0, le=2**63 - 1)
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "auto"
     monitor: bool = False
@@ -145,8 +149,8 @@ class PredictRequest(Strict):
     costs one forward pass (``docs/algorithms.md`` 4.1.3)."""
 
     x: list[list[Number]] = Field(min_length=1)
-    num_samples: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    num_samples: Integer = Field(0, ge=0)
+    seed: Integer | None = Field(None, ge=0, le=2**63 - 1)
     variance: bool = True
 
     _check_finite = field_validator("x")(finite_field)
@@ -163,7 +167,7 @@ class DecideRequest(Strict):
     strategy: Literal["thompson", "ucb", "greedy", "epsilon"] = "thompson"
     epsilon: float = Field(0.1, ge=0, le=1)
     event_id: str | None = Field(None, pattern=EVENT_ID_PATTERN)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: Integer | None = Field(None, ge=0, le=2**63 - 1)
 
     _check_finite = field_validator("actions", "context")(finite_field)
 
@@ -309,3 +313,29 @@ class SnapshotResponse(BaseModel):
     name: str
     version: int
     bytes: int
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, snake_case: what clients match on")
+    message: str = Field(description="for people: what was wrong, naming the field or setting")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: ``{"error": {"code", "message"}}`` (the codes by status in
+    ``service/api/errors.py``)."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    """``GET /healthz``: the process answers."""
+
+    ok: bool
+
+
+class Readiness(BaseModel):
+    """``GET /readyz``: 200 once every model is restored and the store answers, else 503."""
+
+    ready: bool
+    models_restored: bool
+    store: bool

@@ -7,19 +7,32 @@ points (:mod:`service.components`).
 from __future__ import annotations
 
 import math
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo
 
-__all__ = ["Strict", "all_finite", "finite", "finite_field"]
+__all__ = ["Integer", "Strict", "all_finite", "finite", "finite_field"]
 
 T = TypeVar("T")
 
 
 class Strict(BaseModel):
-    """Unknown fields are refused; instances are immutable."""
+    """Unknown fields are refused; instances are immutable. Values are taken as the JSON schema
+    types them, with no coercion: a boolean is ``true`` or ``false`` (not 1 or ``"yes"``), a
+    number is a JSON number (not ``"1.5"``), a string a string; integers are :data:`Integer`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _json_integer(value: object) -> object:
+    if isinstance(value, bool | str):
+        raise ValueError(f"Input should be a valid integer, got {value!r}")
+    return value
+
+
+#: An integer as JSON Schema has it: ``3`` or ``3.0`` (a number with no fraction), never
+#: ``true`` or ``"3"``. For the int fields of :class:`Strict` models.
+Integer = Annotated[int, Field(strict=False), BeforeValidator(_json_integer)]
 
 
 def finite(value: float, what: str) -> float:

@@ -120,7 +120,7 @@ class Case:
     id: str
     method: str
     path: str
-    body: str | dict[str, Any] | None
+    body: str | bytes | dict[str, Any] | None
     status: int
     code: str
     says: tuple[str, ...]  # substrings the message must hold (case-insensitive)
@@ -223,6 +223,15 @@ CASES = [
     Case("form-body-create", "POST", "/v1/models", "name=a", 415, "unsupported_media_type", ("content-type",), "application/x-www-form-urlencoded"),
     Case("empty-body-create", "POST", "/v1/models", "", 422, "invalid_input", ("body is empty", "name, network, likelihood")),
     Case("json-array-body", "POST", U("gauss"), "[]", 422, "invalid_input", ("object",)),
+    Case("body-not-utf8", "POST", U("gauss"), b'{"x": [[1.0, 2.0]], "y": [\xff]}', 422, "invalid_input", ("not JSON", "UTF-8")),
+    Case("wrong-method-update", "PUT", U("gauss"), {"x": [[1.0, 2.0]], "y": [1.0]}, 405, "method_not_allowed", ("PUT", "allowed: POST")),
+    Case("wrong-method-models", "DELETE", "/v1/models", None, 405, "method_not_allowed", ("allowed: GET, POST",)),
+    # values of another JSON type are not coerced to the schema's
+    Case("boolean-as-integer", "POST", "/v1/models", _spec(filter={"type": "lofi", "rank": False}), 422, "invalid_input", ("rank", "integer")),
+    Case("string-as-integer", "POST", P("gauss"), {"x": [[1.0, 2.0]], "num_samples": "3"}, 422, "invalid_input", ("num_samples", "integer")),
+    Case("integer-as-boolean", "POST", P("gauss"), {"x": [[1.0, 2.0]], "variance": 1}, 422, "invalid_input", ("variance", "boolean")),
+    Case("string-as-number", "POST", "/v1/models", _spec(prior={"variance": "0.5"}), 422, "invalid_input", ("prior.variance", "number")),
+    Case("string-as-boolean", "POST", "/v1/models", _spec(monitor="yes"), 422, "invalid_input", ("monitor", "boolean")),
     # limits
     Case("body-over-limit-update", "POST", U("gauss"), '{"x": [[1.0, 2.0]], "y": [1.0]' + PADDING + "}", 413, "too_large", ("POSTSERVE_MAX_BODY_BYTES",)),
     Case("body-over-limit-create", "POST", "/v1/models", json.dumps(_spec()) + PADDING, 413, "too_large", ("POSTSERVE_MAX_BODY_BYTES",)),
@@ -266,12 +275,14 @@ CASES = [
 def _send(c: httpx.Client, case: Case) -> httpx.Response:
     if case.body is None:
         return c.request(case.method, case.path)
-    text = case.body if isinstance(case.body, str) else json.dumps(case.body)
+    text = case.body if isinstance(case.body, str | bytes) else json.dumps(case.body)
     return c.request(case.method, case.path, content=text, headers={"content-type": case.ctype})
 
 
 def _assert_error(r: httpx.Response, status: int, code: str, says: tuple[str, ...]) -> None:
     assert r.status_code == status, r.text
+    if status == 405:  # the methods the path answers, in the message and in Allow
+        assert r.headers["allow"] == r.json()["error"]["message"].split("allowed: ")[1]
     body = r.json()
     assert set(body) == {"error"}, body
     assert set(body["error"]) == {"code", "message"}, body
@@ -287,7 +298,8 @@ SERVED = {
     "unknown-model-update", "unknown-route", "name-with-slash", "duplicate-create",
     "unknown-field-update", "not-json", "body-over-limit-update", "rows-over-limit-predict",
     "samples-over-limit", "state-over-limit-ekf-on-mlp", "kalman-with-mlp",
-    "step-rejected-kalman-f64", "predict-overflow",
+    "step-rejected-kalman-f64", "predict-overflow", "body-not-utf8", "wrong-method-update",
+    "wrong-method-models", "boolean-as-integer",
 }  # fmt: skip
 SERVED_CASES = [c for c in CASES if c.id in SERVED]
 assert len(SERVED_CASES) == len(SERVED)
@@ -334,6 +346,20 @@ def test_the_limits_themselves_are_allowed(client: httpx.Client) -> None:
     r = client.post(U(name), json={"x": [[0.1, 0.2]] * 100, "y": [0.5] * 100})
     assert r.status_code == 200 and r.json()["version"] == 100, r.text
     assert client.delete(f"/v1/models/{name}").status_code == 204
+
+
+def test_integers_are_json_schema_integers(client: httpx.Client) -> None:
+    """An integer may be written with a zero fraction (JSON Schema's integer: 2.0 is one), and
+    numbers may be written as integers; booleans and strings are neither."""
+    spec = _spec(name="ints", network={"type": "linear", "input_dim": 2.0}, seed=7.0)
+    r = client.post("/v1/models", json={**spec, "prior": {"variance": 1}})
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["network"]["input_dim"] == 2 and r.json()["spec"]["seed"] == 7
+    r = client.post(P("ints"), json={"x": [[1, 2]], "num_samples": 2.0, "seed": 3.0})
+    assert r.status_code == 200 and len(r.json()["samples"]) == 2, r.text
+    r = client.post(P("ints"), json={"x": [[1, 2]], "num_samples": 2.5})
+    _assert_error(r, 422, "invalid_input", ("num_samples", "integer"))
+    assert client.delete("/v1/models/ints").status_code == 204
 
 
 def test_rejected_requests_leave_the_model_usable(client: httpx.Client) -> None:

@@ -14,8 +14,10 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.api import errors
+from service.api import docs, errors
 from service.api.auth import Authenticate, Keyring
+from service.api.openapi import DESCRIPTION, document
+from service.api.operations import TAGS, name_examples
 from service.api.routes import router
 from service.config import Settings
 from service.hosting import Engine
@@ -93,17 +95,32 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
             await engine.stop()
 
     registry = make_registry(engine)
+    keyring = Keyring(settings.keys)
     # The middleware stack, outermost first: every request is counted and timed, including
     # those refused for their size or their key.
     middleware = [
         Middleware(RequestMetrics, registry=registry, routes=router.routes),
         Middleware(BodyLimit, limit=settings.max_body_bytes),
-        Middleware(Authenticate, keyring=Keyring(settings.keys)),
+        Middleware(Authenticate, keyring=keyring),
     ]
-    app = FastAPI(title="Postserve", version=__version__, lifespan=lifespan, middleware=middleware)
+    app = FastAPI(
+        title="Postserve",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+        middleware=middleware,
+        docs_url=None,  # FastAPI's pages load from CDNs; docs.install serves them offline
+        redoc_url=None,
+        generate_unique_id_function=lambda route: route.name,  # operation ids: the functions
+    )
     app.state.engine = engine
     app.state.settings = settings
     app.state.registry = registry
     app.include_router(router)
+    docs.install(app)
     errors.install(app)
+    app.openapi = document(  # type: ignore[method-assign]
+        app, keys=keyring.enabled, names=name_examples(), create="create_model"
+    )
     return app

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import typing
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.errors import (
     AlreadyExists,
@@ -28,7 +30,15 @@ from service.errors import (
     VersionConflict,
 )
 
-__all__ = ["STATUS", "error_response", "install", "refusal", "response_for"]
+__all__ = [
+    "METHODS",
+    "STATUS",
+    "allowed_methods",
+    "error_response",
+    "install",
+    "refusal",
+    "response_for",
+]
 
 log = logging.getLogger("postserve.api")
 
@@ -50,8 +60,11 @@ STATUS: list[tuple[type[PostserveError], int]] = [
 ]
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
     )
@@ -118,10 +131,38 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     return error_response(*refusal(request, exc))
 
 
+#: the methods a 405's ``Allow`` may name (OPTIONS, TRACE and CONNECT are never routed)
+METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route answers on this request's path (HEAD with GET): the ``Allow`` of
+    a 405, which Starlette fills from the first route that matches the path alone."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in METHODS
+        if any(r.matches({**request.scope, "method": method})[0] == Match.FULL for r in routes)
+    ]
+
+
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail))
+    status = exc.status_code
+    if status == 400:  # FastAPI could not decode the body at all (bytes that are not UTF-8)
+        return error_response(
+            422, "invalid_input", "the request body is not JSON: its bytes are not UTF-8 text"
+        )
+    if status == 405:
+        allow = allowed_methods(request)
+        return error_response(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allow)}",
+            {"Allow": ", ".join(allow)},
+        )
+    code = {404: "not_found"}.get(status, "http_error")
+    return error_response(status, code, str(exc.detail), exc.headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -13,8 +13,10 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from service.api.errors import refusal
+from service.api.operations import describe
 from service.hosting import Engine
 from service.schemas import (
     CalibrationResponse,
@@ -22,11 +24,13 @@ from service.schemas import (
     DecideBatchResponse,
     DecideRequest,
     DecideResponse,
+    Health,
     ModelInfo,
     ModelList,
     ModelSpec,
     PredictRequest,
     PredictResponse,
+    Readiness,
     RewardBatchRequest,
     RewardBatchResponse,
     RewardRequest,
@@ -66,6 +70,10 @@ class CountsRefusals(APIRoute):
                 code = refusal(request, exc)[1]
                 _engine(request).refused(request.path_params.get("name", ""), code)
                 raise
+            except HTTPException as exc:
+                if exc.status_code == 400:  # a body that is not UTF-8: answered invalid_input
+                    _engine(request).refused(request.path_params.get("name", ""), "invalid_input")
+                raise
 
         return counted
 
@@ -74,82 +82,81 @@ router = APIRouter()
 updates = APIRouter(route_class=CountsRefusals)
 
 
-@router.post(
-    "/v1/models",
-    status_code=201,
-    response_model=ModelInfo,
-)
+@router.post("/v1/models", status_code=201, response_model=ModelInfo, **describe("create_model"))
 async def create_model(spec: ModelSpec, request: Request) -> Response:
     return _json(await _engine(request).create(spec), 201)
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, **describe("list_models"))
 async def list_models(request: Request) -> Response:
     return _json(ModelList(models=_engine(request).list_models()))
 
 
-@router.get("/v1/models/{name}", response_model=ModelInfo)
+@router.get("/v1/models/{name}", response_model=ModelInfo, **describe("get_model"))
 async def get_model(name: str, request: Request) -> Response:
     return _json(_engine(request).info(name))
 
 
-@router.delete("/v1/models/{name}", status_code=204)
+@router.delete("/v1/models/{name}", status_code=204, **describe("delete_model"))
 async def delete_model(name: str, request: Request) -> Response:
     await _engine(request).delete(name)
     return Response(status_code=204)
 
 
-@updates.post(
-    "/v1/models/{name}/update",
-    response_model=UpdateResponse,
-)
+@updates.post("/v1/models/{name}/update", response_model=UpdateResponse, **describe("update"))
 async def update(name: str, body: UpdateRequest, request: Request) -> Response:
     return _json(await _engine(request).update(name, body))
 
 
-@router.post(
-    "/v1/models/{name}/predict",
-    response_model=PredictResponse,
-)
+@router.post("/v1/models/{name}/predict", response_model=PredictResponse, **describe("predict"))
 async def predict(name: str, body: PredictRequest, request: Request) -> Response:
     # Encoded from the tensors where they are computed (off the event loop when large).
     return Response(await _engine(request).predict_json(name, body), media_type="application/json")
 
 
-@router.post("/v1/models/{name}/decide", response_model=DecideResponse)
+@router.post("/v1/models/{name}/decide", response_model=DecideResponse, **describe("decide"))
 async def decide(name: str, body: DecideRequest, request: Request) -> Response:
     return _json(await _engine(request).decide(name, body))
 
 
-@router.post("/v1/models/{name}/reward", response_model=RewardResponse)
+@router.post("/v1/models/{name}/reward", response_model=RewardResponse, **describe("reward"))
 async def reward(name: str, body: RewardRequest, request: Request) -> Response:
     return _json(await _engine(request).reward(name, body))
 
 
-@router.post("/v1/models/{name}/decide/batch", response_model=DecideBatchResponse)
+@router.post(
+    "/v1/models/{name}/decide/batch",
+    response_model=DecideBatchResponse,
+    **describe("decide_batch"),
+)
 async def decide_batch(name: str, body: DecideBatchRequest, request: Request) -> Response:
     return _json(await _engine(request).decide_batch(name, body))
 
 
-@router.post("/v1/models/{name}/reward/batch", response_model=RewardBatchResponse)
+@router.post(
+    "/v1/models/{name}/reward/batch",
+    response_model=RewardBatchResponse,
+    **describe("reward_batch"),
+)
 async def reward_batch(name: str, body: RewardBatchRequest, request: Request) -> Response:
     return _json(await _engine(request).reward_batch(name, body))
 
 
-@router.get("/v1/models/{name}/calibration", response_model=CalibrationResponse)
+@router.get(
+    "/v1/models/{name}/calibration",
+    response_model=CalibrationResponse,
+    **describe("calibration"),
+)
 async def calibration(name: str, request: Request) -> Response:
     return _json(_engine(request).calibration(name))
 
 
-@router.post(
-    "/v1/models/{name}/snapshot",
-    response_model=SnapshotResponse,
-)
+@router.post("/v1/models/{name}/snapshot", response_model=SnapshotResponse, **describe("snapshot"))
 async def snapshot(name: str, request: Request) -> Response:
     return _json(await _engine(request).snapshot(name))
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health, **describe("healthz"))
 async def healthz() -> dict[str, bool]:
     return {"ok": True}
 
@@ -159,7 +166,7 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Readiness, **describe("readyz"))
 async def readyz(request: Request) -> JSONResponse:
     restored, store_ok = await _engine(request).readiness()
     ready = restored and store_ok

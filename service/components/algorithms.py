@@ -12,6 +12,7 @@ from pydantic import Field
 
 from service.components.registry import AlgorithmKind, Registry, TypedSpec
 from service.filters import EKF, Diagonal, DiagState, GaussState, Kalman, LoFi, LoFiState
+from service.validation import Integer
 
 __all__ = ["ALGORITHMS", "DiagonalSpec", "EKFSpec", "KalmanSpec", "LoFiSpec"]
 
@@ -20,7 +21,7 @@ ALGORITHMS: Registry[AlgorithmKind[Any, Any]] = Registry("filter")
 
 class LoFiSpec(TypedSpec):
     type: Literal["lofi"]
-    rank: int = Field(10, ge=0, le=1000)
+    rank: Integer = Field(10, ge=0, le=1000)
 
 
 class EKFSpec(TypedSpec):

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from service.components.registry import NetworkKind, Registry, TypedSpec
 from service.filters import MLP, Linear
+from service.validation import Integer
 
 __all__ = ["NETWORKS", "LinearSpec", "MLPSpec"]
 
@@ -16,16 +17,16 @@ NETWORKS: Registry[NetworkKind[Any]] = Registry("network")
 
 class LinearSpec(TypedSpec):
     type: Literal["linear"]
-    input_dim: int = Field(ge=1, le=1_000_000)
-    output_dim: int = Field(1, ge=1, le=10_000)
+    input_dim: Integer = Field(ge=1, le=1_000_000)
+    output_dim: Integer = Field(1, ge=1, le=10_000)
     bias: bool = True
 
 
 class MLPSpec(TypedSpec):
     type: Literal["mlp"]
-    input_dim: int = Field(ge=1, le=1_000_000)
-    hidden: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(min_length=1, max_length=16)
-    output_dim: int = Field(1, ge=1, le=10_000)
+    input_dim: Integer = Field(ge=1, le=1_000_000)
+    hidden: list[Annotated[Integer, Field(ge=1, le=100_000)]] = Field(min_length=1, max_length=16)
+    output_dim: Integer = Field(1, ge=1, le=10_000)
     activation: Literal["relu", "tanh", "gelu", "elu"] = "relu"
 
 
