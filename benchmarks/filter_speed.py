@@ -6,7 +6,11 @@ matrix, the least any step must do (it reads every number of the state once). Ti
 are interleaved and the medians compared, so the ratio is meaningful on a noisy machine even when
 the absolute times are not.
 
-    python -m benchmarks.filter_speed [--out benchmarks/out/filter_speed.json]
+With ``--kernels DIR``, also the compiled row step (``service.filters.compiled``) of the same
+LoFi on ``Linear(D - 1)``: the step plus the network's Jacobian, output and pre-update predictive,
+in one kernel (each compiled into DIR first, seconds to a minute).
+
+    python -m benchmarks.filter_speed [--out benchmarks/out/filter_speed.json] [--kernels DIR]
 """
 
 from __future__ import annotations
@@ -15,11 +19,22 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from service.filters import Linearization, LoFi, LoFiState
+from service.filters import (
+    Dynamics,
+    Gaussian,
+    Linear,
+    Linearization,
+    LoFi,
+    LoFiState,
+    OnlineFilter,
+    Prior,
+)
+from service.filters.compiled import compile_step
 from service.runtime import tune_allocator
 
 
@@ -32,7 +47,23 @@ def _time(fn, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
     return out
 
 
-def measure(D: int, d: int, decay: float, q: float, rounds: int) -> dict[str, float]:
+def _compiled_step(D: int, d: int, decay: float, q: float, kernels: Path) -> Callable[[], object]:
+    """The compiled row step (``service.filters.compiled``) of LoFi-d on ``Linear(D - 1)`` with
+    the same dynamics: the step above plus the network's Jacobian [x, 1], its output and the
+    pre-update predictive, in one kernel (compiled into ``kernels`` first)."""
+    g = torch.Generator().manual_seed(1)
+    f = OnlineFilter(
+        Linear(D - 1), Gaussian(0.5), LoFi(rank=d), dynamics=Dynamics(decay, q), prior=Prior(1.0)
+    )
+    state, _ = f.run(f.init(), torch.randn(2 * d, D - 1, generator=g) / D**0.5, torch.ones(2 * d))
+    kernel = compile_step(f, state, kernels)
+    x, y = torch.randn(1, D - 1, generator=g) / D**0.5, torch.ones(1)
+    return lambda: kernel(state, x, y)
+
+
+def measure(
+    D: int, d: int, decay: float, q: float, rounds: int, kernels: Path | None = None
+) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     lofi = LoFi(rank=d)
     state = LoFiState(
@@ -51,16 +82,22 @@ def measure(D: int, d: int, decay: float, q: float, rounds: int) -> dict[str, fl
     def gram() -> None:
         torch.mm(Z, Z.T)
 
+    compiled = None if kernels is None else _compiled_step(D, d, decay, q, kernels)
     for _ in range(5):
         step()
         gram()
+        if compiled is not None:
+            compiled()
     steps: list[float] = []
     grams: list[float] = []
+    fast: list[float] = []
     for _ in range(rounds):
         steps += _time(step, 3)
         grams += _time(gram, 3)
+        if compiled is not None:
+            fast += _time(compiled, 3)
     s, gm = statistics.median(steps), statistics.median(grams)
-    return {
+    out = {
         "D": D,
         "d": d,
         "decay": decay,
@@ -69,6 +106,10 @@ def measure(D: int, d: int, decay: float, q: float, rounds: int) -> dict[str, fl
         "gram_ms": gm * 1e3,
         "ratio": s / gm,
     }
+    if fast:
+        out.update(compiled_ms=statistics.median(fast) * 1e3)
+        out.update(compiled_ratio=statistics.median(fast) / gm)
+    return out
 
 
 def main() -> None:
@@ -80,6 +121,12 @@ def main() -> None:
         action="store_true",
         help="skip the allocator tuning the service applies",
     )
+    parser.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        help="also the compiled row step on Linear(D - 1), kept in this directory",
+    )
     args = parser.parse_args()
     tuned = False if args.default_malloc else tune_allocator()
     torch.set_num_threads(1)
@@ -87,15 +134,19 @@ def main() -> None:
     for D in (10_000, 100_000):
         for decay, q in ((0.999, 1e-4), (1.0, 0.0)):
             rounds = args.rounds if D <= 10_000 else max(args.rounds // 4, 5)
-            rows.append(measure(D, 10, decay, q, rounds))
+            rows.append(measure(D, 10, decay, q, rounds, args.kernels))
     print(
         f"torch {torch.__version__}, float32, CPU, 1 thread, d = 10, C = 1, allocator tuned: {tuned}"
     )
-    print(f"{'D':>8} {'decay':>6} {'q':>7} {'step ms':>9} {'gram ms':>9} {'ratio':>6}")
+    extra = f" {'compiled ms':>11} {'ratio':>6}" if args.kernels else ""
+    print(f"{'D':>8} {'decay':>6} {'q':>7} {'step ms':>9} {'gram ms':>9} {'ratio':>6}{extra}")
     for r in rows:
+        more = ""
+        if "compiled_ms" in r:
+            more = f" {r['compiled_ms']:>11.3f} {r['compiled_ratio']:>6.2f}"
         print(
             f"{r['D']:>8} {r['decay']:>6} {r['q']:>7} {r['step_ms']:>9.3f} {r['gram_ms']:>9.3f}"
-            f" {r['ratio']:>6.2f}"
+            f" {r['ratio']:>6.2f}{more}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
