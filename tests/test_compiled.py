@@ -20,7 +20,17 @@ import pytest
 import torch
 
 from service.errors import InvalidInput, StepRejected
-from service.filters import MLP, Bernoulli, Gaussian, Kalman, Linear, LoFi, OnlineFilter, Prior
+from service.filters import (
+    MLP,
+    Bernoulli,
+    Gaussian,
+    Kalman,
+    Linear,
+    LoFi,
+    OnlineFilter,
+    Prior,
+    compiled,
+)
 from service.filters.compiled import RowKernel, compile_step, kernel_key
 from service.testing import MakeServer
 
@@ -52,6 +62,19 @@ def _rows(
     return x, y
 
 
+def _accepted(f: OnlineFilter, kernel: RowKernel, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Rows the kernel computes itself (its checks passed), stepping from f's prior."""
+    state, n = f.init(dtype=torch.float64 if f is KALMAN else torch.float32), 0
+    Y = f.encode(y).to(state.mean.dtype)
+    for i in range(x.shape[0]):
+        done = kernel(state, x[i : i + 1].to(state.mean.dtype), Y[i])
+        if done is not None:
+            state, n = done[0], n + 1
+        else:
+            state, _ = f.run(state, x[i : i + 1], y[i : i + 1])
+    return n
+
+
 def test_the_kalman_kernel_is_the_exact_posterior_to_rounding(
     kernels: dict[str, RowKernel[object]],
 ) -> None:
@@ -67,6 +90,7 @@ def test_the_kalman_kernel_is_the_exact_posterior_to_rounding(
     torch.testing.assert_close(fast.mean, mean, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(fast.cov, cov, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(fast.mean, eager.mean, rtol=1e-12, atol=1e-14)
+    assert _accepted(KALMAN, kernels["kalman"], x, y) == 40  # the kernel's, not the fallback's
     for a, b in zip(e_infos, k_infos, strict=True):  # each row's one-step-ahead report
         torch.testing.assert_close(b.predictive.mean, a.predictive.mean, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(b.predictive.variance, a.predictive.variance, rtol=1e-12, atol=0)
@@ -83,6 +107,7 @@ def test_the_lofi_kernel_agrees_with_the_eager_step_and_repeats_its_bits(
     again, _ = LOFI.run(state0, x, y, kernels["lofi"])
     for name in ("mean", "W", "upsilon"):
         assert torch.equal(getattr(fast, name), getattr(again, name)), name
+    assert _accepted(LOFI, kernels["lofi"], x, y) == 60
     # W's rows are eigenvectors, each up to its sign: compare the precision they make
     torch.testing.assert_close(fast.mean, eager.mean, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(
@@ -125,6 +150,13 @@ def test_a_kernel_key_names_everything_the_kernel_depends_on(
     assert kernel_key(wider, wider.init(dtype=torch.float64)) != key
     same_but_prior = OnlineFilter(Linear(3), Gaussian(0.5), Kalman(), prior=Prior(9.0))
     assert kernel_key(same_but_prior, same_but_prior.init(dtype=torch.float64)) == key
+
+
+def test_a_kernel_of_other_filter_code_is_never_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = KALMAN.init(dtype=torch.float64)
+    key = kernel_key(KALMAN, state)
+    monkeypatch.setattr(compiled, "_source_digest", lambda: "the code of another version")
+    assert kernel_key(KALMAN, state) != key
 
 
 def test_eager_steps_on_another_thread_are_untouched_by_a_compile(tmp_path: Path) -> None:

@@ -20,15 +20,16 @@ bits, so a replay through it reproduces the state it replays; the kernel's round
 the eager step's (its reductions are fused), which is why each log record names the kernel that
 computed it (``service.hosting``).
 
-Compiling takes seconds to a minute (a C++ compiler runs); the package is kept under
-``directory`` by a key of everything it depends on (the filter, the state's shapes, dtype and
-device, the torch version and CPU capability), so a restart or a second model of the same shape
-loads it in milliseconds.
+Compiling takes seconds to a minute (a C++ compiler runs); the package is kept under ``directory``
+by a key of everything it depends on (the filter, the state's shapes, dtype and device, the source
+of this package's modules, the torch version and CPU capability), so a restart or a second model of
+the same shape loads it in milliseconds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -104,9 +105,20 @@ def _fields(state: object) -> tuple[str, ...]:
     return tuple(fl.name for fl in dataclasses.fields(state))  # type: ignore[arg-type]
 
 
+@functools.cache
+def _source_digest() -> str:
+    """A digest of the filter code a kernel is traced from (every module of this package), so
+    that a kernel kept by an earlier version of it is never loaded for the current one."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def kernel_key(f: OnlineFilter[S], state: S) -> str:
     """What a compiled step depends on, hashed: the filter's parts (the prior only sets the
-    initial state), the state's shapes, dtype and device, the torch version and the CPU."""
+    initial state), the state's shapes, dtype and device, the filter code, the torch version
+    and the CPU."""
     shapes = [(k, tuple(getattr(state, k).shape)) for k in _fields(state)]
     mean: Tensor = state.mean
     parts = (
@@ -114,6 +126,7 @@ def kernel_key(f: OnlineFilter[S], state: S) -> str:
         repr(shapes),
         str(mean.dtype),
         str(mean.device),
+        _source_digest(),
         torch.__version__,
         torch.backends.cpu.get_cpu_capability(),
         platform.machine(),
