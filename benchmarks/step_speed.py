@@ -9,7 +9,11 @@ machine even when the absolute times do not:
   update, the pre-update predictive and log density, one settle of the checks);
 - ``lofi-10 mlp 8-32-1`` and ``diagonal mlp 8-32-1``: the same on an MLP (D = 321);
 - ``posteriors diag_fisher mlp 8-32-1``: `posteriors.ekf.diag_fisher.update` on the same MLP with a
-  Gaussian log likelihood (its Jacobian by autograd).
+  Gaussian log likelihood (its Jacobian by autograd);
+- ``kalman Linear(16), 100 rows``: ``OnlineFilter.run`` of one 100-row request on the Kalman
+  model, as one block update (``docs/algorithms.md`` 3.7, what ``run`` does) and through the
+  row-by-row loop that ``run`` takes otherwise (``OnlineFilter._run_rows``); reported per row too,
+  against the NumPy step.
 
     python -m benchmarks.step_speed [--rounds 7] [--n 300]
 """
@@ -27,6 +31,9 @@ import numpy as np
 import torch
 
 from service.filters import MLP, Diagonal, Gaussian, Kalman, Linear, LoFi, OnlineFilter, Prior
+from service.filters.algorithm import S
+
+ROWS = 100  # rows of the many-row request
 
 
 def _median_us(fn: Callable[[], object], n: int) -> float:
@@ -54,11 +61,20 @@ def _numpy_kalman(D: int) -> Callable[[], object]:
     return step
 
 
-def _ours(f: OnlineFilter[object], seed: int) -> Callable[[], object]:  # type: ignore[type-var]
+def _ours(
+    f: OnlineFilter[S],
+    seed: int,
+    rows: int = 1,
+    loop: bool = False,
+) -> Callable[[], object]:
+    """``f.run`` of one request of ``rows`` rows (``loop``: through the row-by-row loop)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, f.network.input_dim, generator=g)
-    y = torch.randn(1, generator=g)
+    x = torch.randn(rows, f.network.input_dim, generator=g)
+    y = torch.randn(rows, generator=g)
     state, _ = f.run(f.init(), torch.randn(20, f.network.input_dim, generator=g), torch.randn(20))
+    if loop:
+        Y = f.encode(y)
+        return lambda: f._run_rows(state, x, Y)
     return lambda: f.run(state, x, y)
 
 
@@ -87,6 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     mlp = MLP(8, (32,), 1, "relu")
+    kalman = OnlineFilter(Linear(16), Gaussian(0.5), Kalman(), prior=Prior(1.0))
     cases: dict[str, Callable[[], object]] = {
         "numpy kalman (D = 17)": _numpy_kalman(17),
         "kalman Linear(16) (D = 17)": _ours(
@@ -99,21 +116,29 @@ def main() -> None:
             OnlineFilter(mlp, Gaussian(0.5), Diagonal(), prior=Prior(1.0)), 2
         ),
         "posteriors diag_fisher mlp 8-32-1": _posteriors_diag(mlp),
+        "kalman Linear(16), 100 rows, block": _ours(kalman, 3, rows=ROWS),
+        "kalman Linear(16), 100 rows, row by row": _ours(kalman, 3, rows=ROWS, loop=True),
     }
-    for fn in cases.values():  # warm-up
-        for _ in range(50):
+    calls = {k: max(3, args.n // 30) if "100 rows" in k else args.n for k in cases}
+    for name, fn in cases.items():  # warm-up
+        for _ in range(max(3, calls[name] // 6)):
             fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.rounds):
         for name, fn in cases.items():
-            times[name].append(_median_us(fn, args.n))
+            times[name].append(_median_us(fn, calls[name]))
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["numpy kalman (D = 17)"]
-    print(f"{'case':40s} {'us':>9s} {'/ numpy kalman':>15s}")
+    print(f"{'case':42s} {'us':>9s} {'us a row':>9s} {'a row / numpy kalman':>21s}")
     for name, us in med.items():
-        print(f"{name:40s} {us:9.1f} {us / base:15.2f}")
+        rows = ROWS if "100 rows" in name else 1
+        print(f"{name:42s} {us:9.1f} {us / rows:9.1f} {us / rows / base:21.2f}")
     ratio = med["diagonal mlp 8-32-1 (D = 321)"] / med["posteriors diag_fisher mlp 8-32-1"]
     print(f"\ndiagonal EKF / posteriors diag_fisher (same MLP): {ratio:.2f}")
+    block = (
+        med["kalman Linear(16), 100 rows, row by row"] / med["kalman Linear(16), 100 rows, block"]
+    )
+    print(f"kalman, one 100-row request: row by row / block: {block:.1f}")
 
 
 if __name__ == "__main__":
