@@ -106,7 +106,20 @@ def _working(t: Tensor) -> torch.dtype:
 
 
 def block_update(m: Tensor, P: Tensor, H: Tensor, g: Tensor, y: Tensor, r: float) -> Block:
-    """One block: m (D,), P (D, D), H (n, D), g (n,), y (n,), r > 0; the module's equations."""
+    """One block: m (D,), P (D, D), H (n, D), g (n,), y (n,), r > 0; the module's equations.
+
+    Two rows y = 1 on theta_0 ~ N(0, 1) with r = 1: the second row is predicted from the first's
+    posterior N(1/2, 1/2), and the block's posterior is N(2/3, 1/3).
+
+    >>> f64 = torch.float64
+    >>> m, P = torch.zeros(2, dtype=f64), torch.eye(2, dtype=f64)
+    >>> H = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=f64)
+    >>> out = block_update(m, P, H, H @ m, torch.ones(2, dtype=f64), 1.0)
+    >>> [round(v, 6) for v in (*out.eta.tolist(), *out.var_eta.tolist())]  # eta, then Omega
+    [0.0, 0.5, 1.0, 0.5]
+    >>> round(float(out.mean[0]), 6), round(float(out.cov[0, 0]), 6), float(out.cov[1, 1])
+    (0.666667, 0.333333, 1.0)
+    """
     dtype, work = m.dtype, _working(m)
     m, P, H, g, y = (t.to(work) for t in (m, P, H, g, y))
     n = H.shape[0]
