@@ -10,7 +10,11 @@ machine even when the absolute times do not:
 - ``lofi-10 mlp 8-32-1`` and ``diagonal mlp 8-32-1``: the same on an MLP (D = 321);
 - ``posteriors diag_fisher mlp 8-32-1``: `posteriors.ekf.diag_fisher.update` on the same MLP with a
   Gaussian log likelihood (its Jacobian by autograd);
-- with ``--kernels DIR``: the Kalman and LoFi cases with their compiled steps
+- ``kalman Linear(16), 100 rows``: ``OnlineFilter.run`` of one 100-row request on the Kalman
+  model, as one block update (``docs/algorithms.md`` 3.7, what ``run`` does) and through the
+  row-by-row loop that ``run`` takes otherwise (``OnlineFilter._run_rows``); reported per row too,
+  against the NumPy step.
+- with ``--kernels DIR``: the one-row Kalman and LoFi cases with their compiled steps
   (``service.filters.compiled``, compiled into DIR first, seconds to a minute each): ``run`` of one
   row as above, and the kernel alone (the step: no validation, encoding or settling of checks).
 
@@ -31,7 +35,10 @@ import numpy as np
 import torch
 
 from service.filters import MLP, Diagonal, Gaussian, Kalman, Linear, LoFi, OnlineFilter, Prior
+from service.filters.algorithm import S
 from service.filters.compiled import compile_step
+
+ROWS = 100  # rows of the many-row request
 
 
 def _median_us(fn: Callable[[], object], n: int) -> float:
@@ -60,23 +67,28 @@ def _numpy_kalman(D: int) -> Callable[[], object]:
 
 
 def _ours(
-    f: OnlineFilter[object],  # type: ignore[type-var]
+    f: OnlineFilter[S],
     seed: int,
+    rows: int = 1,
+    loop: bool = False,
     kernels: Path | None = None,
     only_kernel: bool = False,
 ) -> Callable[[], object]:
-    """``f.run`` of one row (with its compiled step from ``kernels`` when given), or with
-    ``only_kernel`` the compiled step alone (no validation, encoding or settling of checks)."""
+    """``f.run`` of one request of ``rows`` rows (``loop``: through the row-by-row loop; with
+    ``kernels``, with its compiled step kept there; ``only_kernel``: that step alone, one row)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, f.network.input_dim, generator=g)
-    y = torch.randn(1, generator=g)
+    x = torch.randn(rows, f.network.input_dim, generator=g)
+    y = torch.randn(rows, generator=g)
     state, _ = f.run(f.init(), torch.randn(20, f.network.input_dim, generator=g), torch.randn(20))
+    if loop:
+        Y = f.encode(y)
+        return lambda: f._run_rows(state, x, Y)
     if kernels is None:
         return lambda: f.run(state, x, y)
     kernel = compile_step(f, state, kernels)
     if only_kernel:
-        Y = f.encode(y)[0]
-        return lambda: kernel(state, x, Y)
+        Y0 = f.encode(y)[0]
+        return lambda: kernel(state, x, Y0)
     return lambda: f.run(state, x, y, kernel)
 
 
@@ -116,11 +128,12 @@ def main() -> None:
     compiled: dict[str, Callable[[], object]] = {}
     if args.kernels is not None:
         print("compiling (or loading) the two steps ...", flush=True)
+        k = args.kernels
         compiled = {
-            "kalman compiled: run": _ours(kalman, 0, args.kernels),
-            "kalman compiled: the kernel alone": _ours(kalman, 0, args.kernels, True),
-            "lofi-10 compiled: run": _ours(lofi, 1, args.kernels),
-            "lofi-10 compiled: the kernel alone": _ours(lofi, 1, args.kernels, True),
+            "kalman compiled: run": _ours(kalman, 0, kernels=k),
+            "kalman compiled: the kernel alone": _ours(kalman, 0, kernels=k, only_kernel=True),
+            "lofi-10 compiled: run": _ours(lofi, 1, kernels=k),
+            "lofi-10 compiled: the kernel alone": _ours(lofi, 1, kernels=k, only_kernel=True),
         }
     cases: dict[str, Callable[[], object]] = {
         "numpy kalman (D = 17)": _numpy_kalman(17),
@@ -131,21 +144,29 @@ def main() -> None:
             OnlineFilter(mlp, Gaussian(0.5), Diagonal(), prior=Prior(1.0)), 2
         ),
         "posteriors diag_fisher mlp 8-32-1": _posteriors_diag(mlp),
+        "kalman Linear(16), 100 rows, block": _ours(kalman, 3, rows=ROWS),
+        "kalman Linear(16), 100 rows, row by row": _ours(kalman, 3, rows=ROWS, loop=True),
     }
-    for fn in cases.values():  # warm-up
-        for _ in range(50):
+    calls = {k: max(3, args.n // 30) if "100 rows" in k else args.n for k in cases}
+    for name, fn in cases.items():  # warm-up
+        for _ in range(max(3, calls[name] // 6)):
             fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.rounds):
         for name, fn in cases.items():
-            times[name].append(_median_us(fn, args.n))
+            times[name].append(_median_us(fn, calls[name]))
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["numpy kalman (D = 17)"]
-    print(f"{'case':40s} {'us':>9s} {'/ numpy kalman':>15s}")
+    print(f"{'case':42s} {'us':>9s} {'us a row':>9s} {'a row / numpy kalman':>21s}")
     for name, us in med.items():
-        print(f"{name:40s} {us:9.1f} {us / base:15.2f}")
+        rows = ROWS if "100 rows" in name else 1
+        print(f"{name:42s} {us:9.1f} {us / rows:9.1f} {us / rows / base:21.2f}")
     ratio = med["diagonal mlp 8-32-1 (D = 321)"] / med["posteriors diag_fisher mlp 8-32-1"]
     print(f"\ndiagonal EKF / posteriors diag_fisher (same MLP): {ratio:.2f}")
+    block = (
+        med["kalman Linear(16), 100 rows, row by row"] / med["kalman Linear(16), 100 rows, block"]
+    )
+    print(f"kalman, one 100-row request: row by row / block: {block:.1f}")
 
 
 if __name__ == "__main__":

@@ -263,9 +263,11 @@ def _keyed(engine: Engine, ids: list[str], rows: list[int]) -> Awaitable[list[Up
     return engine.updates.apply_keyed(h, list(x), list(y), ids)
 
 
-def _as_update(i: int) -> UpdateRequest:
-    x, y = _row(i)
-    return UpdateRequest(x=[x], y=[y])
+def _as_update(*rows: int) -> UpdateRequest:
+    """Rows ``_row(i)`` as one update: what a keyed batch's log record replays as (one request
+    of its rows; the Kalman filter takes them as one block update, docs/algorithms.md 3.7)."""
+    x, y = zip(*(_row(i) for i in rows), strict=True)
+    return UpdateRequest(x=list(x), y=list(y))
 
 
 def test_a_keyed_batch_is_computed_from_the_tip_and_published_after_its_commit() -> None:
@@ -290,7 +292,7 @@ def test_a_keyed_batch_is_computed_from_the_tip_and_published_after_its_commit()
         assert [r.version for r in await store.read_log("m")] == [1, 3, 4]
         stored = await store.get_responses("m", ["e1", "e2"])
         assert [UpdateResponse.model_validate_json(b or b"").version for b in stored] == [2, 3]
-        replay = [_update(1), _as_update(1), _as_update(2), _update(2)]
+        replay = [_update(1), _as_update(1, 2), _update(2)]
         assert await _answer(engine) == await _replayed(replay)
         again = await _keyed(engine, ["e2", "e1"], [2, 1])  # retried: applied once, as before
         assert [(a.version, a.duplicate) for a in again] == [(3, True), (2, True)]
@@ -322,7 +324,7 @@ def test_a_failed_commit_before_a_keyed_batch_fails_all_of_it() -> None:
         answers = await _keyed(engine, ["e1", "e2"], [1, 2])  # retried: applied now, whole
         assert [(a.version, a.duplicate) for a in answers] == [(2, False), (3, False)]
         assert not h.stale
-        assert await _answer(engine) == await _replayed([_update(0), _as_update(1), _as_update(2)])
+        assert await _answer(engine) == await _replayed([_update(0), _as_update(1, 2)])
 
     _run(store, body)
 

@@ -26,7 +26,9 @@ each of their answers (the version after its row, its predictive and log density
 would have answered alone) is written with it in the same atomic append; a row whose id has an
 answer already, or repeats an earlier row's id, is not applied and gets that answer with
 ``duplicate: true``. So each row is applied at most once, and a batch changes the model exactly
-as its new rows applied one at a time, in order, would.
+as its new rows applied one at a time, in order, would (bit for bit, but for the Kalman filter
+with static dynamics, whose rows are one block update, the same to rounding:
+``docs/algorithms.md`` 3.7).
 
 Every refusal is counted here (:class:`~service.hosting.hosted.Counters`), by error code.
 """
