@@ -78,13 +78,24 @@ else:
 
 
 class PriorSpec(Strict):
+    """theta_0 ~ N(mean, diag(sigma_0^2)): ``variance`` for every parameter but the output
+    layer's bias, which has ``bias_variance``; when that is absent, the likelihood's default:
+    16 times ``variance`` for poisson (a log-rate's level spans orders of magnitude), else
+    ``variance`` (``docs/algorithms.md`` 1.4)."""
+
     variance: float = Field(1.0, gt=0)
     mean: list[float] | None = None
+    bias_variance: float | None = Field(None, gt=0)
 
     @field_validator("variance")
     @classmethod
     def _finite_variance(cls, v: float) -> float:
         return finite(v, "prior.variance")
+
+    @field_validator("bias_variance")
+    @classmethod
+    def _finite_bias_variance(cls, v: float | None) -> float | None:
+        return None if v is None else finite(v, "prior.bias_variance")
 
     @field_validator("mean")
     @classmethod

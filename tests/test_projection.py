@@ -179,6 +179,7 @@ class _Unstructured:
     input_dim, output_dim = 3, 2
     num_params = 3 * 2 + 2
     linear_in_params = False
+    output_bias = None  # b scales the outputs: no bias adds to them
 
     def apply(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         W = theta[..., :6].reshape(*theta.shape[:-1], 2, 3)

@@ -47,6 +47,8 @@ def check_spec(spec: ModelSpec) -> None:
     info = torch.finfo(DTYPES[spec.dtype])
     lo, hi = info.tiny, 1 / info.tiny
     values: list[tuple[str, float]] = [("prior.variance", spec.prior.variance)]
+    if spec.prior.bias_variance is not None:
+        values.append(("prior.bias_variance", spec.prior.bias_variance))
     if spec.dynamics.process_noise > 0:
         values.append(("dynamics.process_noise", spec.dynamics.process_noise))
     if isinstance(spec.likelihood, GaussianSpec):
@@ -77,6 +79,7 @@ def build_filter(spec: ModelSpec) -> OnlineFilter[Belief]:
                 variance=spec.prior.variance,
                 mean=None if mean is None else torch.tensor(mean, dtype=torch.float64),
                 seed=spec.seed,
+                bias_variance=spec.prior.bias_variance,
             ),
         )
     except InvalidSpec:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from service.calibration import Observation
 from service.components.registry import Label, LikelihoodKind, Registry, TypedSpec
 from service.filters import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, StepInfo
+from service.filters.likelihoods import ITERATIONS, MAX_ITERATIONS
+from service.validation import Integer
 
 __all__ = ["LIKELIHOODS", "BernoulliSpec", "CategoricalSpec", "GaussianSpec", "PoissonSpec"]
 
@@ -37,16 +39,24 @@ class GaussianSpec(TypedSpec):
         return v
 
 
+#: Damped Newton steps of a non-gaussian update towards the row's posterior mode
+#: (``docs/algorithms.md`` 2.5); 0 is the moment-matched EKF update, linearised once.
+Iterations = Annotated[Integer, Field(ITERATIONS, ge=0, le=MAX_ITERATIONS)]
+
+
 class BernoulliSpec(TypedSpec):
     type: Literal["bernoulli"]
+    iterations: Iterations = ITERATIONS
 
 
 class CategoricalSpec(TypedSpec):
     type: Literal["categorical"]
+    iterations: Iterations = ITERATIONS
 
 
 class PoissonSpec(TypedSpec):
     type: Literal["poisson"]
+    iterations: Iterations = ITERATIONS
 
 
 def _nll(infos: list[StepInfo]) -> list[float]:
@@ -103,10 +113,20 @@ def _gaussian(spec: GaussianSpec) -> Gaussian:
 
 
 LIKELIHOODS.register(LikelihoodKind(GaussianSpec, _gaussian, _score_gaussian))
-LIKELIHOODS.register(
-    LikelihoodKind(BernoulliSpec, lambda s: Bernoulli(), _score_classes, classes=True)
-)
-LIKELIHOODS.register(
-    LikelihoodKind(CategoricalSpec, lambda s: Categorical(), _score_classes, classes=True)
-)
-LIKELIHOODS.register(LikelihoodKind(PoissonSpec, lambda s: Poisson(), _score_counts))
+
+
+def _bernoulli(spec: BernoulliSpec) -> Bernoulli:
+    return Bernoulli(iterations=spec.iterations)
+
+
+def _categorical(spec: CategoricalSpec) -> Categorical:
+    return Categorical(iterations=spec.iterations)
+
+
+def _poisson(spec: PoissonSpec) -> Poisson:
+    return Poisson(iterations=spec.iterations)
+
+
+LIKELIHOODS.register(LikelihoodKind(BernoulliSpec, _bernoulli, _score_classes, classes=True))
+LIKELIHOODS.register(LikelihoodKind(CategoricalSpec, _categorical, _score_classes, classes=True))
+LIKELIHOODS.register(LikelihoodKind(PoissonSpec, _poisson, _score_counts))

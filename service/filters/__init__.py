@@ -6,9 +6,10 @@ every function is pure. Symbols and equations: ``docs/algorithms.md``.
 
 from service.filters.algorithm import Algorithm, Belief
 from service.filters.base import Linearization, Predictive, StepInfo
+from service.filters.counts import Poisson
 from service.filters.diagonal import Diagonal, DiagState
 from service.filters.ekf import EKF, GaussState, Kalman
-from service.filters.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson
+from service.filters.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
 from service.filters.lofi import LoFi, LoFiState
 from service.filters.networks import (
     MLP,

@@ -8,7 +8,7 @@ method is pure and returns new states.
 ============  ==================  =========================================================
 method        shapes              meaning
 ============  ==================  =========================================================
-init          m (D,) -> S         the prior N(m, sigma_0^2 I)
+init          m (D,) -> S         the prior N(m, diag(sigma_0^2)); sigma_0^2 a float or (D,)
 predict       S -> S              theta_t = gamma theta_{t-1} + N(0, q I)
 project       J (N, C, D)         J Sigma J^T, (N, C, C); J a networks.Jacobian operator
 condition_on  lin, y (C,)         (posterior, J Sigma J^T of the prior belief (C, C), checks)
@@ -58,7 +58,9 @@ class Algorithm(Protocol[S]):
         """Raise InvalidSpec when this approximation cannot serve that network and likelihood."""
         ...
 
-    def init(self, mean: Tensor, variance: float) -> S: ...
+    def init(self, mean: Tensor, variance: float | Tensor) -> S:
+        """The prior N(m, diag(sigma_0^2)): one variance for all, or one per parameter (D,)."""
+        ...
 
     def predict(self, state: S, decay: float, process_noise: float) -> S: ...
 

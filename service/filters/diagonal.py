@@ -42,7 +42,9 @@ class Diagonal:
     def check_model(self, network: Network, likelihood: Likelihood) -> None:
         """Every network and likelihood."""
 
-    def init(self, mean: Tensor, variance: float) -> DiagState:
+    def init(self, mean: Tensor, variance: float | Tensor) -> DiagState:
+        if isinstance(variance, Tensor):  # one prior variance per parameter (D,)
+            return DiagState(mean=mean, var=variance.to(mean))
         return DiagState(mean=mean, var=torch.full_like(mean, variance))
 
     def predict(self, state: DiagState, decay: float, process_noise: float) -> DiagState:

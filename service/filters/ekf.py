@@ -53,7 +53,9 @@ class EKF:
     def check_model(self, network: Network, likelihood: Likelihood) -> None:
         """Every network and likelihood (the EKF linearises whatever it is given)."""
 
-    def init(self, mean: Tensor, variance: float) -> GaussState:
+    def init(self, mean: Tensor, variance: float | Tensor) -> GaussState:
+        if isinstance(variance, Tensor):  # one prior variance per parameter (D,)
+            return GaussState(mean=mean, cov=torch.diag(variance.to(mean)))
         eye = torch.eye(mean.shape[0], dtype=mean.dtype, device=mean.device)
         return GaussState(mean=mean, cov=variance * eye)
 

@@ -37,7 +37,9 @@ Predictive for a row whose output has linearised variance Var[eta] = J Sigma J^T
 ``pit`` gives the predictive CDF at the label, for calibration: gaussian Phi((y - eta) / sd) per
 output with sd^2 = Var[eta]_cc + r_c; poisson the Poisson-lognormal CDF
 F(k) = E[Q(k + 1, exp(eta))] over eta ~ N(g, v) (Q the regularised upper incomplete gamma
-function; see ``service.filters.quadrature``) at k = y - 1 and k = y.
+function; see ``service.filters.quadrature``) at k = y - 1 and k = y. Poisson lives in
+``service.filters.counts``; the iterated update of the three non-gaussian families in
+``service.filters.iterated``.
 """
 
 from __future__ import annotations
@@ -52,9 +54,8 @@ from torch import Tensor
 from service.errors import InvalidInput, InvalidSpec
 from service.filters.base import Linearization, Predictive
 from service.filters.linalg import cholesky, not_finite, shared_constant
-from service.filters.quadrature import poisson_lognormal_cdf, poisson_lognormal_logpmf
 
-__all__ = ["Bernoulli", "Categorical", "Gaussian", "Likelihood", "Poisson"]
+__all__ = ["ITERATIONS", "Bernoulli", "Categorical", "Gaussian", "Likelihood"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -136,6 +137,16 @@ def _require_single_output(name: str, output_dim: int) -> None:
         raise InvalidSpec(f"a {name} likelihood needs output_dim 1, got {output_dim}")
 
 
+#: Default damped Newton steps of a non-Gaussian update (``service.filters.iterated``).
+ITERATIONS = 10
+MAX_ITERATIONS = 100
+
+
+def _check_iterations(name: str, iterations: object) -> None:
+    if type(iterations) is not int or not 0 <= iterations <= MAX_ITERATIONS:
+        raise InvalidSpec(f"{name} iterations must be an integer in [0, {MAX_ITERATIONS}]")
+
+
 def _probit_scale(var_eta: Tensor) -> Tensor:
     """1 / sqrt(1 + pi v / 8) per output, from the diagonal of Var[eta] (N, C, C)."""
     v = var_eta.diagonal(dim1=-2, dim2=-1).clamp_min(0)
@@ -213,10 +224,15 @@ class Gaussian:
 
 @dataclass(frozen=True)
 class Bernoulli:
-    """y in {0, 1}, P(y = 1) = sigmoid(eta). ``clip`` bounds the mean used in the update."""
+    """y in {0, 1}, P(y = 1) = sigmoid(eta). ``clip`` bounds the mean used in the update;
+    ``iterations``: damped Newton steps of the update (0: moment-matched at the mean)."""
 
     clip: float = 1e-4
+    iterations: int = field(default=ITERATIONS, kw_only=True)
     name: str = field(default="bernoulli", init=False)
+
+    def __post_init__(self) -> None:
+        _check_iterations(self.name, self.iterations)
 
     def check_output_dim(self, output_dim: int) -> None:
         _require_single_output(self.name, output_dim)
@@ -229,6 +245,9 @@ class Bernoulli:
 
     def mean(self, eta: Tensor) -> Tensor:
         return torch.sigmoid(eta)
+
+    def hessian(self, eta: Tensor) -> Tensor:
+        return torch.diag_embed(torch.sigmoid(eta) * torch.sigmoid(-eta))
 
     @property
     def mean_needs_variance(self) -> bool:
@@ -266,10 +285,15 @@ class Bernoulli:
 
 @dataclass(frozen=True)
 class Categorical:
-    """y in {0, ..., C-1} (encoded one-hot); P(y = k) = softmax(eta)_k. ``eps`` regularises R."""
+    """y in {0, ..., C-1} (encoded one-hot); P(y = k) = softmax(eta)_k. ``eps`` regularises R;
+    ``iterations`` as for Bernoulli."""
 
     eps: float = 1e-3
+    iterations: int = field(default=ITERATIONS, kw_only=True)
     name: str = field(default="categorical", init=False)
+
+    def __post_init__(self) -> None:
+        _check_iterations(self.name, self.iterations)
 
     def check_output_dim(self, output_dim: int) -> None:
         if output_dim < 2:
@@ -302,18 +326,18 @@ class Categorical:
     def log_prob(self, y: Tensor, eta: Tensor) -> Tensor:
         return (y * torch.log_softmax(eta, dim=-1)).sum(-1)
 
-    def _V(self, eta: Tensor) -> Tensor:
+    def hessian(self, eta: Tensor) -> Tensor:
         mu = torch.softmax(eta, dim=-1)
         return torch.diag_embed(mu) - mu.unsqueeze(-1) * mu.unsqueeze(-2)
 
     def linearize(self, eta: Tensor, J: Tensor) -> Linearization:
-        V = self._V(eta)
+        V = self.hessian(eta)
         R = V + self.eps * torch.eye(eta.shape[-1], dtype=eta.dtype, device=eta.device)
         return Linearization(yhat=torch.softmax(eta, dim=-1), J=J, V=V, R=R)
 
     def predictive(self, eta: Tensor, var_eta: Tensor) -> Predictive:
         p = torch.softmax(eta * _probit_scale(var_eta), dim=-1)
-        V = self._V(eta)
+        V = self.hessian(eta)
         epistemic = (V @ var_eta @ V.mT).diagonal(dim1=-2, dim2=-1)
         return Predictive(
             mean=p, epistemic=epistemic, aleatoric=(p * (1 - p) - epistemic).clamp_min(0)
@@ -324,66 +348,3 @@ class Categorical:
 
     def pit(self, y: Tensor, eta: Tensor, var_eta: Tensor) -> None:
         return None
-
-
-@dataclass(frozen=True)
-class Poisson:
-    """y in {0, 1, 2, ...}, rate exp(eta)."""
-
-    name: str = field(default="poisson", init=False)
-
-    def check_output_dim(self, output_dim: int) -> None:
-        _require_single_output(self.name, output_dim)
-
-    def encode(self, y: Tensor, output_dim: int) -> Tensor:
-        y = _as_rows(y, 1, "poisson")
-        if not bool(((y >= 0) & (y == torch.round(y))).all()):
-            raise InvalidInput("poisson: every y must be a non-negative integer count")
-        return y
-
-    def mean(self, eta: Tensor) -> Tensor:
-        return torch.exp(eta)
-
-    @property
-    def mean_needs_variance(self) -> bool:
-        return True
-
-    def variance_diag(self, eta: Tensor) -> Tensor:
-        return torch.exp(eta)
-
-    def log_prob(self, y: Tensor, eta: Tensor) -> Tensor:
-        return (y * eta - torch.exp(eta) - torch.lgamma(y + 1)).sum(-1)
-
-    def linearize(self, eta: Tensor, J: Tensor) -> Linearization:
-        mu = torch.exp(eta)
-        return Linearization(yhat=mu, J=J, V=torch.diag(mu), R=torch.diag(mu.clamp_min(1e-6)))
-
-    def predictive(self, eta: Tensor, var_eta: Tensor) -> Predictive:
-        v = var_eta.diagonal(dim1=-2, dim2=-1).clamp_min(0)
-        rate = torch.exp(eta + v / 2)
-        epistemic = torch.expm1(v) * torch.exp(2 * eta + v)
-        return Predictive(mean=rate, epistemic=epistemic, aleatoric=rate)
-
-    def log_predictive(self, y: Tensor, eta: Tensor, var_eta: Tensor) -> Tensor:
-        """log of the integral of Poisson(y; exp(e)) N(e; g, v) de, in float64 whatever the dtype.
-
-        Where v is small against the pmf's curvature, v ((y - mu)^2 + mu) < 1e-6 with mu = exp(g)
-        (v = 0 included), the integral is the exact pmf with its second-order correction,
-        log p(y; g) + log(1 + v/2 ((y - mu)^2 - mu)), error O(v^2); elsewhere 64-point
-        Gauss-Hermite quadrature centred on the integrand's mode (adaptive quadrature: accurate in
-        the tails too), whose nodes would collapse onto the mean as v vanishes.
-        """
-        y64, g = y.to(torch.float64), eta.to(torch.float64)
-        v = var_eta.diagonal(dim1=-2, dim2=-1).to(torch.float64).clamp_min(0)
-        mu = torch.exp(g)
-        slope2 = (y64 - mu) ** 2
-        small = v * (slope2 + mu) < 1e-6
-        exact = y64 * g - mu - torch.lgamma(y64 + 1) + torch.log1p(0.5 * v * (slope2 - mu))
-        quad = poisson_lognormal_logpmf(y64, g, torch.where(small, 1.0, v))
-        return torch.where(small, exact, quad).sum(-1).to(eta.dtype)
-
-    def pit(self, y: Tensor, eta: Tensor, var_eta: Tensor) -> tuple[Tensor, Tensor]:
-        v = var_eta.diagonal(dim1=-2, dim2=-1).clamp_min(0)
-        upper = poisson_lognormal_cdf(y, eta, v)
-        lower = torch.where(y > 0, poisson_lognormal_cdf((y - 1).clamp_min(0), eta, v), 0.0)
-        return lower, upper

@@ -97,13 +97,13 @@ class LoFi:
     def check_model(self, network: Network, likelihood: Likelihood) -> None:
         """Every network and likelihood."""
 
-    def init(self, mean: Tensor, variance: float) -> LoFiState:
+    def init(self, mean: Tensor, variance: float | Tensor) -> LoFiState:
         D = mean.shape[0]
-        return LoFiState(
-            mean=mean,
-            W=mean.new_zeros((self.rank, D)),
-            upsilon=torch.full_like(mean, 1.0 / variance),
-        )
+        if isinstance(variance, Tensor):  # one prior variance per parameter (D,)
+            upsilon = 1.0 / variance.to(mean)
+        else:
+            upsilon = torch.full_like(mean, 1.0 / variance)
+        return LoFiState(mean=mean, W=mean.new_zeros((self.rank, D)), upsilon=upsilon)
 
     def predict(self, state: LoFiState, decay: float, process_noise: float) -> LoFiState:
         g2, q = decay**2, process_noise

@@ -78,6 +78,11 @@ class Network(Protocol):
         Thompson draws of the outputs need no draw of theta)."""
         ...
 
+    @property
+    def output_bias(self) -> slice | None:
+        """Where the output layer's bias (C entries) sits in theta; None without one."""
+        ...
+
     def apply(self, theta: Tensor, x: Tensor) -> Tensor:
         """g = h(theta, x): (N, C) for theta (D,), (S, N, C) for theta (S, D)."""
         ...
@@ -182,6 +187,10 @@ class Linear:
     def linear_in_params(self) -> bool:
         return True
 
+    @property
+    def output_bias(self) -> slice | None:
+        return slice(self.output_dim * self.input_dim, self.num_params) if self.bias else None
+
     def apply(self, theta: Tensor, x: Tensor) -> Tensor:
         (layer,) = _layers((self.input_dim, self.output_dim), self.bias)
         W, b = _unflatten(theta, layer, self.bias)
@@ -278,6 +287,10 @@ class MLP:
     @property
     def linear_in_params(self) -> bool:
         return False
+
+    @property
+    def output_bias(self) -> slice | None:
+        return slice(self.num_params - self.output_dim, self.num_params)
 
     def apply(self, theta: Tensor, x: Tensor) -> Tensor:
         layers = _layers(self.sizes, True)

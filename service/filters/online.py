@@ -35,6 +35,7 @@ from service.errors import InvalidInput, InvalidSpec, StepRejected
 from service.filters.algorithm import Algorithm, S
 from service.filters.base import Predictive, StepInfo
 from service.filters.block import applies, run_block
+from service.filters.iterated import row_linearization, updated_prediction_check
 from service.filters.likelihoods import Likelihood
 from service.filters.linalg import (
     Check,
@@ -46,6 +47,7 @@ from service.filters.linalg import (
     settle,
 )
 from service.filters.networks import DenseJacobian, Network
+from service.filters.priors import prior_variance
 
 __all__ = ["Dynamics", "OnlineFilter", "Prior", "RowStep"]
 
@@ -85,15 +87,20 @@ class Dynamics:
 
 @dataclass(frozen=True)
 class Prior:
-    """theta_0 ~ N(mean, variance I). ``mean=None`` takes the network's default (see networks)."""
+    """theta_0 ~ N(mean, diag(sigma_0^2)): ``variance`` for every parameter but the output bias,
+    whose variance is ``bias_variance``, by default the likelihood's ``prior_bias_scale`` (16 for
+    poisson, else 1) times ``variance`` (``docs/algorithms.md`` 1.4). ``mean=None`` takes the
+    network's default (see networks)."""
 
     variance: float = 1.0
     mean: Tensor | None = None
     seed: int = 0
+    bias_variance: float | None = None
 
     def __post_init__(self) -> None:
-        if not (self.variance > 0.0 and self.variance < float("inf")):
-            raise InvalidSpec(f"prior variance must be finite and > 0, got {self.variance!r}")
+        for what, v in (("variance", self.variance), ("bias_variance", self.bias_variance)):
+            if v is not None and not (v > 0.0 and v < float("inf")):
+                raise InvalidSpec(f"prior {what} must be finite and > 0, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -137,13 +144,14 @@ class OnlineFilter(Generic[S]):
     # -- belief ------------------------------------------------------------------------------
 
     def init(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> S:
-        """The prior belief N(mu_0, sigma_0^2 I) on ``dtype`` / ``device``."""
+        """The prior belief N(mu_0, diag(sigma_0^2)) on ``dtype`` / ``device``."""
         if self.prior.mean is not None:
             mean = self.prior.mean
         else:
             gen = torch.Generator().manual_seed(self.prior.seed)
             mean = self.network.init_mean(gen)
-        return self.algorithm.init(mean.to(dtype=dtype, device=device), self.prior.variance)
+        variance = prior_variance(self.prior, self.network, self.likelihood)
+        return self.algorithm.init(mean.to(dtype=dtype, device=device), variance)
 
     def predict(self, state: S) -> S:
         """p(theta_t | D_{1:t-1}) from p(theta_{t-1} | D_{1:t-1})."""
@@ -163,11 +171,13 @@ class OnlineFilter(Generic[S]):
         the step's checks not yet settled (the caller settles them, see ``run``)."""
         theta = state.mean
         eta, J = self.network.jacobian(theta, x)
-        lin = self.likelihood.linearize(eta[0], J[0])
+        lin = row_linearization(self, state, eta[0], J, y)
         new, JSJ, checks = self.algorithm.condition_on(state, lin, y)
         var_eta = JSJ.unsqueeze(0)
         pred = self.likelihood.predictive(eta, var_eta)
         loglik = self.likelihood.log_predictive(y.unsqueeze(0), eta, var_eta)[0]
+        exact = lin.V is None and self.network.linear_in_params  # the posterior's prediction
+        # of the row lies between the prior's and y, with a smaller variance: finite (6.4)
         return (
             new,
             StepInfo(pred, loglik, eta, var_eta),
@@ -175,6 +185,7 @@ class OnlineFilter(Generic[S]):
                 *checks,
                 *self.algorithm.validity(new),
                 finite_check("the pre-update prediction", pred.mean, pred.variance, loglik),
+                *([] if exact else [updated_prediction_check(self, new, x)]),
             ],
         )
 
