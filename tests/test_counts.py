@@ -18,7 +18,7 @@ import pytest
 import torch
 from scipy import optimize, special
 
-from service.errors import StepRejected
+from service.errors import InvalidSpec, StepRejected
 from service.filters import (
     EKF,
     Bernoulli,
@@ -275,3 +275,12 @@ def test_the_bias_prior_of_a_count_model() -> None:
     torch.testing.assert_close(
         f.init(F64).cov, torch.diag(torch.tensor([0.5, 0.5, 8.0], dtype=F64))
     )
+
+
+def test_the_options_are_checked_in_the_math_layer_too() -> None:
+    for bad in (-1, 101, 2.5, True):
+        for family in (Bernoulli, Categorical, Poisson):
+            with pytest.raises(InvalidSpec, match="iterations"):
+                family(iterations=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidSpec, match="bias_variance"):
+        Prior(bias_variance=0.0)
