@@ -19,7 +19,8 @@ Checks: every answer was 200, and each model's final version equals the updates 
 included; requests in flight when wrk stops are applied, not answered).
 
     apt-get install wrk redis-server
-    python -m benchmarks.http.bench_stores --out benchmarks/out/http [--seconds 3] [--rounds 1]
+    python -m benchmarks.http.bench_stores --out benchmarks/out/http [--seconds 3] [--rounds 1] \\
+        [--kernels /tmp/postserve-kernels]   # with compiled steps
 """
 
 from __future__ import annotations
@@ -38,7 +39,16 @@ from typing import Any
 
 import httpx
 
-from benchmarks.http.bench_http import MODELS, ROW, _geomean, _settle, _version, _wrk, bench_server
+from benchmarks.http.bench_http import (
+    MODELS,
+    ROW,
+    _geomean,
+    _settle,
+    _version,
+    _wait_compiled,
+    _wrk,
+    bench_server,
+)
 from service.testing import RedisServer, Server
 
 SPEC = {"name": "m", **MODELS["linear16-kalman"]}
@@ -59,8 +69,17 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _start(stack: ExitStack, work: Path, label: str, store: str, fsync: str | None) -> Server:
+def _start(
+    stack: ExitStack,
+    work: Path,
+    label: str,
+    store: str,
+    fsync: str | None,
+    kernels: Path | None = None,
+) -> Server:
     env = {"POSTSERVE_STORE": store}
+    if kernels is not None:
+        env.update(POSTSERVE_COMPILE_STEPS="1", POSTSERVE_KERNEL_DIR=str(kernels.resolve()))
     if fsync is not None:
         folder = Path(tempfile.mkdtemp(prefix=f"redis-{fsync}-", dir=work))
         redis = stack.enter_context(RedisServer(folder, fsync))
@@ -75,6 +94,8 @@ def _start(stack: ExitStack, work: Path, label: str, store: str, fsync: str | No
     stack.callback(stop)
     with httpx.Client(base_url=server.url, timeout=10) as client:
         client.post("/v1/models", json=SPEC).raise_for_status()
+        if kernels is not None:
+            _wait_compiled(client, ["m"])
     return server
 
 
@@ -127,6 +148,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/http"))
     parser.add_argument("--seconds", type=int, default=3, help="measured seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=1, help="repeats; medians are reported")
+    parser.add_argument(
+        "--kernels",
+        type=Path,
+        default=None,
+        help="serve with POSTSERVE_COMPILE_STEPS, kernels kept in this directory",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "redis-server"):
         if shutil.which(tool) is None:
@@ -138,7 +165,9 @@ def main() -> None:
     t0 = time.monotonic()
     try:
         with ExitStack() as stack:
-            servers = {label: _start(stack, work, label, s, f) for label, s, f in CONFIGS}
+            servers = {
+                label: _start(stack, work, label, s, f, args.kernels) for label, s, f in CONFIGS
+            }
             sent = dict.fromkeys(servers, 0)
             bad = 0
             for _ in range(args.rounds):

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from service.errors import InvalidInput, InvalidSpec, StepRejected
 from service.filters.algorithm import Algorithm, S
-from service.filters.base import Predictive, StepInfo
+from service.filters.base import Linearization, Predictive, StepInfo
 from service.filters.block import applies, run_block
 from service.filters.iterated import row_linearization, updated_prediction_check
 from service.filters.likelihoods import Likelihood
@@ -176,8 +176,6 @@ class OnlineFilter(Generic[S]):
         var_eta = JSJ.unsqueeze(0)
         pred = self.likelihood.predictive(eta, var_eta)
         loglik = self.likelihood.log_predictive(y.unsqueeze(0), eta, var_eta)[0]
-        exact = lin.V is None and self.network.linear_in_params  # the posterior's prediction
-        # of the row lies between the prior's and y, with a smaller variance: finite (6.4)
         return (
             new,
             StepInfo(pred, loglik, eta, var_eta),
@@ -185,9 +183,21 @@ class OnlineFilter(Generic[S]):
                 *checks,
                 *self.algorithm.validity(new),
                 finite_check("the pre-update prediction", pred.mean, pred.variance, loglik),
-                *([] if exact else [updated_prediction_check(self, new, x)]),
+                *self._updated_checks(lin, new, x),
             ],
         )
+
+    def _updated_checks(self, lin: Linearization, new: S, x: Tensor) -> list[Check]:
+        """The updated model's prediction of the row x (1, I) is finite (``docs/algorithms.md``
+        6.4): in full through a link, its mean (the network's output) through the identity;
+        nothing for a gaussian linear model, whose prediction of the row lies between the
+        prior's and y, with a smaller variance."""
+        if lin.V is not None:
+            return [updated_prediction_check(self, new, x)]
+        if self.network.linear_in_params:
+            return []
+        eta = self.network.apply(new.mean, x)
+        return [finite_check("the updated model's prediction of the row", eta)]
 
     def step(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
         """predict, then update on one row."""
