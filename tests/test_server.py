@@ -147,7 +147,7 @@ def test_readme_walkthrough_runs_verbatim(server: Server, tmp_path: Path) -> Non
     assert status == 200, body
     info = json.loads(body)
     assert info["name"] == "ctr-home" and info["version"] == 3
-    assert info["spec"]["likelihood"] == {"type": "bernoulli", "iterations": 10}  # defaults filled
+    assert info["spec"]["likelihood"] == {"type": "bernoulli", "iterations": 10}
     assert info["state_bytes"] > 0
 
     status, body = run(calibration)  # scored on the pre-update predictions the update returned

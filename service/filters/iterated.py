@@ -19,12 +19,12 @@ Every family here has a canonical link: grad log p = y - mu(eta), -hess log p = 
 
     d = (I + V Omega)^{-1} r,        dL(w + alpha d)/dalpha at 0 = r^T Omega d >= 0
 
-It takes the largest alpha in {1, 1/2, ..., 2^-15} with L(w + alpha d) >= L(w) + 1e-4 alpha
-r^T Omega d - 1e-10 (1 + |L(w)|) (Armijo, less a rounding tolerance; a candidate whose L is not
-finite fails), else stays (alpha = 0). All candidates are
-evaluated at once, in float64: no host sync, and the result depends on the inputs alone. On the
-CPU (not while traced for a compiled step) the loop stops early, after taking a Newton step that
-moves eta by at most 1e-12 (1 + |eta|): reading a CPU tensor costs no device sync.
+A step takes the largest alpha in {1, 1/2, ..., 2^-15} with L(w + alpha d) >= L(w) + 1e-4
+alpha r^T Omega d - 1e-10 (1 + |L(w)|) (Armijo, less a rounding tolerance; a candidate whose L
+is not finite fails), else stays (alpha = 0). All candidates are evaluated at once, in float64:
+no host sync, and the result depends on the inputs alone. On the CPU (not while traced for a
+compiled step) the loop stops early, after taking a Newton step that moves eta by at most
+1e-12 (1 + |eta|): reading a CPU tensor costs no device sync.
 
 The filter then conditions on the Laplace linearisation at eta* = eta_0 + Omega w*:
 

@@ -327,6 +327,7 @@ class Categorical:
         return (y * torch.log_softmax(eta, dim=-1)).sum(-1)
 
     def hessian(self, eta: Tensor) -> Tensor:
+        """V(eta) = dmu/deta = diag(mu) - mu mu^T, (..., C, C): singular (V 1 = 0)."""
         mu = torch.softmax(eta, dim=-1)
         return torch.diag_embed(mu) - mu.unsqueeze(-1) * mu.unsqueeze(-2)
 
