@@ -121,6 +121,13 @@ def psd_sqrt(A: Tensor) -> Tensor:
     return F
 
 
+def _total(tensors: Sequence[Tensor]) -> Tensor:
+    total = tensors[0].sum()
+    for t in tensors[1:]:
+        total = total + t.sum()
+    return total
+
+
 def all_finite(*tensors: Tensor) -> bool:
     """True when no tensor holds NaN or +-inf: one reduction per tensor and one host sync.
 
@@ -128,10 +135,7 @@ def all_finite(*tensors: Tensor) -> bool:
     approach the dtype's largest value (about 3e38 in float32), which counts as non-finite too: a
     belief that large is not one to keep.
     """
-    total = tensors[0].sum()
-    for t in tensors[1:]:
-        total = total + t.sum()
-    return math.isfinite(float(total))
+    return math.isfinite(float(_total(tensors)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -173,13 +177,6 @@ class Check:
     reason: str
     message: str
     value: Tensor
-
-
-def _total(tensors: Sequence[Tensor]) -> Tensor:
-    total = tensors[0].sum()
-    for t in tensors[1:]:
-        total = total + t.sum()
-    return total
 
 
 def finite_check(name: str, *tensors: Tensor) -> Check:

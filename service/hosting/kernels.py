@@ -35,6 +35,7 @@ class Kernels:
         self.directory = settings.kernel_directory
         self._limiter = anyio.CapacityLimiter(1)  # one compile at a time: each takes the cores
         self._tasks: set[asyncio.Task[None]] = set()
+        self._warned: set[tuple[str, str]] = set()  # (model, kernel) replayed without it
 
     def start(self, h: HostedModel) -> None:
         """Build ``h``'s compiled step in the background, when the setting is on."""
@@ -78,6 +79,9 @@ class Kernels:
                 h.kernel_error = f"{type(exc).__name__}: {exc}"[:500]
         if h.kernel is not None and h.kernel.key == key:
             return h.kernel
+        if (h.name, key) in self._warned:  # once per model and kernel, not once per record
+            return h.kernel
+        self._warned.add((h.name, key))
         log.warning(
             "%s: a log record was computed by kernel %s, which this process does not have; "
             "replayed with %s (rounding may differ)",
