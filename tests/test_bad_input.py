@@ -414,3 +414,69 @@ def test_a_predict_answer_over_the_number_limit_is_refused(app_client: MakeAppCl
         assert ok.status_code == 200, ok.text  # 10 x 14 x 3 = 420
         r = c.post(P("three"), json={"x": [[0.1, 0.2]] * 11, "num_samples": 10, "seed": 1})
         _assert_error(r, 413, "too_large", ("462 numbers", "POSTSERVE_MAX_ANSWER_NUMBERS"))
+
+
+# ---- the data plane (``service/api/dataplane.py``) against FastAPI's own routing ----
+
+#: the cases the data plane serves (a POST to a model-scoped route with a body), and a few good
+#: requests beside them
+PLANE_CASES = [
+    c
+    for c in CASES
+    if c.method == "POST"
+    and c.path.startswith("/v1/models/")
+    and c.path.split("/", 4)[-1] in {"update", "predict", "decide", "reward"}
+]
+GOOD = [
+    ("POST", P("gauss"), QUERY),
+    ("POST", P("cat"), {"x": GOOD_X, "num_samples": 2, "seed": 5}),
+    ("POST", U("gauss"), {"x": GOOD_X, "y": GOOD_Y["gauss"]}),
+    ("POST", U("cat"), {"x": GOOD_X[:1], "y": [1], "request_id": "r-1"}),
+    ("POST", U("cat"), {"x": GOOD_X[:1], "y": [1], "request_id": "r-1"}),  # its duplicate
+]
+
+
+@pytest.fixture(scope="module")
+def fastapi_only() -> Iterator[httpx.Client]:
+    """The same models in an app without the data plane: FastAPI routes every request."""
+    from service.api import create_app
+    from service.api.dataplane import DataPlane
+    from service.testing.inprocess import InProcessClient, app_settings
+
+    app = create_app(app_settings(**LIMITS))
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not DataPlane]
+    with InProcessClient(app) as c:
+        yield _load(c)
+
+
+def _counted(c: httpx.Client) -> list[str]:
+    """The refused updates by reason, and the POSTs by route template and status."""
+    return [
+        ln
+        for ln in c.get("/metrics").text.splitlines()
+        if ln.startswith("postserve_updates_rejected")
+        or (ln.startswith("postserve_http_requests_total") and 'method="POST"' in ln)
+    ]
+
+
+def test_the_data_plane_answers_as_fastapi_routing_does(
+    app_client: MakeAppClient, fastapi_only: httpx.Client
+) -> None:
+    """Every bad body of the matrix on the data plane's routes, and good ones, get the same
+    status, headers' content type and body from the data plane as from FastAPI's router, and
+    leave the same counts of refused updates and requests by route template."""
+    assert len(PLANE_CASES) >= 40
+    with app_client(**LIMITS) as plane:
+        _load(plane)
+        for case in PLANE_CASES:
+            a, b = _send(plane, case), _send(fastapi_only, case)
+            assert (a.status_code, a.json()) == (b.status_code, b.json()), case.id
+            assert a.headers["content-type"] == b.headers["content-type"], case.id
+        for method, path, body in GOOD:
+            a = plane.request(method, path, json=body)
+            b = fastapi_only.request(method, path, json=body)
+            assert a.status_code == b.status_code == 200, (path, a.text, b.text)
+            assert a.content == b.content, path
+        counted = _counted(plane)
+        assert any('route="/v1/models/{name}/update",status="422"' in ln for ln in counted)
+        assert counted == _counted(fastapi_only)

@@ -16,9 +16,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import __version__
 from service.api import docs, errors
 from service.api.auth import Authenticate, Keyring
+from service.api.dataplane import DataPlane, hot_routes
 from service.api.openapi import DESCRIPTION, document
 from service.api.operations import TAGS, name_examples
-from service.api.routes import router
+from service.api.routes import ROUTES, CountsRefusals, router
 from service.config import Settings
 from service.hosting import Engine
 from service.metrics import RequestMetrics, make_registry
@@ -99,9 +100,11 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     # The middleware stack, outermost first: every request is counted and timed, including
     # those refused for their size or their key.
     middleware = [
-        Middleware(RequestMetrics, registry=registry, routes=router.routes),
+        Middleware(RequestMetrics, registry=registry, routes=ROUTES),
         Middleware(BodyLimit, limit=settings.max_body_bytes),
         Middleware(Authenticate, keyring=keyring),
+        # innermost: the model-scoped POST routes, served without FastAPI's router
+        Middleware(DataPlane, routes=hot_routes(ROUTES, CountsRefusals), refused=engine.refused),
     ]
     app = FastAPI(
         title="Postserve",

@@ -32,6 +32,7 @@ from service.errors import (
 
 __all__ = [
     "METHODS",
+    "NOT_UTF8",
     "STATUS",
     "allowed_methods",
     "error_response",
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("postserve.api")
+
+#: the answer to a body FastAPI cannot decode at all (its 400: bytes that are not UTF-8)
+NOT_UTF8 = "the request body is not JSON: its bytes are not UTF-8 text"
 
 #: Most specific class first.
 STATUS: list[tuple[type[PostserveError], int]] = [
@@ -150,9 +154,7 @@ async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     if status == 400:  # FastAPI could not decode the body at all (bytes that are not UTF-8)
-        return error_response(
-            422, "invalid_input", "the request body is not JSON: its bytes are not UTF-8 text"
-        )
+        return error_response(422, "invalid_input", NOT_UTF8)
     if status == 405:
         allow = allowed_methods(request)
         return error_response(

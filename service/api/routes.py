@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute
 
 from service.api.errors import refusal
 from service.api.operations import describe
@@ -40,7 +41,7 @@ from service.schemas import (
     UpdateResponse,
 )
 
-__all__ = ["router", "updates"]
+__all__ = ["ROUTES", "CountsRefusals", "router", "updates"]
 
 
 def _json(answer: BaseModel, status_code: int = 200) -> Response:
@@ -177,3 +178,9 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 router.include_router(updates)  # keeps each route's class
+
+#: every route of both routers (``router.routes`` holds ``updates`` as one included router)
+ROUTES: list[BaseRoute] = [
+    *(r for r in router.routes if isinstance(r, APIRoute)),
+    *updates.routes,
+]
