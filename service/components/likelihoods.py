@@ -17,7 +17,15 @@ from pydantic import Field, field_validator
 
 from service.calibration import Observation
 from service.components.registry import Label, LikelihoodKind, Registry, TypedSpec
-from service.filters import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, StepInfo
+from service.filters import (
+    Bernoulli,
+    Categorical,
+    Gaussian,
+    Likelihood,
+    Poisson,
+    RowReport,
+    StepInfo,
+)
 from service.filters.likelihoods import ITERATIONS, MAX_ITERATIONS
 from service.validation import Integer
 
@@ -59,38 +67,32 @@ class PoissonSpec(TypedSpec):
     iterations: Iterations = ITERATIONS
 
 
-def _nll(infos: list[StepInfo]) -> list[float]:
-    return [-float(i.log_likelihood) for i in infos]
-
-
-def _score_classes(lik: Likelihood, infos: list[StepInfo], y: Sequence[Label]) -> list[Observation]:
+def _score_classes(
+    lik: Likelihood, infos: list[StepInfo], rows: list[RowReport], y: Sequence[Label]
+) -> list[Observation]:
     return [
-        Observation(nll=n, probs=i.predictive.mean[0].tolist(), label=int(label))  # type: ignore[arg-type]
-        for n, i, label in zip(_nll(infos), infos, y, strict=True)
+        Observation(nll=-r.log_likelihood, probs=r.mean, label=int(label))  # type: ignore[arg-type]
+        for r, label in zip(rows, y, strict=True)
     ]
 
 
 def _score_gaussian(
-    lik: Likelihood, infos: list[StepInfo], y: Sequence[Label]
+    lik: Likelihood, infos: list[StepInfo], rows: list[RowReport], y: Sequence[Label]
 ) -> list[Observation]:
     """In plain floats: a handful of torch ops per row costs more than the arithmetic."""
     out = []
-    for n, i, label in zip(_nll(infos), infos, y, strict=True):
-        mean = i.predictive.mean[0].tolist()
-        var = [
-            a + b
-            for a, b in zip(
-                i.predictive.epistemic[0].tolist(), i.predictive.aleatoric[0].tolist(), strict=True
-            )
-        ]
+    for r, label in zip(rows, y, strict=True):
+        var = [a + b for a, b in zip(r.epistemic, r.aleatoric, strict=True)]
         ys = label if isinstance(label, list) else [label]
-        z = [(v - m) / math.sqrt(s2) for v, m, s2 in zip(ys, mean, var, strict=True)]
+        z = [(v - m) / math.sqrt(s2) for v, m, s2 in zip(ys, r.mean, var, strict=True)]
         pit = [(u, u) for u in (0.5 * math.erfc(-zi / math.sqrt(2.0)) for zi in z)]
-        out.append(Observation(nll=n, pit=pit, z=z))
+        out.append(Observation(nll=-r.log_likelihood, pit=pit, z=z))
     return out
 
 
-def _score_counts(lik: Likelihood, infos: list[StepInfo], y: Sequence[Label]) -> list[Observation]:
+def _score_counts(
+    lik: Likelihood, infos: list[StepInfo], rows: list[RowReport], y: Sequence[Label]
+) -> list[Observation]:
     """Non-randomised PIT bounds (F(y - 1), F(y)) of the count predictive."""
     if not infos:
         return []
@@ -102,8 +104,8 @@ def _score_counts(lik: Likelihood, infos: list[StepInfo], y: Sequence[Label]) ->
         raise TypeError(f"the {lik.name} likelihood has no predictive CDF")
     lo, hi = bounds[0].tolist(), bounds[1].tolist()
     return [
-        Observation(nll=n, pit=list(zip(a, b, strict=True)))
-        for n, a, b in zip(_nll(infos), lo, hi, strict=True)
+        Observation(nll=-r.log_likelihood, pit=list(zip(a, b, strict=True)))
+        for r, a, b in zip(rows, lo, hi, strict=True)
     ]
 
 

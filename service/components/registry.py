@@ -27,7 +27,7 @@ from pydantic import Field
 
 from service.calibration import Observation
 from service.errors import InvalidSpec
-from service.filters import Algorithm, Likelihood, Network, StepInfo
+from service.filters import Algorithm, Likelihood, Network, RowReport, StepInfo
 from service.filters.algorithm import S
 from service.validation import Strict
 
@@ -52,8 +52,9 @@ SpecT = TypeVar("SpecT", bound=TypedSpec)
 
 #: One raw label of ``/update``'s ``y``: a number, or a list of numbers for several outputs.
 Label = float | list[float]
-#: Each row's pre-update prediction against its raw label, for the calibration window.
-Scorer = Callable[[Likelihood, list[StepInfo], Sequence[Label]], list[Observation]]
+#: Each row's pre-update prediction against its raw label, for the calibration window: from the
+#: rows' reports on the device (``StepInfo``) and on the host (``RowReport``, the same numbers).
+Scorer = Callable[[Likelihood, list[StepInfo], list[RowReport], Sequence[Label]], list[Observation]]
 
 
 @dataclass(frozen=True)

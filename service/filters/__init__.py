@@ -5,7 +5,7 @@ every function is pure. Symbols and equations: ``docs/algorithms.md``.
 """
 
 from service.filters.algorithm import Algorithm, Belief
-from service.filters.base import Linearization, Predictive, StepInfo
+from service.filters.base import Linearization, Predictive, RowReport, StepInfo, row_reports
 from service.filters.counts import Poisson
 from service.filters.diagonal import Diagonal, DiagState
 from service.filters.ekf import EKF, GaussState, Kalman
@@ -47,7 +47,9 @@ __all__ = [
     "Poisson",
     "Predictive",
     "Prior",
+    "RowReport",
     "StepInfo",
     "dense_operator",
     "jacobian_autodiff",
+    "row_reports",
 ]

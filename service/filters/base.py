@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,16 @@ from torch import Tensor
 
 from service.filters.linalg import Check, check_finite, cholesky, symmetrise
 
-__all__ = ["Innovation", "Linearization", "Predictive", "StepInfo", "innovation"]
+__all__ = [
+    "Innovation",
+    "Linearization",
+    "Predictive",
+    "RowReport",
+    "StepInfo",
+    "innovation",
+    "packed",
+    "row_reports",
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,50 @@ class StepInfo:
     log_likelihood: Tensor
     eta: Tensor | None = None
     var_eta: Tensor | None = None
+    packed: Tensor | None = None  # :func:`packed` of this report, where its step made it
+
+
+@dataclass(frozen=True)
+class RowReport:
+    """A :class:`StepInfo`'s numbers on the host, as Python floats (what answers and
+    calibration read): the pre-update predictive's mean and variances (C each; ``variance`` is
+    epistemic + aleatoric in the model's dtype) and the log predictive density."""
+
+    mean: list[float]
+    variance: list[float]
+    epistemic: list[float]
+    aleatoric: list[float]
+    log_likelihood: float
+
+
+def packed(info: StepInfo) -> Tensor:
+    """A row's report as one vector (4 C + 1,): the predictive's mean, variance, epistemic and
+    aleatoric variances, then the log density (what :func:`row_reports` copies to the host; a
+    compiled step returns it ready, at no cost)."""
+    p = info.predictive
+    parts = [p.mean, p.variance, p.epistemic, p.aleatoric, info.log_likelihood]
+    return torch.cat([t.reshape(-1) for t in parts])
+
+
+def row_reports(infos: Sequence[StepInfo]) -> list[RowReport]:
+    """The rows' reports, copied to the host in one go (one ``tolist``: per-row, per-field
+    copies cost more than a small model's step)."""
+    if not infos:
+        return []
+    C = infos[0].predictive.mean.shape[-1]
+    vectors = [packed(i) if i.packed is None else i.packed for i in infos]
+    flat: list[float] = (vectors[0] if len(vectors) == 1 else torch.cat(vectors)).tolist()
+    n = 4 * C + 1
+    return [
+        RowReport(
+            flat[k : k + C],
+            flat[k + C : k + 2 * C],
+            flat[k + 2 * C : k + 3 * C],
+            flat[k + 3 * C : k + 4 * C],
+            flat[k + 4 * C],
+        )
+        for k in range(0, n * len(infos), n)
+    ]
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from service.filters.algorithm import S
-from service.filters.base import Predictive, StepInfo
+from service.filters.base import Predictive, StepInfo, packed
 from service.filters.linalg import tracing
 from service.filters.online import OnlineFilter
 
@@ -72,8 +72,9 @@ class RowKernel(Generic[S]):
         if not out[-1].item():  # the checks' verdict: one host sync
             return None
         new = self.state_type(*out[:n])
-        mean, epistemic, aleatoric, loglik, eta, var_eta = out[n : n + 6]
-        return new, StepInfo(Predictive(mean, epistemic, aleatoric), loglik, eta, var_eta)
+        mean, epistemic, aleatoric, loglik, eta, var_eta, packed = out[n : n + 7]
+        p = Predictive(mean, epistemic, aleatoric)
+        return new, StepInfo(p, loglik, eta, var_eta, packed)
 
 
 class _Step(torch.nn.Module, Generic[S]):
@@ -97,7 +98,9 @@ class _Step(torch.nn.Module, Generic[S]):
             info.log_likelihood,
             info.eta,
             info.var_eta,
-            torch.isfinite(torch.stack([c.value for c in checks])).all(),
+            packed(info),
+            # the step's checks, and x's finiteness (``OnlineFilter._run_rows`` leaves it here)
+            torch.isfinite(torch.stack([args[n].sum(), *(c.value for c in checks)])).all(),
         )
 
 

@@ -164,7 +164,8 @@ def row_linearization(
     mean of ``state``, y (C,). The likelihood's moment-matched one when it does not iterate
     (the gaussian, or ``iterations = 0``), else ``laplace`` with Omega = J Sigma J^T."""
     lik = f.likelihood
-    if not isinstance(lik, IteratedLikelihood) or lik.iterations == 0:
+    # the attribute first: a runtime protocol's isinstance costs more than a small step's math
+    if not getattr(lik, "iterations", 0) or not isinstance(lik, IteratedLikelihood):
         return lik.linearize(eta, J[0])
     Omega = f.algorithm.project(state, DenseJacobian(J))[0]
     return laplace(lik, y, eta, Omega, J[0])

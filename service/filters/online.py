@@ -231,13 +231,17 @@ class OnlineFilter(Generic[S]):
         """``run`` row by row, on validated rows x (N, I) and encoded targets Y (N, C) of the
         state's dtype (finiteness of x settled with the steps' checks)."""
         infos: list[StepInfo] = []
-        pending: list[Check] = [input_check("x", x)]  # settled with the steps' own checks
+        # x's finiteness is settled with the steps' own checks, and is one of a kernel's: while
+        # every row passes its kernel's checks, nothing is left to settle (no host sync)
+        pending: list[Check] = []
         for i in range(x.shape[0]):
             done = None if kernel is None else kernel(state, x[i : i + 1], Y[i])
             if done is not None:  # its checks passed
                 state, info = done
                 infos.append(info)
                 continue
+            if not pending:
+                pending.append(input_check("x", x))
             try:
                 state, info, checks = self._update(self.predict(state), x[i : i + 1], Y[i])
             except StepRejected:

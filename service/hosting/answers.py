@@ -6,12 +6,16 @@ how those become answers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import orjson
+import torch
 from torch import Tensor
 
 from service.calibration import LEVELS, Stats
 from service.components import LIKELIHOODS
-from service.filters import Predictive, StepInfo
+from service.filters import Predictive, RowReport
 from service.hosting.hosted import HostedModel
 from service.policy import Decision
 from service.schemas import (
@@ -30,6 +34,7 @@ from service.schemas import (
 )
 
 __all__ = [
+    "Moments",
     "calibration",
     "decision",
     "decisions",
@@ -47,34 +52,56 @@ def summary(stats: Stats) -> CalibrationSummary:
     return CalibrationSummary(**stats.summary())
 
 
-def update(version: int, infos: list[StepInfo]) -> UpdateResponse:
+def update(version: int, rows: list[RowReport]) -> UpdateResponse:
     """``/update``: the version after the rows, each row's pre-update predictive and NLPD."""
     return UpdateResponse(
         version=version,
-        applied=len(infos),
-        predictions=[
-            RowPrediction(
-                mean=i.predictive.mean[0].tolist(), variance=i.predictive.variance[0].tolist()
-            )
-            for i in infos
-        ],
-        log_likelihood=[float(i.log_likelihood) for i in infos],
+        applied=len(rows),
+        predictions=[RowPrediction(mean=r.mean, variance=r.variance) for r in rows],
+        log_likelihood=[r.log_likelihood for r in rows],
     )
 
 
-def prediction(
-    version: int, mean: Tensor, pred: Predictive | None, draws: Tensor | None
-) -> PredictResponse:
-    """``/predict``: the mean, the variances of ``pred`` (empty lists without it: the request
-    asked for the mean alone) and the draws (empty without them)."""
-    samples: list[list[list[float]]] = [] if draws is None else draws.tolist()
+@dataclass(frozen=True)
+class Moments:
+    """A ``/predict`` answer's numbers as float64 host arrays (exact for float32 values):
+    ``mean`` (N, C); the variances, empty (0,) for the mean alone; ``samples`` (S, N, C), or
+    empty. All views of one array, copied from the device in one go."""
+
+    mean: np.ndarray
+    variance: np.ndarray
+    epistemic: np.ndarray
+    aleatoric: np.ndarray
+    samples: np.ndarray
+    flat: np.ndarray
+
+    @staticmethod
+    def of(mean: Tensor, pred: Predictive | None, draws: Tensor | None) -> Moments:
+        parts = [mean] if pred is None else [mean, pred.variance, pred.epistemic, pred.aleatoric]
+        parts += [] if draws is None else [draws]
+        flat = torch.cat([t.reshape(-1) for t in parts]).double().cpu().numpy()
+        views, at = [], 0
+        for t in parts:
+            views.append(flat[at : at + t.numel()].reshape(t.shape))
+            at += t.numel()
+        empty = flat[:0]
+        m, v, e, a = views[:4] if pred is not None else (views[0], empty, empty, empty)
+        return Moments(m, v, e, a, views[-1] if draws is not None else empty, flat)
+
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.flat).all())
+
+
+def prediction(version: int, m: Moments) -> PredictResponse:
+    """``/predict``: the mean, the variances (empty lists when the request asked for the mean
+    alone) and the draws (empty without them)."""
     return PredictResponse(
         version=version,
-        mean=mean.tolist(),
-        variance=[] if pred is None else pred.variance.tolist(),
-        epistemic_variance=[] if pred is None else pred.epistemic.tolist(),
-        aleatoric_variance=[] if pred is None else pred.aleatoric.tolist(),
-        samples=samples,
+        mean=m.mean.tolist(),
+        variance=m.variance.tolist(),
+        epistemic_variance=m.epistemic.tolist(),
+        aleatoric_variance=m.aleatoric.tolist(),
+        samples=m.samples.tolist(),
     )
 
 
@@ -83,33 +110,29 @@ def prediction(
 _CHUNK_NUMBERS = 1 << 18
 
 
-def _array(t: Tensor) -> bytes:
-    """``t`` as a JSON array of float64 numbers (exact for float32 values), encoded in chunks
-    along its first axis."""
-    rows = max(1, _CHUNK_NUMBERS // max(1, t[0].numel() if t.shape[0] else 1))
+def _array(a: np.ndarray) -> bytes:
+    """``a`` as a JSON array, encoded in chunks along its first axis."""
+    if a.shape[0] * (a[0].size if a.shape[0] else 1) <= _CHUNK_NUMBERS:
+        return orjson.dumps(a, option=orjson.OPT_SERIALIZE_NUMPY)
+    rows = max(1, _CHUNK_NUMBERS // max(1, a[0].size))
     parts = [
-        orjson.dumps(t[i : i + rows].double().cpu().numpy(), option=orjson.OPT_SERIALIZE_NUMPY)[
-            1:-1
-        ]
-        for i in range(0, t.shape[0], rows)
+        orjson.dumps(a[i : i + rows], option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
+        for i in range(0, a.shape[0], rows)
     ]
     return b"[" + b",".join(p for p in parts if p) + b"]"
 
 
-def prediction_json(
-    version: int, mean: Tensor, pred: Predictive | None, draws: Tensor | None
-) -> bytes:
-    """:func:`prediction` encoded as JSON bytes straight from the tensors (no Python lists, no
+def prediction_json(version: int, m: Moments) -> bytes:
+    """:func:`prediction` encoded as JSON bytes straight from the arrays (no Python lists, no
     pydantic model): the same fields and numbers, for answers too large to build as objects."""
-    empty = b"[]"
     fields = [
-        (b"mean", _array(mean)),
-        (b"variance", empty if pred is None else _array(pred.variance)),
-        (b"epistemic_variance", empty if pred is None else _array(pred.epistemic)),
-        (b"aleatoric_variance", empty if pred is None else _array(pred.aleatoric)),
-        (b"samples", empty if draws is None else _array(draws)),
+        (b"mean", m.mean),
+        (b"variance", m.variance),
+        (b"epistemic_variance", m.epistemic),
+        (b"aleatoric_variance", m.aleatoric),
+        (b"samples", m.samples),
     ]
-    body = b",".join(b'"' + k + b'":' + v for k, v in fields)
+    body = b",".join(b'"' + k + b'":' + _array(v) for k, v in fields)
     return b'{"version":' + str(version).encode() + b"," + body + b"}"
 
 

@@ -20,7 +20,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Generic
+from typing import Any, Generic
 
 import numpy as np
 import torch
@@ -29,12 +29,18 @@ from service.calibration import CalibrationTracker, Observation
 from service.components import Label
 from service.components.registry import Scorer
 from service.errors import InvalidInput, NotOwner, PostserveError, StoreUnavailable, VersionConflict
-from service.filters import Belief, OnlineFilter, StepInfo
+from service.filters import Belief, OnlineFilter, RowReport, row_reports
 from service.filters.algorithm import S
 from service.filters.compiled import RowKernel
 from service.schemas import ModelSpec
 
 __all__ = ["Counters", "Hosted", "HostedModel", "Pending", "Published"]
+
+#: the NumPy dtype of each torch dtype that request rows are converted to on the host
+_NUMPY: dict[torch.dtype, type[np.floating[Any]]] = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+}
 
 
 @dataclass(frozen=True)
@@ -155,8 +161,13 @@ class Hosted(Generic[S]):
         """Request rows as a tensor of the model's dtype, on its device (the filter checks them:
         a number the dtype cannot hold becomes infinite, and is refused naming the range).
 
-        Through NumPy in float64, then cast: the same numbers as ``torch.tensor(rows, dtype)``,
-        about three times faster on many rows. Ragged rows raise ValueError."""
+        Through NumPy: the same numbers as ``torch.tensor(rows, dtype)``, about three times
+        faster on many rows; on the CPU straight to the dtype (one rounding, as float64 then a
+        cast would round), else in float64, then cast. Ragged rows raise ValueError."""
+        host = _NUMPY.get(self.dtype)
+        if host is not None and self.device.type == "cpu":
+            with np.errstate(over="ignore"):  # past the dtype's range: inf, refused by the filter
+                return torch.from_numpy(np.array(rows, dtype=host))
         t = torch.from_numpy(np.array(rows, dtype=np.float64))
         return t.to(dtype=self.dtype, device=self.device)
 
@@ -166,7 +177,7 @@ class Hosted(Generic[S]):
         x: list[list[float]],
         y: Sequence[Label],
         kernel: RowKernel[S] | None = None,
-    ) -> tuple[S, list[StepInfo], list[Observation]]:
+    ) -> tuple[S, list[RowReport], list[Observation]]:
         """One filtering step per row from ``state`` (pure), by ``kernel`` where it can: the new
         state, each row's report, and what calibration scores of each row. Raises
         StepRejected / InvalidInput."""
@@ -176,7 +187,8 @@ class Hosted(Generic[S]):
         except (ValueError, TypeError) as exc:
             raise InvalidInput(f"y rows must all have the same shape: {exc}") from exc
         new, infos = self.filter.run(state, X, Y, kernel)
-        return new, infos, self.scorer(self.filter.likelihood, infos, y)
+        rows = row_reports(infos)
+        return new, rows, self.scorer(self.filter.likelihood, infos, rows, y)
 
     def score(self, version: int, observations: list[Observation]) -> None:
         """Add the observations applied after ``version`` to the calibration window."""

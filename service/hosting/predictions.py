@@ -10,10 +10,9 @@ from __future__ import annotations
 import secrets
 
 import torch
-from torch import Tensor
 
 from service.errors import InvalidInput
-from service.filters import Belief, Predictive
+from service.filters import Belief
 from service.hosting import answers
 from service.hosting.compute import Compute
 from service.hosting.hosted import HostedModel, Published
@@ -48,10 +47,9 @@ class Predictions:
         return h.filter.state_bytes(h.current.state) * len(req.x) * (1 + req.num_samples)
 
 
-def _moments(
-    h: HostedModel, current: Published[Belief], req: PredictRequest
-) -> tuple[Tensor, Predictive | None, Tensor | None]:
-    """(mean, the predictive or None for the mean alone, the draws or None), checked finite."""
+def _moments(h: HostedModel, current: Published[Belief], req: PredictRequest) -> answers.Moments:
+    """The answer's numbers: the mean, the variances unless the request asked for the mean
+    alone, the draws if it asked for any; refused unless all of them are finite."""
     f = h.filter
     x = h.tensor(req.x)
     ahead = f.predict(current.state)  # the one-step-ahead belief p(theta_{t+1} | D_{1:t})
@@ -62,21 +60,20 @@ def _moments(
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         gen = torch.Generator(device=h.device).manual_seed(seed)
         draws = f.sample_outputs(ahead, x, req.num_samples, gen)
-    variances = () if pred is None else (pred.epistemic, pred.aleatoric)
-    for t in (mean, *variances, draws):
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise InvalidInput(
-                "the prediction for these inputs is not finite (values too large for the "
-                f"model's {h.spec.dtype} arithmetic)"
-            )
-    return mean, pred, draws
+    moments = answers.Moments.of(mean, pred, draws)  # one copy to the host, one host sync
+    if not moments.finite():
+        raise InvalidInput(
+            "the prediction for these inputs is not finite (values too large for the "
+            f"model's {h.spec.dtype} arithmetic)"
+        )
+    return moments
 
 
 def predict(h: HostedModel, current: Published[Belief], req: PredictRequest) -> PredictResponse:
     """The answer to ``req`` under ``current`` (pure but for the random seed it may draw)."""
-    return answers.prediction(current.version, *_moments(h, current, req))
+    return answers.prediction(current.version, _moments(h, current, req))
 
 
 def predict_encoded(h: HostedModel, current: Published[Belief], req: PredictRequest) -> bytes:
     """:func:`predict`'s answer as JSON bytes."""
-    return answers.prediction_json(current.version, *_moments(h, current, req))
+    return answers.prediction_json(current.version, _moments(h, current, req))

@@ -36,7 +36,6 @@ Every refusal is counted here (:class:`~service.hosting.hosted.Counters`), by er
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -45,7 +44,7 @@ from service.calibration import Observation
 from service.components import Label
 from service.config import Settings
 from service.errors import InvalidInput, NotFound, NotReady, PostserveError
-from service.filters import Belief, StepInfo
+from service.filters import Belief, RowReport
 from service.hosting import answers
 from service.hosting.catalogue import Catalogue
 from service.hosting.compute import Compute
@@ -140,7 +139,7 @@ class Updates:
             tip, new, infos, obs, kernel = await self._step(h, entry.x, entry.y)
             response = answers.update(tip.version + n, infos)
             requests = [] if rid is None else [(rid, response.model_dump_json().encode())]
-            record = dataclasses.replace(entry, kernel=kernel).to_bytes()
+            record = LogEntry(entry.x, entry.y, entry.request_id, kernel).to_bytes()
             pending = self._pend(h, tip, n, new, obs, record, requests)
         await self._durable(h, pending, n)
         return response
@@ -187,7 +186,7 @@ class Updates:
 
     async def _step(
         self, h: HostedModel, x: list[list[float]], y: Sequence[Label]
-    ) -> tuple[Published[Belief], Belief, list[StepInfo], list[Observation], str | None]:
+    ) -> tuple[Published[Belief], Belief, list[RowReport], list[Observation], str | None]:
         """The tip, the state after rows ``x``, ``y`` from it (not yet visible), and the key of
         the compiled step that computed it (None: the eager step), for its log record."""
         tip, kernel = h.tip, h.kernel  # read once: a kernel built meanwhile waits for the next
