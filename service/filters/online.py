@@ -285,6 +285,8 @@ class OnlineFilter(Generic[S]):
         for start in range(0, x.shape[0], rows):
             eta, J = self.network.jacobian_operator(theta, x[start : start + rows])
             parts.append(self.likelihood.predictive(eta, self.algorithm.project(state, J)))
+        if len(parts) == 1:
+            return parts[0]
         return Predictive(
             mean=torch.cat([p.mean for p in parts]),
             epistemic=torch.cat([p.epistemic for p in parts]),

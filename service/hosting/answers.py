@@ -79,7 +79,9 @@ class Moments:
     def of(mean: Tensor, pred: Predictive | None, draws: Tensor | None) -> Moments:
         parts = [mean] if pred is None else [mean, pred.variance, pred.epistemic, pred.aleatoric]
         parts += [] if draws is None else [draws]
-        flat = torch.cat([t.reshape(-1) for t in parts]).double().cpu().numpy()
+        # the (N, C) fields as they are, the draws (S, N, C) as (S N, C): one concatenation
+        rows = torch.cat([t.reshape(-1, t.shape[-1]) if t.ndim != 2 else t for t in parts])
+        flat = rows.reshape(-1).double().cpu().numpy()
         views, at = [], 0
         for t in parts:
             views.append(flat[at : at + t.numel()].reshape(t.shape))
