@@ -47,6 +47,7 @@ class RedisServer:
         self.password = password
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False  # once started, restarts keep the port (the tests' URLs name it)
 
     @property
     def url(self) -> str:
@@ -54,8 +55,23 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        """Start it (again, on the same port and folder, after ``kill`` or ``stop``). On its
+        first start, a port taken between ``free_port()`` and redis's bind (by another test
+        process) is given up for another."""
+        for attempt in range(3):
+            if self._start() or self.started or attempt == 2:
+                break
+            self.proc, self.port = None, free_port()
+        self.started = True
+        return self
+
+    def _start(self) -> bool:
+        """Start redis and wait until it answers; False if it exited because its port was
+        taken."""
         assert self.proc is None
         log = self.dir / "redis.log"
+        if not self.started:
+            log.unlink(missing_ok=True)  # a failed first try's
         self.proc = subprocess.Popen(
             [
                 self.binary,
@@ -81,11 +97,16 @@ class RedisServer:
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                text = log.read_text(errors="replace") if log.exists() else ""
+                if "address already in use" in text.lower():
+                    return False
+                raise AssertionError(f"redis-server exited: {text}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as c:
                     c.sendall(b"PING\r\n")
                     if c.recv(64)[:1] in (b"+", b"-"):  # PONG, or NOAUTH when a password is set
-                        return self
+                        return True
             except OSError:
                 time.sleep(0.05)
         raise AssertionError(f"redis-server did not start: {log.read_text(errors='replace')}")
