@@ -302,22 +302,22 @@ def _write(db: sqlite3.Connection | None, batch: list[_Append]) -> list[Postserv
     outcomes: list[PostserveError | None] = []
     latest: dict[str, int | None] = {}  # each model's latest version, as the batch leaves it
     now = time.time()
+    logs: list[tuple[str, int, bytes]] = []
+    requests: list[tuple[str, str, float, bytes]] = []
     try:
         with db:  # one transaction: commit (one fsync) on success, roll back on error
             for a in batch:
                 if a.name not in latest:
                     latest[a.name] = db.execute(_LATEST, (a.name, a.name)).fetchone()[0]
                 refused = refusal(a.name, a.version, a.after, latest[a.name])
-                if refused is not None:
-                    outcomes.append(refused)
-                    continue
-                db.execute("INSERT INTO log VALUES (?, ?, ?)", (a.name, a.version, a.record))
-                db.executemany(
-                    "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
-                    [(a.name, rid, now, answer) for rid, answer in a.answers],
-                )
-                latest[a.name] = a.version
-                outcomes.append(None)
+                outcomes.append(refused)
+                if refused is None:
+                    logs.append((a.name, a.version, a.record))
+                    requests += [(a.name, rid, now, answer) for rid, answer in a.answers]
+                    latest[a.name] = a.version
+            # the batch's rows in two statements: per-row statements cost more than the rows
+            db.executemany("INSERT INTO log VALUES (?, ?, ?)", logs)
+            db.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)", requests)
     except sqlite3.Error as exc:
         return [
             StoreUnavailable(f"sqlite: {exc}; nothing of this commit was written") for _ in batch
