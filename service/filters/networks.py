@@ -197,16 +197,9 @@ class Linear:
         return _dense(x, W, b)
 
     def jacobian(self, theta: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        N, C, I = x.shape[0], self.output_dim, self.input_dim
-        if C == 1:  # J = [x, 1]: two ops, where the general loop below takes eight
-            parts = (x, torch.ones((N, 1), dtype=x.dtype, device=x.device)) if self.bias else (x,)
-            return self.apply(theta, x), torch.cat(parts, 1).unsqueeze(1)
-        J = x.new_zeros((N, C, self.num_params))
-        for c in range(C):
-            J[:, c, c * I : (c + 1) * I] = x
-            if self.bias:
-                J[:, c, C * I + c] = 1.0
-        return self.apply(theta, x), J
+        """The operator's dense J: [x, 1] for one output, I_C ⊗ [x, 1] for C."""
+        g, J = self.jacobian_operator(theta, x)
+        return g, J.dense()
 
     def jacobian_operator(self, theta: Tensor, x: Tensor) -> tuple[Tensor, LayerJacobian]:
         """One layer whose G is I_C: row n's J is I_C ⊗ x_n (and I_C over the bias)."""
