@@ -81,10 +81,12 @@ class _Calls:
         return _Call("DELETE", f"/v1/models/{name}")
 
     @staticmethod
-    def update(name: str, x: Any, y: Any, request_id: str | None) -> _Call:
+    def update(name: str, x: Any, y: Any, request_id: str | None, outputs: Any) -> _Call:
         body: dict[str, Any] = {"x": _rows(x), "y": _list(y)}
         if request_id is not None:
             body["request_id"] = request_id
+        if outputs is not None:
+            body["outputs"] = [int(k) for k in _list(outputs)]
         return _Call("POST", f"/v1/models/{name}/update", body)
 
     @staticmethod
@@ -148,7 +150,8 @@ def _decide_body(item: DecideItem) -> dict[str, Any]:
     if isinstance(item, DecideRequest):
         return item.model_dump(exclude_none=True)
     body = {k: v for k, v in item.items() if v is not None}
-    body["actions"] = _rows(body["actions"])
+    if "actions" in body:
+        body["actions"] = _rows(body["actions"])
     if "context" in body:
         body["context"] = _list(body["context"])
     return body
@@ -209,8 +212,13 @@ class Client:
     def delete_model(self, name: str) -> None:
         _check(self._send(_Calls.delete(name)))
 
-    def update(self, name: str, x: Any, y: Any, request_id: str | None = None) -> UpdateResponse:
-        return _parse(self._send(_Calls.update(name, x, y, request_id)), UpdateResponse)
+    def update(
+        self, name: str, x: Any, y: Any, request_id: str | None = None, outputs: Any = None
+    ) -> UpdateResponse:
+        """Apply rows ``x``, ``y``; with ``outputs`` (one index per row), row i's y observes
+        output ``outputs[i]`` alone."""
+        call = _Calls.update(name, x, y, request_id, outputs)
+        return _parse(self._send(call), UpdateResponse)
 
     def predict(
         self,
@@ -232,14 +240,15 @@ class Client:
     def decide(
         self,
         name: str,
-        actions: Any,
+        actions: Any = None,
         context: Any = None,
         strategy: str = "thompson",
         epsilon: float = 0.1,
         event_id: str | None = None,
         seed: int | None = None,
     ) -> DecideResponse:
-        """Choose an action (rows of ``actions``, each after the shared ``context``)."""
+        """Choose an action (rows of ``actions``, each after the shared ``context``), or,
+        without ``actions``, one of the model's outputs (the arms) for ``context``."""
         call = _Calls.decide(name, actions, context, strategy, epsilon, event_id, seed)
         return _parse(self._send(call), DecideResponse)
 
@@ -293,9 +302,10 @@ class AsyncClient:
         _check(await self._send(_Calls.delete(name)))
 
     async def update(
-        self, name: str, x: Any, y: Any, request_id: str | None = None
+        self, name: str, x: Any, y: Any, request_id: str | None = None, outputs: Any = None
     ) -> UpdateResponse:
-        return _parse(await self._send(_Calls.update(name, x, y, request_id)), UpdateResponse)
+        call = _Calls.update(name, x, y, request_id, outputs)
+        return _parse(await self._send(call), UpdateResponse)
 
     async def predict(
         self,
@@ -317,7 +327,7 @@ class AsyncClient:
     async def decide(
         self,
         name: str,
-        actions: Any,
+        actions: Any = None,
         context: Any = None,
         strategy: str = "thompson",
         epsilon: float = 0.1,

@@ -1,17 +1,20 @@
 """Choosing an action from a posterior: Thompson sampling, UCB, greedy and epsilon-greedy.
 
 Pure functions over a filter and its (one-step-ahead) belief; no web, store or metrics code.
-Each candidate action is one row x_a of the model's inputs; the model predicts the expected
-reward mu(g(theta, x_a)) (for bernoulli, the probability of reward 1). Rewards are maximised.
+The candidates are the outputs of the rows X (A, I) the caller passes, one expected reward
+each, mu(g(theta, x_a))_c (for bernoulli, the probability of reward 1); rewards are maximised.
+Either A rows of a one-output model (each candidate action one input row x_a: action features,
+or a context and an action's features), or one row of a model with C outputs, whose outputs are
+the arms (the context alone: the neural bandit of Riquelme et al. 2018, VW's ``--cb_explore``);
+below, a is the candidate's index either way and mu_a its expected reward.
 
 =========== ================================================= ====================================
 strategy    action                                            propensities
 =========== ================================================= ====================================
-thompson    argmax_a of mu(g(theta_1, x_a)), theta_1 a draw   Monte Carlo: the share of M draws
-            from the posterior                                theta_1..theta_M (the decision's
-                                                              own draw among them) whose argmax
-                                                              is a; so the chosen action's is at
-                                                              least 1/M
+thompson    argmax_a of mu_a under one draw (a draw of        Monte Carlo: the share of M draws
+            theta, or of the linearised predictive when       (the decision's own draw among
+            ``linearized``: ``service.filters.draws``)        them) whose argmax is a; so the
+                                                              chosen action's is at least 1/M
 ucb         argmax_a of mean_a + 2 sd_a (sd: epistemic)      exact: 1 for the argmax
 greedy      argmax_a of mean_a                                exact: 1 for the argmax
 epsilon     uniform with probability epsilon, else greedy     exact: eps/A + (1 - eps) [a = greedy]
@@ -21,10 +24,10 @@ Ties go to the lowest index.
 
 Several items at once (``decide_many``, the ``/decide/batch`` route): each item is decided
 independently under the same belief, as by ``decide``, and the work is shared where that is
-sound. Thompson on a linear network: every item's M draws in output space from its own
-N(g(m, X_i), J_i Sigma J_i^T), all items' projections and factorisations batched
-(``OnlineFilter.sample_outputs_each``): the law of ``decide``, item by item. Thompson on any other
-network: a pool of M parameter draws theta_1..theta_M per up to M items evaluated on all of their
+sound. Thompson on a linear network, or ``linearized``: every item's M draws in output space
+from its own N(g(m, X_i), J_i Sigma J_i^T), all items' projections and factorisations batched
+(``OnlineFilter.sample_outputs_each``): the law of ``decide``, item by item. Thompson by
+parameter draws on any other network: a pool of M parameter draws theta_1..theta_M per up to M items evaluated on all of their
 rows; item j decides by draw j of its pool (its own draw: no two items share one, so the
 decisions are independent) and its propensities are the share of the pool's M draws (its own
 among them) whose arg-max is a, so they are estimated from one shared set of draws: each is
@@ -72,14 +75,18 @@ def decide(
     epsilon: float = 0.1,
     generator: torch.Generator | None = None,
     propensity_samples: int = 256,
+    linearized: bool = False,
 ) -> Decision:
-    """Pick one of the A rows of X (A, I) under ``belief`` (already predicted one step ahead)."""
-    _one_output(f)
+    """Pick one of the candidates of X (A, I) (the A rows of a one-output model, or the C
+    outputs of one row) under ``belief`` (already predicted one step ahead)."""
+    _candidates(f, X.shape[0])
+    M = propensity_samples
     if strategy == "thompson":
-        draws = f.sample_outputs(belief, X, propensity_samples, generator)[..., 0]  # (M, A)
-        return _thompson(draws.unsqueeze(0), torch.zeros(1, dtype=torch.long))[0]
+        draws = f.sample_outputs(belief, X, M, generator, linearized=linearized)  # (M, A, C)
+        return _thompson(draws.reshape(1, M, -1), torch.zeros(1, dtype=torch.long))[0]
     pred = f.predictive(belief, X)
-    return _exact(pred.mean[:, 0], pred.epistemic[:, 0], strategy, epsilon, generator)
+    mean, var = pred.mean.reshape(-1), pred.epistemic.reshape(-1)
+    return _exact(mean, var, strategy, epsilon, generator)
 
 
 def decide_many(
@@ -92,10 +99,12 @@ def decide_many(
     *,
     generator: torch.Generator | None = None,
     propensity_samples: int = 256,
+    linearized: bool = False,
 ) -> list[Decision]:
     """Decide each of several items under ``belief`` (see the module's docstring): item i's
-    candidate rows are the next ``sizes[i]`` rows of X (sum(sizes), I)."""
-    _one_output(f)
+    candidates are those of the next ``sizes[i]`` rows of X (sum(sizes), I)."""
+    for a in sizes:
+        _candidates(f, a)
     starts = [0]
     for a in sizes:
         starts.append(starts[-1] + a)
@@ -106,28 +115,34 @@ def decide_many(
         (by_size.setdefault(sizes[i], []) if strategy == "thompson" else exact).append(i)
     for A, items in by_size.items():
         Xg = torch.stack([X[starts[i] : starts[i] + A] for i in items])  # (G, A, I)
-        chosen = _thompson_group(f, belief, Xg, propensity_samples, generator)
+        chosen = _thompson_group(f, belief, Xg, propensity_samples, generator, linearized)
         out.update(zip(items, chosen, strict=True))
     if exact:
         rows = torch.cat([X[starts[i] : starts[i + 1]] for i in exact])
         pred = f.predictive(belief, rows)
         at = 0
         for i in exact:
-            mean, var = pred.mean[at : at + sizes[i], 0], pred.epistemic[at : at + sizes[i], 0]
+            mean = pred.mean[at : at + sizes[i]].reshape(-1)
+            var = pred.epistemic[at : at + sizes[i]].reshape(-1)
             out[i] = _exact(mean, var, strategies[i], epsilons[i], generator)
             at += sizes[i]
     return [out[i] for i in range(len(sizes))]
 
 
 def _thompson_group(
-    f: OnlineFilter[S], belief: S, Xg: Tensor, M: int, generator: torch.Generator | None
+    f: OnlineFilter[S],
+    belief: S,
+    Xg: Tensor,
+    M: int,
+    generator: torch.Generator | None,
+    linearized: bool,
 ) -> list[Decision]:
-    """Thompson decisions of G items with A candidate rows each, Xg (G, A, I)."""
-    G, A, I = Xg.shape
-    if f.network.linear_in_params:  # each item's own M draws, in output space
-        draws = f.sample_outputs_each(belief, Xg, M, generator)[..., 0]  # (G, M, A)
-        return _thompson(draws, torch.zeros(G, dtype=torch.long))
-    width = f.num_params // I + 1  # about the widest layer: activations per evaluated row
+    """Thompson decisions of G items with A rows each, Xg (G, A, I), A C candidates."""
+    (G, A, I), C = Xg.shape, f.network.output_dim
+    if f.network.linear_in_params or linearized:  # each item's own M draws, in output space
+        draws = f.sample_outputs_each(belief, Xg, M, generator, linearized=linearized)
+        return _thompson(draws.reshape(G, M, -1), torch.zeros(G, dtype=torch.long))
+    width = f.num_params // I + C  # about the widest layer: activations per evaluated row
     step = max(1, _POOL_NUMBERS // (M * A * width))  # items evaluated at once
     out: list[Decision] = []
     for start in range(0, G, M):  # a pool of M draws per M items; item j decides by draw j
@@ -135,9 +150,9 @@ def _thompson_group(
         parts = []
         for at in range(start, min(start + M, G), step):
             rows = Xg[at : min(at + step, start + M, G)].reshape(-1, I)
-            eta = f.network.apply(theta, rows)  # (M, g A, 1)
-            parts.append(f.likelihood.mean(eta)[..., 0].reshape(M, -1, A).transpose(0, 1))
-        draws = torch.cat(parts)  # (g, M, A)
+            eta = f.network.apply(theta, rows)  # (M, g A, C)
+            parts.append(f.likelihood.mean(eta).reshape(M, -1, A * C).transpose(0, 1))
+        draws = torch.cat(parts)  # (g, M, A C)
         out += _thompson(draws, torch.arange(draws.shape[0]))
     return out
 
@@ -174,11 +189,13 @@ def _exact(
     return Decision(best, scores.tolist(), [float(a == best) for a in range(A)], None)
 
 
-def _one_output(f: OnlineFilter[S]) -> None:
-    if f.network.output_dim != 1:
+def _candidates(f: OnlineFilter[S], rows: int) -> None:
+    """InvalidInput unless the candidates are rows of a one-output model or one row's outputs."""
+    C = f.network.output_dim
+    if rows > 1 and C > 1:
         raise InvalidInput(
-            f"decide needs a model with one output (the expected reward), this one has "
-            f"{f.network.output_dim}"
+            f"decide: {rows} action rows need a model with one output (the expected reward); "
+            f"this one has {C}, one per arm: decide with its context alone (no actions)"
         )
 
 

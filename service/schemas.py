@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, Field, StrictFloat, field_validator
+from pydantic import BaseModel, Field, StrictFloat, field_validator, model_validator
 
 from service.components import ALGORITHMS, LIKELIHOODS, NETWORKS, TypedSpec
 from service.components.algorithms import DiagonalSpec, EKFSpec, KalmanSpec, LoFiSpec
@@ -128,7 +128,10 @@ class EventsSpec(Strict):
 
 
 class ModelSpec(Strict):
-    """The body of ``POST /v1/models``."""
+    """The body of ``POST /v1/models``. ``thompson``: what a Thompson decision draws,
+    ``parameters`` (theta from the posterior, through the network) or ``linearized`` (the
+    network's outputs from the linearised predictive N(g(m, x), J Sigma J^T)); the same law for
+    a network linear in its parameters (``docs/algorithms.md`` 5.2)."""
 
     name: ModelName
     network: NetworkSpec
@@ -141,15 +144,22 @@ class ModelSpec(Strict):
     device: str = "auto"
     monitor: bool = False
     events: EventsSpec = Field(default_factory=EventsSpec)
+    thompson: Literal["parameters", "linearized"] = "parameters"
 
 
 Number = StrictFloat  # JSON numbers only: no booleans, no numeric strings
 
 
 class UpdateRequest(Strict):
+    """The body of ``POST /v1/models/{name}/update``. ``outputs`` (one output index per row):
+    row i's ``y`` is one number that observes output ``outputs[i]`` alone, the model's other
+    outputs unobserved (``docs/algorithms.md`` 3.8); its prediction in the answer is of that
+    output."""
+
     x: list[list[Number]] = Field(min_length=1)
     y: list[Number | list[Number]] = Field(min_length=1)
     request_id: str | None = Field(None, min_length=1, max_length=200)
+    outputs: list[Annotated[Integer, Field(ge=0)]] | None = Field(None, min_length=1)
 
     _check_finite = field_validator("x", "y")(finite_field)
 
@@ -171,9 +181,12 @@ EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 
 class DecideRequest(Strict):
-    """The body of ``POST /v1/models/{name}/decide``: one row per candidate action."""
+    """The body of ``POST /v1/models/{name}/decide``: one row per candidate action (each row
+    ``context + action``, for a model with one output, the expected reward), or the ``context``
+    alone for a model whose outputs are the arms (one expected reward per output; the reward
+    of the chosen arm then observes that output alone)."""
 
-    actions: list[list[Number]] = Field(min_length=1)
+    actions: list[list[Number]] | None = Field(None, min_length=1)
     context: list[Number] | None = None
     strategy: Literal["thompson", "ucb", "greedy", "epsilon"] = "thompson"
     epsilon: float = Field(0.1, ge=0, le=1)
@@ -181,6 +194,15 @@ class DecideRequest(Strict):
     seed: Integer | None = Field(None, ge=0, le=2**63 - 1)
 
     _check_finite = field_validator("actions", "context")(finite_field)
+
+    @model_validator(mode="after")
+    def _candidates(self) -> DecideRequest:
+        if self.actions is None and self.context is None:
+            raise ValueError(
+                "decide needs actions (one row per candidate action) or, for a model whose "
+                "outputs are the arms, a context alone"
+            )
+        return self
 
 
 class DecideResponse(BaseModel):

@@ -45,6 +45,9 @@ class Poisson:
     def check_output_dim(self, output_dim: int) -> None:
         _require_single_output(self.name, output_dim)
 
+    def restrict(self, k: int) -> Poisson:
+        return self  # one output: observing it is observing all
+
     def encode(self, y: Tensor, output_dim: int) -> Tensor:
         y = _as_rows(y, 1, "poisson")
         if not bool(((y >= 0) & (y == torch.round(y))).all()):

@@ -75,6 +75,11 @@ class Likelihood(Protocol):
         """Validate targets and return their sufficient statistics (N, C); raise InvalidInput."""
         ...
 
+    def restrict(self, k: int) -> Likelihood:
+        """The likelihood of output k observed alone, the others unobserved
+        (``service.filters.outputs``); InvalidInput where one observation covers every output."""
+        ...
+
     def mean(self, eta: Tensor) -> Tensor:
         """mu(eta), (..., C)."""
         ...
@@ -183,6 +188,11 @@ class Gaussian:
     def encode(self, y: Tensor, output_dim: int) -> Tensor:
         return _as_rows(y, output_dim, "gaussian")
 
+    def restrict(self, k: int) -> Gaussian:
+        """Output k's noise variance r_k alone (the noise is independent across outputs)."""
+        r = self._r_list()
+        return self if len(r) == 1 else Gaussian(r[k])
+
     def mean(self, eta: Tensor) -> Tensor:
         return eta
 
@@ -236,6 +246,9 @@ class Bernoulli:
 
     def check_output_dim(self, output_dim: int) -> None:
         _require_single_output(self.name, output_dim)
+
+    def restrict(self, k: int) -> Bernoulli:
+        return self  # one output: observing it is observing all
 
     def encode(self, y: Tensor, output_dim: int) -> Tensor:
         y = _as_rows(y, 1, "bernoulli")
@@ -298,6 +311,12 @@ class Categorical:
     def check_output_dim(self, output_dim: int) -> None:
         if output_dim < 2:
             raise InvalidSpec(f"a categorical likelihood needs output_dim >= 2, got {output_dim}")
+
+    def restrict(self, k: int) -> Categorical:
+        raise InvalidInput(
+            "outputs: a categorical observation (one class label) is of every class at once; "
+            "it cannot observe one output alone"
+        )
 
     def encode(self, y: Tensor, output_dim: int) -> Tensor:
         if y.ndim != 1:

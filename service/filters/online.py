@@ -24,7 +24,7 @@ result) raises :class:`~service.errors.StepRejected` and the caller's state is u
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal
 
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from service.errors import InvalidInput, InvalidSpec, StepRejected
+from service.filters import draws
 from service.filters.algorithm import Algorithm, S
 from service.filters.base import Linearization, Predictive, StepInfo
 from service.filters.block import applies, run_block
@@ -43,10 +44,10 @@ from service.filters.linalg import (
     finite_check,
     input_check,
     not_finite,
-    psd_sqrt,
     settle,
 )
-from service.filters.networks import DenseJacobian, Network
+from service.filters.networks import Network
+from service.filters.outputs import check_outputs, partial_targets, restricted
 from service.filters.priors import prior_variance
 
 __all__ = ["Dynamics", "OnlineFilter", "Prior", "RowStep"]
@@ -204,7 +205,12 @@ class OnlineFilter(Generic[S]):
         return self.update(self.predict(state), x, y)
 
     def run(
-        self, state: S, x: Tensor, y: Tensor, kernel: RowStep[S] | None = None
+        self,
+        state: S,
+        x: Tensor,
+        y: Tensor,
+        kernel: RowStep[S] | None = None,
+        outputs: Sequence[int] | None = None,
     ) -> tuple[S, list[StepInfo]]:
         """``step`` over the rows of x (N, I) with raw targets y (see ``encode``), in order.
 
@@ -213,9 +219,18 @@ class OnlineFilter(Generic[S]):
         per-row reports, to rounding, for a fraction of the row-by-row loop's time. Otherwise,
         ``kernel`` (a compiled step, ``service.filters.compiled``) computes each row in place of
         the eager step where it can: a row it answers ``None`` for is computed eagerly.
+
+        ``outputs`` (N ints): row i observes output ``outputs[i]`` alone, y one number per row
+        (``restrict``, ``docs/algorithms.md`` 3.8); each row's report is of that output, (1, 1).
         """
         theta = state.mean
         x = self._shaped(x, theta)
+        if outputs is not None and self.network.output_dim > 1:  # each row by its output's filter
+            Y, filters = partial_targets(self, x, y, outputs)
+            Y = Y.to(dtype=theta.dtype, device=theta.device)
+            return self._run_rows(state, x, Y, None, filters)
+        if outputs is not None:  # one output: observing it is observing all
+            check_outputs(outputs, x.shape[0], 1)
         Y = self.encode(y).to(dtype=theta.dtype, device=theta.device)
         if Y.shape[0] != x.shape[0]:
             raise InvalidInput(f"x has {x.shape[0]} rows but y has {Y.shape[0]}")
@@ -225,17 +240,28 @@ class OnlineFilter(Generic[S]):
             return new, infos
         return self._run_rows(state, x, Y, kernel)
 
+    def restrict(self, k: int) -> OnlineFilter[S]:
+        """The filter of output k observed alone (``service.filters.outputs.restricted``)."""
+        return restricted(self, k)
+
     def _run_rows(
-        self, state: S, x: Tensor, Y: Tensor, kernel: RowStep[S] | None = None
+        self,
+        state: S,
+        x: Tensor,
+        Y: Tensor,
+        kernel: RowStep[S] | None = None,
+        filters: Sequence[OnlineFilter[S]] | None = None,
     ) -> tuple[S, list[StepInfo]]:
         """``run`` row by row, on validated rows x (N, I) and encoded targets Y (N, C) of the
-        state's dtype (finiteness of x settled with the steps' checks)."""
+        state's dtype (finiteness of x settled with the steps' checks); row i by
+        ``filters[i]`` where given (the kernel is this filter's, for no other)."""
         infos: list[StepInfo] = []
         # x's finiteness is settled with the steps' own checks, and is one of a kernel's: while
         # every row passes its kernel's checks, nothing is left to settle (no host sync)
         pending: list[Check] = []
         for i in range(x.shape[0]):
-            done = None if kernel is None else kernel(state, x[i : i + 1], Y[i])
+            f = self if filters is None else filters[i]
+            done = None if kernel is None or f is not self else kernel(state, x[i : i + 1], Y[i])
             if done is not None:  # its checks passed
                 state, info = done
                 infos.append(info)
@@ -243,7 +269,7 @@ class OnlineFilter(Generic[S]):
             if not pending:
                 pending.append(input_check("x", x))
             try:
-                state, info, checks = self._update(self.predict(state), x[i : i + 1], Y[i])
+                state, info, checks = f._update(f.predict(state), x[i : i + 1], Y[i])
             except StepRejected:
                 settle(pending)  # an earlier row's failure is the one to report
                 raise
@@ -313,57 +339,39 @@ class OnlineFilter(Generic[S]):
         return self.algorithm.sample(state, n, generator)
 
     def sample_outputs(
-        self, state: S, x: Tensor, n: int, generator: torch.Generator | None = None
+        self,
+        state: S,
+        x: Tensor,
+        n: int,
+        generator: torch.Generator | None = None,
+        *,
+        linearized: bool = False,
     ) -> Tensor:
-        """Thompson samples mu(g(theta_k, x)) (n, N, C): draw k shares one theta_k across all rows.
-
-        A linear network's outputs are linear in theta, so the N C of them are jointly Gaussian,
-        N(g(m, x), J Sigma J^T): when N C <= D they are drawn there directly (the same law as
-        drawing theta, from an N C-dimensional draw instead of a D-dimensional one).
-        """
-        theta = state.mean
-        x = self._rows(x, theta)
-        if self.network.linear_in_params:
-            # Repeated rows must draw exactly alike (an arg-max tie goes to the lowest index).
-            unique, inverse = torch.unique(x, dim=0, return_inverse=True)
-            N, C = unique.shape[0], self.network.output_dim
-            if self.num_params >= N * C:  # fewer outputs than parameters
-                g, J = self.network.jacobian(theta, unique)
-                cov = self.algorithm.project(state, DenseJacobian(J.reshape(1, N * C, -1)))[0]
-                if all_finite(cov):  # else the parameter draw below says what is wrong
-                    z = torch.randn((n, N * C), generator=generator, dtype=g.dtype, device=g.device)
-                    eta = (g.reshape(N * C) + z @ psd_sqrt(cov).mT).reshape(n, N, C)
-                    return self.likelihood.mean(eta[:, inverse])
-        return self.likelihood.mean(self.network.apply(self.sample(state, n, generator), x))
+        """Thompson samples mu(eta_k) (n, N, C) of the rows x (N, I): eta_k = g(theta_k, x) with
+        draw k sharing one theta_k across all rows, or, ``linearized``, a draw of the
+        linearised predictive N(g(m, x), J Sigma J^T) (``service.filters.draws``)."""
+        return draws.sample_outputs(
+            self, state, self._rows(x, state.mean), n, generator, linearized
+        )
 
     def sample_outputs_each(
-        self, state: S, x: Tensor, n: int, generator: torch.Generator | None = None
+        self,
+        state: S,
+        x: Tensor,
+        n: int,
+        generator: torch.Generator | None = None,
+        *,
+        linearized: bool = False,
     ) -> Tensor:
-        """``sample_outputs`` of each of G groups of rows x (G, N, I), in one go: (G, n, N, C).
-
-        Group g's n draws are its own, independent of the other groups' (as G separate calls),
-        and draw k of a group shares one theta across that group's rows. For a linear network
-        with N C <= D, every group's outputs are drawn from their own N(g(m, x_g), J_g Sigma
-        J_g^T) with one batched projection and factorisation; repeated rows of a group draw
-        exactly alike. Otherwise, one ``sample_outputs`` per group.
-        """
+        """``sample_outputs`` of each of G groups of rows x (G, N, I), in one go: (G, n, N, C),
+        group g's draws independent of the other groups' (``service.filters.draws``)."""
         if x.ndim != 3:
             raise InvalidInput(f"x must have shape (groups, rows, inputs), got {tuple(x.shape)}")
-        (G, N, I), C = x.shape, self.network.output_dim
+        G, N, I = x.shape
         flat = self._rows(x.reshape(G * N, I), state.mean)
-        small = N * N * I <= _CHUNK_NUMBERS  # the repeated-rows test of one group
-        if self.network.linear_in_params and self.num_params >= N * C and small:
-            g, J = self.network.jacobian(state.mean, flat)
-            cov = self.algorithm.project(
-                state, DenseJacobian(J.reshape(G, N * C, -1))
-            )  # (G, NC, NC)
-            if all_finite(cov):  # else the per-group draws below say what is wrong
-                z = torch.randn((G, n, N * C), generator=generator, dtype=g.dtype, device=g.device)
-                eta = (g.reshape(G, 1, N * C) + z @ psd_sqrt(cov).mT).reshape(G, n, N, C)
-                first = _first_repeats(flat.reshape(G, N, -1))
-                eta = eta.gather(2, first[:, None, :, None].expand(G, n, N, C))
-                return self.likelihood.mean(eta)
-        return torch.stack([self.sample_outputs(state, x[i], n, generator) for i in range(G)])
+        return draws.sample_outputs_each(
+            self, state, flat.reshape(G, N, I), n, generator, linearized
+        )
 
     def state_bytes(self, state: S) -> int:
         return self.algorithm.state_bytes(state)
@@ -389,15 +397,3 @@ class OnlineFilter(Generic[S]):
                 f"x must have shape (rows, {self.network.input_dim}), got {tuple(x.shape)}"
             )
         return x.to(dtype=like.dtype, device=like.device)
-
-
-def _first_repeats(rows: Tensor) -> Tensor:
-    """For rows (G, N, I): the index of each row's first identical row in its group, (G, N)."""
-    G, N, I = rows.shape
-    step = max(1, _CHUNK_NUMBERS // (N * N * I))  # groups per chunk of the N x N test
-    parts = []
-    for start in range(0, G, step):
-        r = rows[start : start + step]
-        same = (r.unsqueeze(2) == r.unsqueeze(1)).all(-1)  # (g, N, N), true on the diagonal
-        parts.append(same.to(torch.int8).argmax(-1))  # argmax: the first maximal index
-    return torch.cat(parts)

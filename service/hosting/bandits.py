@@ -204,6 +204,7 @@ class Bandits:
             epsilon=req.epsilon,
             generator=gen,
             propensity_samples=self.settings.propensity_samples,
+            linearized=h.spec.thompson == "linearized",
         )
 
     def _choose_many(
@@ -233,6 +234,7 @@ class Bandits:
                 [items[i].epsilon for i in free],
                 generator=gen,
                 propensity_samples=self.settings.propensity_samples,
+                linearized=h.spec.thompson == "linearized",
             )
             out.update(zip(free, chosen, strict=True))
         return [out[i] for i in range(len(items))]
@@ -254,9 +256,12 @@ class Bandits:
             if raw is None:
                 raise NotFound(f"item {i}: {self._unknown(h, ids[i])}; nothing was applied")
         rewards: list[float] = [item.reward for item in req.items]
-        _check_rewards(h, rewards)
-        x = [EventRecord.from_bytes(raw).x for raw in raws if raw is not None]
-        done = await self.updates.apply_keyed(h, x, list(rewards), [f"event:{e}" for e in ids])
+        events = [EventRecord.from_bytes(raw) for raw in raws if raw is not None]
+        outputs = _outputs(events)
+        _check_rewards(h, rewards, outputs)
+        x = [event.x for event in events]
+        keys = [f"event:{e}" for e in ids]
+        done = await self.updates.apply_keyed(h, x, list(rewards), keys, outputs)
         await self.store.settle_events(h.name, list(dict.fromkeys(ids)))
         return answers.rewards(ids, done)
 
@@ -270,7 +275,8 @@ class Bandits:
     async def _settle(
         self, h: HostedModel, event_id: str, event: EventRecord, reward: float
     ) -> RewardResponse:
-        entry = LogEntry(x=[event.x], y=[reward], request_id=f"event:{event_id}")
+        outputs = None if event.output is None else [event.output]
+        entry = LogEntry([event.x], [reward], f"event:{event_id}", outputs=outputs)
         done = await self.updates.apply(h, entry)
         await self.store.settle_event(h.name, event_id)
         return answers.reward(event_id, done)
@@ -305,9 +311,16 @@ class Bandits:
 
 
 def _rows(h: HostedModel, req: DecideRequest, where: str = "") -> list[list[float]]:
-    """The candidate input rows (context + action), each as wide as the model's input."""
+    """The candidate input rows (context + action), each as wide as the model's input; the
+    context alone where the model's outputs are the arms (no actions)."""
     context = req.context or []
     want = h.filter.network.input_dim
+    if req.actions is None:
+        if len(context) != want:
+            raise InvalidInput(
+                f"{where}decide: the context has {len(context)} values, the model takes {want}"
+            )
+        return [context]
     for i, action in enumerate(req.actions):
         if len(context) + len(action) != want:
             raise InvalidInput(
@@ -320,14 +333,17 @@ def _rows(h: HostedModel, req: DecideRequest, where: str = "") -> list[list[floa
 def _record(
     rows: list[list[float]], choice: Decision, req: DecideRequest, response: DecideResponse
 ) -> bytes:
-    """The event kept for a decision's reward."""
+    """The event kept for a decision's reward: the chosen row, or the context and the chosen
+    output where the outputs are the arms."""
+    arms_are_outputs = req.actions is None
     return EventRecord(
-        x=rows[choice.action],
+        x=rows[0] if arms_are_outputs else rows[choice.action],
         action=choice.action,
         propensity=response.propensity,
         strategy=req.strategy,
         version=response.version,
         response=response.model_dump_json(),
+        output=choice.action if arms_are_outputs else None,
     ).to_bytes()
 
 
@@ -336,14 +352,33 @@ def _answer(raw: bytes) -> DecideResponse:
     return DecideResponse.model_validate_json(EventRecord.from_bytes(raw).response)
 
 
-def _check_rewards(h: HostedModel, rewards: list[float]) -> None:
-    """Every reward valid for the model's likelihood, else InvalidInput naming the first bad item."""
-    try:
-        h.filter.encode(h.tensor(rewards))
+def _outputs(events: list[EventRecord]) -> list[int] | None:
+    """The output each event's reward observes alone, where the arms are the outputs (an
+    event of a one-output model observes its only output, 0); None where no event's arm is
+    an output."""
+    if all(e.output is None for e in events):
+        return None
+    return [0 if e.output is None else e.output for e in events]
+
+
+def _check_rewards(h: HostedModel, rewards: list[float], outputs: list[int] | None) -> None:
+    """Every reward valid for the model's likelihood (of the output it observes), else
+    InvalidInput naming the first bad item."""
+    ks = [0] * len(rewards) if outputs is None else outputs
+
+    def encode(k: int, r: list[float]) -> None:
+        (h.filter if outputs is None else h.filter.restrict(k)).encode(h.tensor(r))
+
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(ks):
+        groups.setdefault(k, []).append(i)
+    try:  # each output's rewards at once
+        for k, items in groups.items():
+            encode(k, [rewards[i] for i in items])
     except InvalidInput:
-        for i, r in enumerate(rewards):
+        for i, r in enumerate(rewards):  # the first bad item, to name it
             try:
-                h.filter.encode(h.tensor([r]))
+                encode(ks[i], [r])
             except InvalidInput as exc:
                 raise InvalidInput(f"item {i}: {exc.message}; nothing was applied") from exc
         raise

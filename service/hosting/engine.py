@@ -153,7 +153,8 @@ class Engine:
     # -- data plane --------------------------------------------------------------------------
 
     async def update(self, name: str, req: UpdateRequest) -> UpdateResponse:
-        return await self.updates.apply_to(name, LogEntry(req.x, list(req.y), req.request_id))
+        entry = LogEntry(req.x, list(req.y), req.request_id, outputs=req.outputs)
+        return await self.updates.apply_to(name, entry)
 
     def refused(self, name: str, code: str) -> None:
         """Count an update refused at the HTTP edge (its body did not validate)."""

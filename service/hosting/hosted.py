@@ -177,16 +177,17 @@ class Hosted(Generic[S]):
         x: list[list[float]],
         y: Sequence[Label],
         kernel: RowKernel[S] | None = None,
+        outputs: list[int] | None = None,
     ) -> tuple[S, list[RowReport], list[Observation]]:
-        """One filtering step per row from ``state`` (pure), by ``kernel`` where it can: the new
-        state, each row's report, and what calibration scores of each row. Raises
-        StepRejected / InvalidInput."""
+        """One filtering step per row from ``state`` (pure), by ``kernel`` where it can, row i
+        observing output ``outputs[i]`` alone where given: the new state, each row's report,
+        and what calibration scores of each row. Raises StepRejected / InvalidInput."""
         X = self.tensor(x)
         try:
             Y = self.tensor(y)
         except (ValueError, TypeError) as exc:
             raise InvalidInput(f"y rows must all have the same shape: {exc}") from exc
-        new, infos = self.filter.run(state, X, Y, kernel)
+        new, infos = self.filter.run(state, X, Y, kernel, outputs)
         rows = row_reports(infos)
         return new, rows, self.scorer(self.filter.likelihood, infos, rows, y)
 

@@ -5,12 +5,15 @@ restoring), so each record reads and writes exactly these keys (written by orjso
 over 10x faster than the json module on rows of numbers; read by either):
 
 =============  ============================================================================
-log entry      ``{"x": rows, "y": labels, "request_id": str | null, "kernel"?: str}``: one
-               ``/update`` (or one batch of rewards), applied as ``len(x)`` filtering steps;
-               ``kernel`` names the compiled step that computed it (absent: the eager step)
-event          ``{"x", "action", "propensity", "strategy", "version", "response"}``: one
-               ``/decide``; ``x`` the chosen action's input row, ``response`` the JSON answer
-               given (returned again to a retried decision)
+log entry      ``{"x": rows, "y": labels, "request_id": str | null, "kernel"?: str,
+               "outputs"?: [int]}``: one ``/update`` (or one batch of rewards), applied as
+               ``len(x)`` filtering steps; ``kernel`` names the compiled step that computed it
+               (absent: the eager step); ``outputs`` the output each row observes alone
+               (absent: every output)
+event          ``{"x", "action", "propensity", "strategy", "version", "response",
+               "output"?: int}``: one ``/decide``; ``x`` the chosen action's input row (the
+               context, when the arms are the model's outputs: then ``output`` is the chosen
+               one), ``response`` the JSON answer given (returned again to a retried decision)
 =============  ============================================================================
 """
 
@@ -44,17 +47,22 @@ class LogEntry:
     y: list[Label]
     request_id: str | None
     kernel: str | None = None  # the compiled step that computed it; None: the eager step
+    outputs: list[int] | None = None  # the output each row observes alone; None: all
 
     def to_bytes(self) -> bytes:
         body: dict[str, object] = {"x": self.x, "y": self.y, "request_id": self.request_id}
         if self.kernel is not None:
             body["kernel"] = self.kernel
+        if self.outputs is not None:
+            body["outputs"] = self.outputs
         return orjson.dumps(body)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> LogEntry:
         body = _loads(raw)
-        return cls(body["x"], body["y"], body.get("request_id"), body.get("kernel"))
+        return cls(
+            body["x"], body["y"], body.get("request_id"), body.get("kernel"), body.get("outputs")
+        )
 
 
 @dataclass(frozen=True)
@@ -65,16 +73,22 @@ class EventRecord:
     strategy: str
     version: int
     response: str
+    output: int | None = None  # the chosen output, when the arms are the model's outputs
 
     def to_bytes(self) -> bytes:
         # The fields by hand, in their order: ``asdict`` deep-copies every number of x.
-        body = {
+        body: dict[str, object] = {
             "x": self.x, "action": self.action, "propensity": self.propensity,
             "strategy": self.strategy, "version": self.version, "response": self.response,
         }  # fmt: skip
+        if self.output is not None:
+            body["output"] = self.output
         return orjson.dumps(body)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> EventRecord:
         body = _loads(raw)
-        return cls(**{k: body[k] for k in cls.__dataclass_fields__})
+        return cls(
+            body["x"], body["action"], body["propensity"], body["strategy"], body["version"],
+            body["response"], body.get("output"),
+        )  # fmt: skip

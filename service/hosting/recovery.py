@@ -56,6 +56,8 @@ class Recovery:
                     f"log of {h.name!r} is inconsistent: record {rec.version} follows {version}"
                 )
             kernel = await self.kernels.for_replay(h, entry.kernel)  # the one that computed it
-            new, _, obs = await self.compute.offload(h.step, state, entry.x, entry.y, kernel)
+            new, _, obs = await self.compute.offload(
+                h.step, state, entry.x, entry.y, kernel, entry.outputs
+            )
             h.publish(rec.version, new)
             h.score(version, obs)

@@ -45,6 +45,7 @@ from service.components import Label
 from service.config import Settings
 from service.errors import InvalidInput, NotFound, NotReady, PostserveError
 from service.filters import Belief, RowReport
+from service.filters.outputs import check_outputs
 from service.hosting import answers
 from service.hosting.catalogue import Catalogue
 from service.hosting.compute import Compute
@@ -88,11 +89,17 @@ class Updates:
         return await self._counted(h, self._apply(h, entry))
 
     async def apply_keyed(
-        self, h: HostedModel, x: list[list[float]], y: list[Label], request_ids: Sequence[str]
+        self,
+        h: HostedModel,
+        x: list[list[float]],
+        y: list[Label],
+        request_ids: Sequence[str],
+        outputs: list[int] | None = None,
     ) -> list[UpdateResponse]:
-        """Apply rows ``x``, ``y``, row i answering ``request_ids[i]`` (see the module's
-        docstring); one answer per row, in order; refusals are counted."""
-        return await self._counted(h, self._apply_keyed(h, x, y, request_ids))
+        """Apply rows ``x``, ``y`` (row i observing output ``outputs[i]`` alone where given),
+        row i answering ``request_ids[i]`` (see the module's docstring); one answer per row, in
+        order; refusals are counted."""
+        return await self._counted(h, self._apply_keyed(h, x, y, request_ids, outputs))
 
     async def _counted(self, h: HostedModel, work: Awaitable[T]) -> T:
         try:
@@ -111,10 +118,19 @@ class Updates:
             raise
         return await self.apply(h, entry)
 
-    def _admit(self, h: HostedModel, x: list[list[float]], y: Sequence[Label], what: str) -> None:
+    def _admit(
+        self,
+        h: HostedModel,
+        x: list[list[float]],
+        y: Sequence[Label],
+        outputs: list[int] | None,
+        what: str,
+    ) -> None:
         self.limits.rows(x, h.filter.network.input_dim, what)
         if len(y) != len(x):
             raise InvalidInput(f"x has {len(x)} rows but y has {len(y)}")
+        if outputs is not None:
+            check_outputs(outputs, len(x), h.filter.network.output_dim)
 
     @asynccontextmanager
     async def _writing(self, h: HostedModel, request_ids: Sequence[str]) -> AsyncIterator[None]:
@@ -129,25 +145,30 @@ class Updates:
             yield
 
     async def _apply(self, h: HostedModel, entry: LogEntry) -> UpdateResponse:
-        self._admit(h, entry.x, entry.y, "update")
+        self._admit(h, entry.x, entry.y, entry.outputs, "update")
         n, rid = len(entry.x), entry.request_id
         async with self._writing(h, [] if rid is None else [rid]):
             if rid is not None:
                 first = await self.store.get_response(h.name, rid)
                 if first is not None:
                     return _duplicate(first)
-            tip, new, infos, obs, kernel = await self._step(h, entry.x, entry.y)
+            tip, new, infos, obs, kernel = await self._step(h, entry.x, entry.y, entry.outputs)
             response = answers.update(tip.version + n, infos)
             requests = [] if rid is None else [(rid, response.model_dump_json().encode())]
-            record = LogEntry(entry.x, entry.y, entry.request_id, kernel).to_bytes()
+            record = LogEntry(entry.x, entry.y, rid, kernel, entry.outputs).to_bytes()
             pending = self._pend(h, tip, n, new, obs, record, requests)
         await self._durable(h, pending, n)
         return response
 
     async def _apply_keyed(
-        self, h: HostedModel, x: list[list[float]], y: list[Label], request_ids: Sequence[str]
+        self,
+        h: HostedModel,
+        x: list[list[float]],
+        y: list[Label],
+        request_ids: Sequence[str],
+        outputs: list[int] | None,
     ) -> list[UpdateResponse]:
-        self._admit(h, x, y, "reward")
+        self._admit(h, x, y, outputs, "reward")
         done: dict[int, UpdateResponse] = {}
         fresh: dict[str, int] = {}  # request id -> its row, for the rows to apply
         pending: Pending[Belief] | None = None
@@ -160,8 +181,9 @@ class Updates:
                     fresh[rid] = i
             if fresh:
                 rows = list(fresh.values())
+                these = None if outputs is None else [outputs[i] for i in rows]
                 pending, each = await self._pend_keyed(
-                    h, [x[i] for i in rows], [y[i] for i in rows], list(fresh)
+                    h, [x[i] for i in rows], [y[i] for i in rows], list(fresh), these
                 )
                 done.update(zip(rows, each, strict=True))
         if pending is not None:
@@ -174,24 +196,31 @@ class Updates:
         return [done[i] for i in range(len(request_ids))]
 
     async def _pend_keyed(
-        self, h: HostedModel, x: list[list[float]], y: list[Label], ids: Sequence[str]
+        self,
+        h: HostedModel,
+        x: list[list[float]],
+        y: list[Label],
+        ids: Sequence[str],
+        outputs: list[int] | None,
     ) -> tuple[Pending[Belief], list[UpdateResponse]]:
         """Compute new rows from the tip and hand them to the store as one record, with one
         request record per row (each row's answer as it would have answered alone)."""
-        tip, new, infos, obs, kernel = await self._step(h, x, y)
+        tip, new, infos, obs, kernel = await self._step(h, x, y, outputs)
         each = [answers.update(tip.version + k + 1, [info]) for k, info in enumerate(infos)]
         records = [(rid, a.model_dump_json().encode()) for rid, a in zip(ids, each, strict=True)]
-        record = LogEntry(x, y, None, kernel).to_bytes()
+        record = LogEntry(x, y, None, kernel, outputs).to_bytes()
         return self._pend(h, tip, len(x), new, obs, record, records), each
 
     async def _step(
-        self, h: HostedModel, x: list[list[float]], y: Sequence[Label]
+        self, h: HostedModel, x: list[list[float]], y: Sequence[Label], outputs: list[int] | None
     ) -> tuple[Published[Belief], Belief, list[RowReport], list[Observation], str | None]:
         """The tip, the state after rows ``x``, ``y`` from it (not yet visible), and the key of
         the compiled step that computed it (None: the eager step), for its log record."""
         tip, kernel = h.tip, h.kernel  # read once: a kernel built meanwhile waits for the next
+        if outputs is not None and h.filter.network.output_dim > 1:
+            kernel = None  # a row of one output is the restricted filter's eager step
         work = h.filter.state_bytes(tip.state) * len(x)
-        new, infos, obs = await self.compute.run(work, h.step, tip.state, x, y, kernel)
+        new, infos, obs = await self.compute.run(work, h.step, tip.state, x, y, kernel, outputs)
         return tip, new, infos, obs, None if kernel is None else kernel.key
 
     def _pend(

@@ -1,0 +1,98 @@
+"""Linearised Thompson draws (``service.filters.draws``) against their law, computed here.
+
+Independent truth: the linearised predictive of rows x is N(g(m, x), J P J^T) with J from
+autodiff (``torch.func``) and P the belief's dense covariance; draws of it, in output space
+(N C <= D) or through theta (N C > D), must have that mean and covariance (Monte Carlo, fixed
+seeds, tolerances of about 5 standard errors), and a network linear in its parameters draws the
+same way whichever is asked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from service.components.build import build_filter
+from service.filters import OnlineFilter, jacobian_autodiff
+from service.schemas import ModelSpec
+
+F64 = torch.float64
+N_DRAWS = 20000
+
+
+def _mlp_filter(algorithm: str) -> OnlineFilter[Any]:
+    spec = ModelSpec.model_validate(
+        {
+            "name": "draws",
+            "network": {"type": "mlp", "input_dim": 3, "hidden": [4], "output_dim": 2},
+            "likelihood": {"type": "gaussian", "noise_variance": 0.3},
+            "filter": {"type": algorithm},
+            "prior": {"variance": 0.5},
+            "dtype": "float64",
+        }
+    )
+    return build_filter(spec)
+
+
+def _law(f: OnlineFilter[Any], state: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+    g = f.network.apply(state.mean, x).reshape(-1)
+    J = jacobian_autodiff(f.network, state.mean, x).reshape(g.shape[0], -1)
+    return g, J @ f.algorithm.covariance(state) @ J.T
+
+
+@pytest.mark.parametrize("rows", [2, 15])  # N C = 4 <= D = 26; 30 > 26: through theta
+@pytest.mark.parametrize("algorithm", ["lofi", "ekf"])
+def test_linearised_draws_have_the_linearised_predictive_law(algorithm: str, rows: int) -> None:
+    f = _mlp_filter(algorithm)
+    gen = torch.Generator().manual_seed(0)
+    state = f.init(dtype=F64)
+    X = torch.randn(6, 3, dtype=F64, generator=gen)
+    state, _ = f.run(state, X, torch.randn(6, 2, dtype=F64, generator=gen))
+    x = torch.randn(rows, 3, dtype=F64, generator=gen)
+    draws = f.sample_outputs(state, x, N_DRAWS, gen, linearized=True).reshape(N_DRAWS, -1)
+    mean, cov = _law(f, state, x)
+    sd = cov.diagonal().sqrt()
+    assert ((draws.mean(0) - mean).abs() <= 5 * sd / N_DRAWS**0.5).all()
+    emp = torch.cov(draws.T)
+    tol = 5 * (sd[:, None] * sd[None, :]) * (2 / N_DRAWS) ** 0.5
+    assert ((emp - cov).abs() <= tol).all()
+
+
+def test_each_group_draws_its_own_linearised_law() -> None:
+    f = _mlp_filter("lofi")
+    gen = torch.Generator().manual_seed(1)
+    state = f.init(dtype=F64)
+    x = torch.randn(3, 1, 3, dtype=F64, generator=gen)  # 3 groups of one row
+    draws = f.sample_outputs_each(state, x, N_DRAWS, gen, linearized=True)
+    assert draws.shape == (3, N_DRAWS, 1, 2)
+    for g in range(3):
+        mean, cov = _law(f, state, x[g])
+        emp = draws[g, :, 0]
+        sd = cov.diagonal().sqrt()
+        assert ((emp.mean(0) - mean).abs() <= 5 * sd / N_DRAWS**0.5).all()
+        tol = 5 * (sd[:, None] * sd[None, :]) * (2 / N_DRAWS) ** 0.5
+        assert ((torch.cov(emp.T) - cov).abs() <= tol).all()
+    # groups are independent: the first output's draws of two groups are uncorrelated
+    r = torch.corrcoef(torch.stack([draws[0, :, 0, 0], draws[1, :, 0, 0]]))[0, 1]
+    assert abs(float(r)) < 5 / N_DRAWS**0.5
+
+
+def test_a_linear_network_draws_alike_either_way() -> None:
+    spec = ModelSpec.model_validate(
+        {
+            "name": "lin",
+            "network": {"type": "linear", "input_dim": 3, "output_dim": 2},
+            "likelihood": {"type": "gaussian"},
+            "filter": {"type": "kalman"},
+            "dtype": "float64",
+        }
+    )
+    f = build_filter(spec)
+    state = f.init(dtype=F64)
+    x = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    a = f.sample_outputs(state, x, 50, torch.Generator().manual_seed(3))
+    b = f.sample_outputs(state, x, 50, torch.Generator().manual_seed(3), linearized=True)
+    assert torch.equal(a, b)
