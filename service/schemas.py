@@ -129,9 +129,9 @@ class EventsSpec(Strict):
 
 class ModelSpec(Strict):
     """The body of ``POST /v1/models``. ``thompson``: what a Thompson decision draws,
-    ``parameters`` (theta from the posterior, through the network) or ``linearized`` (the
-    network's outputs from the linearised predictive N(g(m, x), J Sigma J^T)); the same law for
-    a network linear in its parameters (``docs/algorithms.md`` 5.2)."""
+    ``linearized`` (the default: the network's outputs from the linearised predictive
+    N(g(m, x), J Sigma J^T)) or ``parameters`` (theta from the posterior, through the network);
+    the same law for a network linear in its parameters (``docs/algorithms.md`` 4.4)."""
 
     name: ModelName
     network: NetworkSpec
@@ -144,7 +144,7 @@ class ModelSpec(Strict):
     device: str = "auto"
     monitor: bool = False
     events: EventsSpec = Field(default_factory=EventsSpec)
-    thompson: Literal["parameters", "linearized"] = "parameters"
+    thompson: Literal["linearized", "parameters"] = "linearized"
 
 
 Number = StrictFloat  # JSON numbers only: no booleans, no numeric strings

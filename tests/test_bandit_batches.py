@@ -40,6 +40,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "mlp": mlp_spec(
         "m", 5, [8], likelihood={"type": "gaussian", "noise_variance": 0.5},
         filter={"type": "lofi", "rank": 3}, dtype="float64", prior={"variance": 0.5},
+        thompson="parameters",  # the law /predict's samples draw (theta through the network)
     ),
 }  # fmt: skip
 

@@ -16,7 +16,7 @@ Every case is seeded; nothing is random at test time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
@@ -225,9 +225,11 @@ def test_run_takes_the_block_only_where_it_applies(monkeypatch: pytest.MonkeyPat
     calls: list[int] = []
     real = online_module.run_block
 
-    def spy(f: KalmanFilter, state: GaussState, x: Tensor, Y: Tensor) -> object:
+    def spy(
+        f: KalmanFilter, state: GaussState, x: Tensor, Y: Tensor, outputs: Sequence[int] | None
+    ) -> object:
         calls.append(x.shape[0])
-        return real(f, state, x, Y)
+        return real(f, state, x, Y, outputs)
 
     monkeypatch.setattr(online_module, "run_block", spy)
     x, y = _data(6, 4, 1)

@@ -162,3 +162,27 @@ def test_output_of_a_network_is_its_row_of_the_jacobian() -> None:
             assert bias is not None and part.output_bias == slice(
                 bias.start + k, bias.start + k + 1
             )
+
+
+def test_the_kalman_block_takes_partial_rows_as_the_row_by_row_filter_does() -> None:
+    """Static dynamics: the rows of a request, each observing its own output, are one block
+    update (``docs/algorithms.md`` 3.7), equal to the row-by-row loop to rounding."""
+    from service.filters.block import applies
+    from service.filters.outputs import partial_targets
+
+    f = _filter("kalman", {"type": "gaussian", "noise_variance": NOISE})
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(40, I, dtype=F64, generator=gen)
+    y = torch.randn(40, dtype=F64, generator=gen)
+    outputs = torch.randint(0, C, (40,), generator=gen).tolist()
+    prior = f.init(dtype=F64)
+    assert applies(f, 40, partial=True)
+    block, block_infos = f.run(prior, x, y, outputs=outputs)
+    Y, filters = partial_targets(f, x, y, outputs)
+    rows, row_infos = f._run_rows(prior, x, Y, None, filters)
+    torch.testing.assert_close(block.mean, rows.mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(block.cov, rows.cov, rtol=1e-9, atol=1e-12)
+    for a, b in zip(block_infos, row_infos, strict=True):
+        for field in ("mean", "epistemic", "aleatoric"):
+            torch.testing.assert_close(getattr(a.predictive, field), getattr(b.predictive, field))
+        torch.testing.assert_close(a.log_likelihood, b.log_likelihood)

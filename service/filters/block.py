@@ -52,6 +52,7 @@ the posterior's validity; each row's predictive finite.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -86,14 +87,15 @@ class Block:
     checks: tuple[Check, Check]
 
 
-def applies(f: OnlineFilter[S], rows: int) -> bool:
+def applies(f: OnlineFilter[S], rows: int, partial: bool = False) -> bool:
     """Whether ``f.run`` on ``rows`` rows goes through the block update: the exact Kalman filter
-    (a linear network, a gaussian likelihood) with one output, static dynamics and rows >= 2."""
+    (a linear network, a gaussian likelihood) with static dynamics, rows >= 2, and one output
+    or rows that each observe one output (``partial``, ``docs/algorithms.md`` 3.8)."""
     return (
         rows >= 2
         and isinstance(f.algorithm, Kalman)
         and isinstance(f.likelihood, Gaussian)
-        and f.network.output_dim == 1
+        and (f.network.output_dim == 1 or partial)
         and f.network.linear_in_params
         and f.dynamics.decay == 1.0
         and f.process_noise == 0.0
@@ -105,8 +107,9 @@ def _working(t: Tensor) -> torch.dtype:
     return t.dtype if t.device.type == "mps" else torch.float64
 
 
-def block_update(m: Tensor, P: Tensor, H: Tensor, g: Tensor, y: Tensor, r: float) -> Block:
-    """One block: m (D,), P (D, D), H (n, D), g (n,), y (n,), r > 0; the module's equations.
+def block_update(m: Tensor, P: Tensor, H: Tensor, g: Tensor, y: Tensor, r: float | Tensor) -> Block:
+    """One block: m (D,), P (D, D), H (n, D), g (n,), y (n,), r > 0; the module's equations,
+    with R = r I, or R = diag(r) for r (n,) (rows of different outputs: 3.8).
 
     Two rows y = 1 on theta_0 ~ N(0, 1) with r = 1: the second row is predicted from the first's
     posterior N(1/2, 1/2), and the block's posterior is N(2/3, 1/3).
@@ -123,14 +126,17 @@ def block_update(m: Tensor, P: Tensor, H: Tensor, g: Tensor, y: Tensor, r: float
     dtype, work = m.dtype, _working(m)
     m, P, H, g, y = (t.to(work) for t in (m, P, H, g, y))
     n = H.shape[0]
+    r = r.to(work) if isinstance(r, Tensor) else r
     PHt = P @ H.mT  # (D, n)
-    S = symmetrise(H @ PHt) + r * identity(n, work, H.device)
+    R = torch.diag(r) if isinstance(r, Tensor) else r * identity(n, work, H.device)
+    S = symmetrise(H @ PHt) + R
     L, info = torch.linalg.cholesky_ex(S)
     Z = torch.linalg.solve_triangular(L, torch.cat([(y - g).unsqueeze(1), PHt.mT], 1), upper=False)
     z, B = Z[:, 0], Z[:, 1:]
     Kt = torch.linalg.solve_triangular(L.mT, B, upper=True)  # K^T = S^{-1} H P (n, D)
     A = P - Kt.mT @ PHt.mT  # (I - K H) P
-    cov = symmetrise(A - (A @ H.mT) @ Kt + r * (Kt.mT @ Kt))
+    rK = r.unsqueeze(1) * Kt if isinstance(r, Tensor) else r * Kt  # R K^T
+    cov = symmetrise(A - (A @ H.mT) @ Kt + Kt.mT @ rK)
     eta = g + torch.tril(L, -1) @ z
     var_eta = L.diagonal() ** 2 - r
     factored = (info == 0).to(dtype).log()  # 0 when factorised, -inf otherwise
@@ -147,26 +153,36 @@ def block_update(m: Tensor, P: Tensor, H: Tensor, g: Tensor, y: Tensor, r: float
 
 
 def run_block(
-    f: OnlineFilter[S], state: S, x: Tensor, Y: Tensor
+    f: OnlineFilter[S], state: S, x: Tensor, Y: Tensor, outputs: Sequence[int] | None = None
 ) -> tuple[S, list[StepInfo], list[Check]]:
     """``f.run`` through block updates, for validated rows x (N, I) and encoded targets Y (N, 1)
     of the state's dtype, where :func:`applies`: the new state, one StepInfo per row (as the
-    row-by-row filter reports it), and the checks, for the caller to settle."""
+    row-by-row filter reports it), and the checks, for the caller to settle. With ``outputs``,
+    row i observes output ``outputs[i]`` alone (H its row of J, r its noise variance)."""
     lik = f.likelihood
-    if not (applies(f, x.shape[0]) and isinstance(lik, Gaussian)):
+    if not (applies(f, x.shape[0], outputs is not None) and isinstance(lik, Gaussian)):
         raise ValueError("run_block serves the exact Kalman filter with static dynamics only")
     nv = lik.noise_variance
-    r = float(nv[0] if isinstance(nv, tuple) else nv)  # one output: one noise variance
+    noise = [float(v) for v in nv] if isinstance(nv, tuple) else [float(nv)]
+    ks = None if outputs is None else torch.tensor(outputs, device=x.device)
     infos: list[StepInfo] = []
     checks: list[Check] = []
     for start in range(0, x.shape[0], BLOCK_ROWS):
         g, J = f.network.jacobian(state.mean, x[start : start + BLOCK_ROWS])
         y = Y[start : start + BLOCK_ROWS]
-        out = block_update(state.mean, f.algorithm.covariance(state), J[:, 0], g[:, 0], y[:, 0], r)
+        r: float | Tensor = noise[0]  # one noise variance, or each row's output's (n,)
+        if ks is None:
+            k, H, gk = None, J[:, 0], g[:, 0]
+        else:
+            k = ks[start : start + BLOCK_ROWS]
+            rows = torch.arange(g.shape[0], device=g.device)
+            H, gk = J[rows, k], g[rows, k]
+            if len(noise) > 1:
+                r = torch.tensor(noise, dtype=torch.float64, device=g.device)[k]
+        out = block_update(state.mean, f.algorithm.covariance(state), H, gk, y[:, 0], r)
         state = replace(state, mean=out.mean, cov=out.cov)
         eta, var_eta = out.eta.unsqueeze(1), out.var_eta.reshape(-1, 1, 1)
-        pred = lik.predictive(eta, var_eta)
-        loglik = lik.log_predictive(y, eta, var_eta)
+        pred, loglik = _reports(lik, eta, var_eta, y, k)
         checks += [
             *out.checks,
             *f.algorithm.validity(state),
@@ -174,6 +190,23 @@ def run_block(
         ]
         infos += _infos(pred, loglik, eta, var_eta)
     return state, infos, checks
+
+
+def _reports(
+    lik: Gaussian, eta: Tensor, var_eta: Tensor, y: Tensor, k: Tensor | None
+) -> tuple[Predictive, Tensor]:
+    """The rows' predictive and log densities, each row's of its own output: the likelihood's,
+    or with ``k`` (n,) that of each output's restriction, for its rows."""
+    if k is None:
+        return lik.predictive(eta, var_eta), lik.log_predictive(y, eta, var_eta)
+    mean, ep, al, ll = eta.clone(), eta.clone(), eta.clone(), y.new_empty(y.shape[0])
+    for output in sorted(set(k.tolist())):
+        rows = (k == output).nonzero().squeeze(1)
+        part = lik.restrict(output)
+        p = part.predictive(eta[rows], var_eta[rows])
+        mean[rows], ep[rows], al[rows] = p.mean, p.epistemic, p.aleatoric
+        ll[rows] = part.log_predictive(y[rows], eta[rows], var_eta[rows])
+    return Predictive(mean, ep, al), ll
 
 
 def _infos(pred: Predictive, loglik: Tensor, eta: Tensor, var_eta: Tensor) -> list[StepInfo]:

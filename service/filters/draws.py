@@ -1,4 +1,4 @@
-"""Thompson draws of a model's outputs (``docs/algorithms.md`` 5.2).
+"""Thompson draws of a model's outputs (``docs/algorithms.md`` 4.4).
 
 For N rows x (N, I) with C outputs each, a draw is mu(eta) with eta (N, C) one of:
 

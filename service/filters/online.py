@@ -225,20 +225,21 @@ class OnlineFilter(Generic[S]):
         """
         theta = state.mean
         x = self._shaped(x, theta)
-        if outputs is not None and self.network.output_dim > 1:  # each row by its output's filter
+        filters: list[OnlineFilter[S]] | None = None  # each row's, observing its output alone
+        if outputs is not None and self.network.output_dim > 1:
             Y, filters = partial_targets(self, x, y, outputs)
-            Y = Y.to(dtype=theta.dtype, device=theta.device)
-            return self._run_rows(state, x, Y, None, filters)
-        if outputs is not None:  # one output: observing it is observing all
-            check_outputs(outputs, x.shape[0], 1)
-        Y = self.encode(y).to(dtype=theta.dtype, device=theta.device)
-        if Y.shape[0] != x.shape[0]:
-            raise InvalidInput(f"x has {x.shape[0]} rows but y has {Y.shape[0]}")
-        if applies(self, x.shape[0]):
-            new, infos, checks = run_block(self, state, x, Y)
+        else:
+            if outputs is not None:  # one output: observing it is observing all
+                check_outputs(outputs, x.shape[0], 1)
+            outputs, Y = None, self.encode(y)
+            if Y.shape[0] != x.shape[0]:
+                raise InvalidInput(f"x has {x.shape[0]} rows but y has {Y.shape[0]}")
+        Y = Y.to(dtype=theta.dtype, device=theta.device)
+        if applies(self, x.shape[0], partial=filters is not None):
+            new, infos, checks = run_block(self, state, x, Y, outputs)
             settle([input_check("x", x), *checks])  # one host sync for the whole request
             return new, infos
-        return self._run_rows(state, x, Y, kernel)
+        return self._run_rows(state, x, Y, kernel if filters is None else None, filters)
 
     def restrict(self, k: int) -> OnlineFilter[S]:
         """The filter of output k observed alone (``service.filters.outputs.restricted``)."""
