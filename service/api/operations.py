@@ -128,7 +128,9 @@ OPERATIONS: dict[str, Operation] = {
         "Apply observations",
         "One filtering step per row of `x` with its label in `y`, in order, applied once the "
         "log record is durable. Answers the new version and, per row, its pre-update prediction "
-        "and log predictive density. A repeated `request_id` returns the first answer with "
+        "and log predictive density. With `outputs` (one output index per row), row i's `y` "
+        "is one number observing output `outputs[i]` alone, and its prediction is of that "
+        "output. A repeated `request_id` returns the first answer with "
         '`"duplicate": true` and changes nothing. A refused update changes neither the state '
         "nor the version.",
         (
@@ -172,8 +174,10 @@ OPERATIONS: dict[str, Operation] = {
     "decide": Operation(
         "Choose an action",
         "Chooses one of the candidate `actions` (one feature row each, after the shared "
-        "`context`; together they are the model's inputs) by `strategy`, and keeps the event "
-        "(the chosen row, its propensity, the version) for its reward for `events.ttl_s`. A "
+        "`context`; together they are the model's inputs) by `strategy`, or, with the "
+        "`context` alone, one of the model's outputs (the arms; the reward then observes that "
+        "output alone), and keeps the event (the chosen row, its propensity, the version) for "
+        "its reward for `events.ttl_s`. Thompson draws follow the model's `thompson`. A "
         "known `event_id` answers its first decision. 409 `already_exists`: the event id is "
         "that of an expired event.",
         (
