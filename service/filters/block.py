@@ -218,6 +218,9 @@ def _infos(pred: Predictive, loglik: Tensor, eta: Tensor, var_eta: Tensor) -> li
     means = etas if pred.mean is eta else pred.mean.unsqueeze(1).unbind()
     al = pred.aleatoric
     alea = [al[:1]] * len(etas) if al.stride(0) == 0 else al.unsqueeze(1).unbind()
+    # each row's packed report (``base.packed``), one row of one (n, 4 C + 1) tensor
+    fields = [pred.mean, pred.variance, pred.epistemic, pred.aleatoric, loglik.unsqueeze(1)]
+    reports = torch.cat([t.expand(eta.shape[0], -1) for t in fields], 1).unbind()
     rows = zip(
         means,
         pred.epistemic.unsqueeze(1).unbind(),
@@ -225,6 +228,7 @@ def _infos(pred: Predictive, loglik: Tensor, eta: Tensor, var_eta: Tensor) -> li
         loglik.unbind(),
         etas,
         var_eta.unsqueeze(1).unbind(),
+        reports,
         strict=True,
     )
-    return [StepInfo(Predictive(mu, ep, a), ll, e, v) for mu, ep, a, ll, e, v in rows]
+    return [StepInfo(Predictive(mu, ep, a), ll, e, v, p) for mu, ep, a, ll, e, v, p in rows]
