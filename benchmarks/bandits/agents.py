@@ -108,15 +108,19 @@ class Uniform:
 
 @dataclass
 class _PerArmRidge:
-    """A^-1 and b per arm for ridge regression with lambda 1 (Sherman-Morrison updates)."""
+    """A^-1 and b per arm, Sherman-Morrison updates: the Bayesian linear regression of each arm
+    with prior N(0, prior I) and noise variance ``noise`` (A^-1 its posterior covariance, A^-1 b
+    its mean); the defaults are ridge regression with lambda 1."""
 
     n_arms: int
     dim: int
+    prior: float = 1.0
+    noise: float = 1.0
     A_inv: np.ndarray = field(init=False)
     b: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.A_inv = np.stack([np.eye(self.dim)] * self.n_arms)
+        self.A_inv = np.stack([np.eye(self.dim) * self.prior] * self.n_arms)
         self.b = np.zeros((self.n_arms, self.dim))
 
     def means(self, f: np.ndarray) -> np.ndarray:
@@ -128,8 +132,8 @@ class _PerArmRidge:
 
     def add(self, f: np.ndarray, arm: int, reward: float) -> None:
         Af = self.A_inv[arm] @ f
-        self.A_inv[arm] -= np.outer(Af, Af) / (1.0 + f @ Af)
-        self.b[arm] += reward * f
+        self.A_inv[arm] -= np.outer(Af, Af) / (self.noise + f @ Af)
+        self.b[arm] += reward * f / self.noise
 
 
 class EpsilonGreedy:
@@ -169,26 +173,18 @@ class LinearTS:
     def __init__(
         self, n_arms: int, dim: int, rng: np.random.Generator, noise: float, prior: float
     ) -> None:
-        self.name, self.rng, self.noise = "linear-np", rng, noise
-        d = dim + 1
-        self.cov = np.stack([np.eye(d) * prior] * n_arms)  # A_k^-1, by Sherman-Morrison
-        self.b = np.zeros((n_arms, d))
-        self.mean = np.zeros((n_arms, d))
+        self.name, self.rng = "linear-np", rng
+        self.ridge = _PerArmRidge(n_arms, dim + 1, prior, noise)
 
     def act(self, x: np.ndarray) -> int:
         """Arm k's score f^T theta_k, theta_k ~ N(mean_k, A_k^-1), is N(f^T mean_k, f^T A_k^-1 f),
         independent across arms: one draw each is the decision of one draw of every theta_k."""
         f = features(x)
-        sd = np.sqrt(np.maximum(np.einsum("i,kij,j->k", f, self.cov, f), 0.0))
-        scores = self.mean @ f + sd * self.rng.standard_normal(len(sd))
-        return _argmax(scores, self.rng)
+        sd = self.ridge.widths(f)
+        return _argmax(self.ridge.means(f) + sd * self.rng.standard_normal(len(sd)), self.rng)
 
     def learn(self, x: np.ndarray, arm: int, reward: float) -> None:
-        f = features(x)
-        Cf = self.cov[arm] @ f
-        self.cov[arm] -= np.outer(Cf, Cf) / (self.noise + f @ Cf)
-        self.b[arm] += reward * f / self.noise
-        self.mean[arm] = self.cov[arm] @ self.b[arm]
+        self.ridge.add(features(x), arm, reward)
 
     def close(self) -> None:
         pass

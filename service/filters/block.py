@@ -182,7 +182,8 @@ def run_block(
         out = block_update(state.mean, f.algorithm.covariance(state), H, gk, y[:, 0], r)
         state = replace(state, mean=out.mean, cov=out.cov)
         eta, var_eta = out.eta.unsqueeze(1), out.var_eta.reshape(-1, 1, 1)
-        pred, loglik = _reports(lik, eta, var_eta, y, k)
+        # each row's output's own likelihood, where the outputs' noise variances differ
+        pred, loglik = _reports(lik, eta, var_eta, y, k if len(noise) > 1 else None)
         checks += [
             *out.checks,
             *f.algorithm.validity(state),
