@@ -276,6 +276,12 @@ class PredictResponse(BaseModel):
     epistemic_variance: list[list[float]]
     aleatoric_variance: list[list[float]]
     samples: list[list[list[float]]] = Field(default_factory=list)
+    point_estimate: bool = Field(
+        False,
+        description="the model's filter keeps a point estimate (sgd, replay_sgd), not a "
+        "posterior: its epistemic variance is 0, the variance is the noise alone, and its "
+        "samples (and Thompson draws) are the mean",
+    )
 
 
 class CalibrationSummary(BaseModel):

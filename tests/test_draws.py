@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from service.components import ALGORITHMS
 from service.components.build import build_filter
 from service.filters import OnlineFilter, jacobian_autodiff
 from service.schemas import ModelSpec
@@ -29,7 +30,7 @@ def _mlp_filter(algorithm: str) -> OnlineFilter[Any]:
             "name": "draws",
             "network": {"type": "mlp", "input_dim": 3, "hidden": [4], "output_dim": 2},
             "likelihood": {"type": "gaussian", "noise_variance": 0.3},
-            "filter": {"type": algorithm},
+            "filter": {"type": algorithm, **ALGORITHMS[algorithm].example},
             "prior": {"variance": 0.5},
             "dtype": "float64",
         }

@@ -345,11 +345,78 @@ class PostserveTS:
         self.client.delete_model(self.model)
 
 
+#: The subspace agent's recipe (the paper's, Duran-Martin et al. 2022, probml/bandits): PULLS
+#: round-robin pulls of each arm, SGD with momentum from the network's initialisation over them,
+#: the top DIM principal directions of the last ITERATES iterates, prior variance 1e-4 in z; the
+#: paper's observation noise is 0, which a gaussian likelihood here cannot take: 1e-4.
+SUBSPACE = {"pulls": 20, "dim": 470, "epochs": 1000, "learning_rate": 0.8, "momentum": 0.9,
+            "iterates": 500, "prior_variance": 1e-4, "noise_variance": 1e-4}  # fmt: skip
+
+
+def subspace_spec(
+    name: str, task: Task, seed: int, warm: list[tuple[np.ndarray, int, float]], scale: float
+) -> dict[str, Any]:
+    r = SUBSPACE
+    dim = min(int(r["dim"]), int(r["iterates"]) - 1, int(r["epochs"]) - 1)
+    warmup = {
+        "x": [x.tolist() for x, _, _ in warm], "y": [y / scale for _, _, y in warm],
+        "outputs": [a for _, a, _ in warm], "epochs": r["epochs"],
+        "learning_rate": r["learning_rate"], "momentum": r["momentum"], "iterates": r["iterates"],
+    }  # fmt: skip
+    return testing.mlp_spec(
+        name, task.n_features, [50], task.n_arms, activation="relu",
+        likelihood={"type": "gaussian", "noise_variance": r["noise_variance"]},
+        filter={"type": "subspace", "dim": dim, "projection": "warmup", "warmup": warmup},
+        prior={"variance": r["prior_variance"]}, seed=seed, dtype="float64",
+    )  # fmt: skip
+
+
+class PostserveSubspace(PostserveTS):
+    """``subspace-arms``: round-robin pulls first (``SUBSPACE["pulls"]`` of each arm, counted
+    in the reward like every other step), then a subspace-EKF model created with those pulls as
+    its warm-up (each row observing the arm pulled), Thompson through ``/decide`` after."""
+
+    def __init__(self, client: Client, task: Task, seed: int, scale: float) -> None:
+        self.name, self.client, self.n_arms, self.scale = (
+            "subspace-arms",
+            client,
+            task.n_arms,
+            scale,
+        )
+        self.arms_are_outputs, self.task, self.seed = True, task, seed
+        self.model = f"bandit-{task.name}-subspace-arms-{seed}"
+        self.strategy, self._seed, self._t = "thompson", seed * 1_000_003, 0
+        self._event: str | None = None
+        self._warm: list[tuple[np.ndarray, int, float]] | None = []
+        self._pulls = int(SUBSPACE["pulls"]) * task.n_arms
+
+    def act(self, x: np.ndarray) -> int:
+        if self._warm is not None and len(self._warm) < self._pulls:
+            return len(self._warm) % self.n_arms
+        if self._warm is not None:
+            spec = subspace_spec(self.model, self.task, self.seed, self._warm, self.scale)
+            self.client.create_model(spec)
+            self._warm = None
+        return super().act(x)
+
+    def learn(self, x: np.ndarray, arm: int, reward: float) -> None:
+        if self._warm is not None:
+            self._warm.append((x, arm, reward))
+        else:
+            super().learn(x, arm, reward)
+
+    def close(self) -> None:
+        if self._warm is None:
+            super().close()
+
+
 AGENTS = (
     "linear-ts", "neural-ts", "linear-arms", "neural-arms", "neural-arms-params",
-    "linear-np", "linucb", "eps-greedy", "uniform", "vw",
+    "subspace-arms", "linear-np", "linucb", "eps-greedy", "uniform", "vw",
 )  # fmt: skip
-HTTP_AGENTS = ("linear-ts", "neural-ts", "linear-arms", "neural-arms", "neural-arms-params")
+HTTP_AGENTS = (
+    "linear-ts", "neural-ts", "linear-arms", "neural-arms", "neural-arms-params", "subspace-arms",
+)  # fmt: skip
 
 
 def make(agent: str, task: Task, seed: int, client: Client | None) -> Agent:
@@ -374,6 +441,8 @@ def make(agent: str, task: Task, seed: int, client: Client | None) -> Agent:
         spec = linear_arms_spec(model, task)
         return PostserveTS(agent, client, spec, task.n_arms, seed, arms_are_outputs=True)
     scale = float(TASK_PRIORS[task.name]["neural_reward_scale"])
+    if agent == "subspace-arms":
+        return PostserveSubspace(client, task, seed, scale)
     if agent in ("neural-arms", "neural-arms-params"):
         thompson = "linearized" if agent == "neural-arms" else "parameters"
         spec = neural_arms_spec(model, task, seed, thompson)

@@ -349,7 +349,7 @@ def main() -> None:
     results: Results = {}
     if args.throughput != "only":
         env = {"POSTSERVE_PROPENSITY_SAMPLES": str(args.propensity_samples)}
-        with server(env) as url, Client(url) as client:
+        with server(env) as url, Client(url, timeout=600.0) as client:
             results = run_all(args, agents, client, lambda r: checkpoint(args.out, r, meta))
         checkpoint(args.out, results, meta)
     rates: dict[str, float] = {}

@@ -8,6 +8,7 @@ into an :class:`~service.filters.OnlineFilter` and a state into snapshot bytes a
 from service.components.algorithms import ALGORITHMS
 from service.components.likelihoods import LIKELIHOODS
 from service.components.networks import NETWORKS
+from service.components.projected import LastLayerSpec, PulseSpec, SubspaceSpec
 from service.components.registry import (
     AlgorithmKind,
     Label,
@@ -23,8 +24,11 @@ __all__ = [
     "NETWORKS",
     "AlgorithmKind",
     "Label",
+    "LastLayerSpec",
     "LikelihoodKind",
     "NetworkKind",
+    "PulseSpec",
     "Registry",
+    "SubspaceSpec",
     "TypedSpec",
 ]

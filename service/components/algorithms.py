@@ -1,7 +1,9 @@
-"""The filter kinds: ``lofi``, ``ekf``, ``diagonal``, ``kalman`` (math in :mod:`service.filters`).
+"""The filter kinds: ``lofi``, ``ekf``, ``diagonal``, ``kalman`` and the point estimates ``sgd``,
+``replay_sgd`` (math in :mod:`service.filters`; the projected kinds are in
+:mod:`service.components.projected`).
 
-Each kind's ``numbers(spec, D)`` is the count of numbers its state holds for D parameters:
-LoFi m, Upsilon (D each) and W (d, D); EKF/Kalman m and P (D, D); diagonal m and p.
+Each kind's ``numbers(spec, network)`` is the count of numbers its state holds for the network's
+D parameters: LoFi m, Upsilon (D each) and W (d, D); EKF/Kalman m and P (D, D); diagonal m and p.
 """
 
 from __future__ import annotations
@@ -11,10 +13,29 @@ from typing import Any, Literal
 from pydantic import Field
 
 from service.components.registry import AlgorithmKind, Registry, TypedSpec
-from service.filters import EKF, Diagonal, DiagState, GaussState, Kalman, LoFi, LoFiState
+from service.filters import (
+    EKF,
+    Diagonal,
+    DiagState,
+    GaussState,
+    Kalman,
+    LoFi,
+    LoFiState,
+    Network,
+)
+from service.filters.gradient import SGD, PointState, ReplaySGD, ReplayState
 from service.validation import Integer
 
-__all__ = ["ALGORITHMS", "DiagonalSpec", "EKFSpec", "KalmanSpec", "LoFiSpec"]
+__all__ = [
+    "ALGORITHMS",
+    "DiagonalSpec",
+    "EKFSpec",
+    "KalmanSpec",
+    "LoFiSpec",
+    "ReplaySGDSpec",
+    "SGDSpec",
+    "dense_numbers",
+]
 
 ALGORITHMS: Registry[AlgorithmKind[Any, Any]] = Registry("filter")
 
@@ -36,17 +57,62 @@ class KalmanSpec(TypedSpec):
     type: Literal["kalman"]
 
 
-def _dense_numbers(spec: TypedSpec, D: int) -> int:
+class SGDSpec(TypedSpec):
+    """Online SGD (``service.filters.gradient``): a point estimate, no epistemic variance."""
+
+    type: Literal["sgd"]
+    learning_rate: float = Field(gt=0, le=1e3)
+
+
+class ReplaySGDSpec(TypedSpec):
+    """Replay-buffer SGD over the last ``buffer`` rows, ``steps`` gradient steps a row."""
+
+    type: Literal["replay_sgd"]
+    learning_rate: float = Field(gt=0, le=1e3)
+    buffer: Integer = Field(10, ge=1, le=10_000)
+    steps: Integer = Field(1, ge=1, le=1_000)
+
+
+def dense_numbers(spec: TypedSpec, network: Network) -> int:
+    D = network.num_params
     return D * D + D
 
 
-def _lofi_numbers(spec: LoFiSpec, D: int) -> int:
-    return (spec.rank + 2) * D
+def _lofi_numbers(spec: LoFiSpec, network: Network) -> int:
+    return (spec.rank + 2) * network.num_params
 
 
-ALGORITHMS.register(AlgorithmKind(LoFiSpec, lambda s: LoFi(rank=s.rank), LoFiState, _lofi_numbers))
-ALGORITHMS.register(AlgorithmKind(EKFSpec, lambda s: EKF(), GaussState, _dense_numbers))
 ALGORITHMS.register(
-    AlgorithmKind(DiagonalSpec, lambda s: Diagonal(), DiagState, lambda s, D: 2 * D)
+    AlgorithmKind(LoFiSpec, lambda s, n: LoFi(rank=s.rank), LoFiState, _lofi_numbers)
 )
-ALGORITHMS.register(AlgorithmKind(KalmanSpec, lambda s: Kalman(), GaussState, _dense_numbers))
+ALGORITHMS.register(AlgorithmKind(EKFSpec, lambda s, n: EKF(), GaussState, dense_numbers))
+ALGORITHMS.register(
+    AlgorithmKind(DiagonalSpec, lambda s, n: Diagonal(), DiagState, lambda s, n: 2 * n.num_params)
+)
+ALGORITHMS.register(AlgorithmKind(KalmanSpec, lambda s, n: Kalman(), GaussState, dense_numbers))
+
+
+def _replay(spec: ReplaySGDSpec, network: Network) -> ReplaySGD:
+    return ReplaySGD(
+        spec.learning_rate, spec.buffer, network.input_dim, network.output_dim, spec.steps
+    )
+
+
+def _replay_numbers(spec: ReplaySGDSpec, network: Network) -> int:
+    return network.num_params + spec.buffer * (network.input_dim + 2 * network.output_dim)
+
+
+ALGORITHMS.register(
+    AlgorithmKind(
+        SGDSpec,
+        lambda s, n: SGD(s.learning_rate),
+        PointState,
+        lambda s, n: n.num_params,
+        example={"learning_rate": 0.05},
+    )
+)
+ALGORITHMS.register(
+    AlgorithmKind(
+        ReplaySGDSpec, _replay, ReplayState, _replay_numbers, example={"learning_rate": 0.05}
+    )
+)

@@ -15,7 +15,7 @@ from safetensors.torch import save as st_save
 from service.components import ALGORITHMS, LIKELIHOODS, NETWORKS
 from service.components.likelihoods import GaussianSpec
 from service.errors import InvalidSpec
-from service.filters import Belief, Dynamics, OnlineFilter, Prior
+from service.filters import Belief, Dynamics, Network, OnlineFilter, Prior
 from service.schemas import ModelSpec
 
 __all__ = [
@@ -66,18 +66,24 @@ def check_spec(spec: ModelSpec) -> None:
 def build_filter(spec: ModelSpec) -> OnlineFilter[Belief]:
     """The filter a spec describes; raises InvalidSpec naming what does not fit."""
     check_spec(spec)
-    mean = spec.prior.mean
+    mean = None if spec.prior.mean is None else torch.tensor(spec.prior.mean, dtype=torch.float64)
     try:
+        network = NETWORKS[spec.network.type].build(spec.network)
+        likelihood = LIKELIHOODS[spec.likelihood.type].build(spec.likelihood)
+        kind = ALGORITHMS[spec.filter.type]
+        if kind.reshape is not None:  # a projected filter: the prior mean is its offset
+            theta0 = _offset(network, mean, spec.seed)
+            network, mean = kind.reshape(spec.filter, network, likelihood, theta0, spec.seed), None
         return OnlineFilter(
-            network=NETWORKS[spec.network.type].build(spec.network),
-            likelihood=LIKELIHOODS[spec.likelihood.type].build(spec.likelihood),
-            algorithm=ALGORITHMS[spec.filter.type].build(spec.filter),
+            network=network,
+            likelihood=likelihood,
+            algorithm=kind.build(spec.filter, network),
             dynamics=Dynamics(
                 spec.dynamics.decay, spec.dynamics.process_noise, spec.dynamics.steady_state
             ),
             prior=Prior(
                 variance=spec.prior.variance,
-                mean=None if mean is None else torch.tensor(mean, dtype=torch.float64),
+                mean=mean,
                 seed=spec.seed,
                 bias_variance=spec.prior.bias_variance,
             ),
@@ -88,10 +94,25 @@ def build_filter(spec: ModelSpec) -> OnlineFilter[Belief]:
         raise InvalidSpec(str(exc)) from exc
 
 
-def state_bytes_estimate(spec: ModelSpec, num_params: int) -> int:
+def _offset(network: Network, mean: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """theta_0 of a projected filter: the prior mean, or the network's default from the seed
+    (the draw ``OnlineFilter.init`` would make)."""
+    if mean is None:
+        return network.init_mean(torch.Generator().manual_seed(seed))
+    if mean.shape != (network.num_params,):
+        raise InvalidSpec(
+            f"prior mean must have shape ({network.num_params},) (the flat parameter vector), "
+            f"got {tuple(mean.shape)}"
+        )
+    if not bool(torch.isfinite(mean).all()):
+        raise InvalidSpec("prior mean holds NaN or infinite values")
+    return mean
+
+
+def state_bytes_estimate(spec: ModelSpec, network: Network) -> int:
     """Bytes of the state a spec would allocate, computed before allocating it."""
     width = 4 if spec.dtype == "float32" else 8
-    return ALGORITHMS[spec.filter.type].numbers(spec.filter, num_params) * width
+    return ALGORITHMS[spec.filter.type].numbers(spec.filter, network) * width
 
 
 def usable_devices() -> list[str]:

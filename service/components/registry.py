@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Generic, Protocol, TypeVar, Union
 
 from pydantic import Field
+from torch import Tensor
 
 from service.calibration import Observation
 from service.errors import InvalidSpec
@@ -37,6 +38,7 @@ __all__ = [
     "LikelihoodKind",
     "NetworkKind",
     "Registry",
+    "Reshape",
     "Scorer",
     "TypedSpec",
 ]
@@ -78,16 +80,28 @@ class LikelihoodKind(Generic[SpecT]):
     classes: bool = False
 
 
+#: A change of parameters (``service.filters.subspace``): from the spec, the network, the
+#: likelihood, the offset theta_0 (D,) float64 and the model's seed, the network the filter runs on.
+Reshape = Callable[[Any, Network, Likelihood, Tensor, int], Network]
+
+
 @dataclass(frozen=True)
 class AlgorithmKind(Generic[SpecT, S]):
-    """An approximation: its spec, how to build it, the class of its state (what snapshots
-    decode into) and ``numbers(spec, D)``, the count of numbers its state holds for D
-    parameters (checked against the size limit before anything is allocated)."""
+    """An approximation: its spec, how to build it for a network (``build(spec, network)``), the
+    class of its state (what snapshots decode into) and ``numbers(spec, network)``, the count of
+    numbers its state holds for that network (checked against the size limit before anything
+    is allocated).
+
+    ``reshape``, where given, replaces the model's network by the one the algorithm runs on (the
+    projected filters: ``build`` and ``numbers`` then see that network); ``example`` holds the fields
+    of a small valid spec besides ``type`` (what the conformance suite builds it with)."""
 
     spec: type[SpecT]
-    build: Callable[[SpecT], Algorithm[S]]
+    build: Callable[[SpecT, Network], Algorithm[S]]
     state: type[S]
-    numbers: Callable[[SpecT, int], int]
+    numbers: Callable[[SpecT, Network], int]
+    reshape: Reshape | None = None
+    example: Mapping[str, object] = field(default_factory=dict)
 
 
 class _Kind(Protocol):

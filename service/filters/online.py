@@ -6,12 +6,10 @@ The state-space model (``docs/algorithms.md`` section 0)::
     y_t | theta_t ~ moment-matched N(mu(g(theta_t, x_t)), R)
 
 One observation is one ``step``: ``predict`` (the dynamics) then ``update`` (linearise at the
-predicted mean, report the pre-update predictive and log predictive density of y, condition).
-``predictive`` and ``sample`` read the belief they are given: to query the one-step-ahead belief
-p(theta_{t+1} | D_{1:t}), pass ``predict(state)`` (the service does; nothing is stored).
-
-Everything is a pure function of immutable states: a step that fails (non-finite or non-PSD
-result) raises :class:`~service.errors.StepRejected` and the caller's state is untouched.
+predicted mean, report the pre-update predictive and log density of y, condition; a point
+estimate takes a gradient step instead, ``service.filters.gradient``). ``predictive`` and
+``sample`` read the belief they are given: pass ``predict(state)`` for p(theta_{t+1} | D_{1:t}).
+Everything is pure: a step that fails (non-finite or non-PSD) raises StepRejected, its input intact.
 
 >>> import torch
 >>> from service.filters import Gaussian, Kalman, Linear
@@ -36,6 +34,7 @@ from service.filters import draws
 from service.filters.algorithm import Algorithm, S
 from service.filters.base import Linearization, Predictive, StepInfo
 from service.filters.block import applies, run_block
+from service.filters.gradient import learned
 from service.filters.iterated import row_linearization, updated_prediction_check
 from service.filters.likelihoods import Likelihood
 from service.filters.linalg import (
@@ -170,8 +169,9 @@ class OnlineFilter(Generic[S]):
     def _update(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo, list[Check]]:
         """``update`` on a validated row x (1, I) and target y (C,) of the state's dtype, with
         the step's checks not yet settled (the caller settles them, see ``run``)."""
-        theta = state.mean
-        eta, J = self.network.jacobian(theta, x)
+        if hasattr(self.algorithm, "learn"):  # a point estimate (sgd, replay_sgd)
+            return learned(self, state, x, y)
+        eta, J = self.network.jacobian(state.mean, x)
         lin = row_linearization(self, state, eta[0], J, y)
         new, JSJ, checks = self.algorithm.condition_on(state, lin, y)
         var_eta = JSJ.unsqueeze(0)

@@ -94,10 +94,11 @@ class Moments:
         return bool(np.isfinite(self.flat).all())
 
 
-def prediction(version: int, m: Moments) -> PredictResponse:
+def prediction(version: int, m: Moments, point: bool = False) -> PredictResponse:
     """``/predict``: the mean, the variances (empty lists when the request asked for the mean
-    alone) and the draws (empty without them)."""
+    alone), the draws (empty without them), and whether the model is a point estimate."""
     return PredictResponse(
+        point_estimate=point,
         version=version,
         mean=m.mean.tolist(),
         variance=m.variance.tolist(),
@@ -124,7 +125,7 @@ def _array(a: np.ndarray) -> bytes:
     return b"[" + b",".join(p for p in parts if p) + b"]"
 
 
-def prediction_json(version: int, m: Moments) -> bytes:
+def prediction_json(version: int, m: Moments, point: bool = False) -> bytes:
     """:func:`prediction` encoded as JSON bytes straight from the arrays (no Python lists, no
     pydantic model): the same fields and numbers, for answers too large to build as objects."""
     fields = [
@@ -135,7 +136,8 @@ def prediction_json(version: int, m: Moments) -> bytes:
         (b"samples", m.samples),
     ]
     body = b",".join(b'"' + k + b'":' + _array(v) for k, v in fields)
-    return b'{"version":' + str(version).encode() + b"," + body + b"}"
+    tail = b',"point_estimate":' + (b"true" if point else b"false")
+    return b'{"version":' + str(version).encode() + b"," + body + tail + b"}"
 
 
 def decision(event_id: str, choice: Decision, version: int) -> DecideResponse:

@@ -72,7 +72,7 @@ class Catalogue:
         """The filter a spec describes and the bytes its state will take, before allocating it
         (refused if over the per-model limit)."""
         f = build_filter(spec)
-        need = state_bytes_estimate(spec, f.num_params)
+        need = state_bytes_estimate(spec, f.network)
         self.limits.state(need)
         return f, need
 

@@ -71,9 +71,11 @@ def _moments(h: HostedModel, current: Published[Belief], req: PredictRequest) ->
 
 def predict(h: HostedModel, current: Published[Belief], req: PredictRequest) -> PredictResponse:
     """The answer to ``req`` under ``current`` (pure but for the random seed it may draw)."""
-    return answers.prediction(current.version, _moments(h, current, req))
+    point = hasattr(h.filter.algorithm, "learn")
+    return answers.prediction(current.version, _moments(h, current, req), point)
 
 
 def predict_encoded(h: HostedModel, current: Published[Belief], req: PredictRequest) -> bytes:
     """:func:`predict`'s answer as JSON bytes."""
-    return answers.prediction_json(current.version, _moments(h, current, req))
+    point = hasattr(h.filter.algorithm, "learn")
+    return answers.prediction_json(current.version, _moments(h, current, req), point)

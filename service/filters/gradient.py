@@ -1,0 +1,233 @@
+"""Point estimates by gradient steps: online SGD and replay-buffer SGD (``docs/algorithms.md``
+3.10), the talk's baselines, with the filters' contract.
+
+Their belief is a point: theta_t (D,) and no covariance, so the predictive's epistemic variance
+is 0 (the variance is the likelihood's aleatoric part alone), Thompson draws are the mean, and
+``project`` is 0. One row (x_t, y_t), with the loss l(theta; x, y) = -log p(y | g(theta, x)) of
+the model's likelihood (the gaussian at unit noise, half the squared error, as the warm-up of
+3.9: the learning rate does not scale with the noise variance)::
+
+    sgd:         theta_t = theta_{t-1} - lr grad l(theta_{t-1}; x_t, y_t)
+    replay_sgd:  the buffer keeps the last k rows (x_t's included); then ``steps`` times
+                 theta <- theta - lr (1/n) sum_{rows in the buffer} grad l(theta; x, y)
+                 n = the rows held (fewer than k until k rows have been seen)
+
+(the talk's replay-buffer SGD with one step; rebayes' ``FifoTrainState`` keeps the same buffer).
+The dynamics' decay scales theta; process noise has nothing to act on. A row observing one output
+(``outputs``, 3.8) contributes that output's loss alone, in the step and in the buffer.
+
+=========  ==========  =================================================================
+field      shape       meaning
+=========  ==========  =================================================================
+mean       (D,)        theta
+xs         (k, I)      the buffer's rows, oldest first (replay only)
+ys         (k, C)      their encoded labels (a partial row: its number at its output)
+mask       (k, C)      1 where a label is observed: all of a full row, one output of a
+                       partial row, nothing in a slot not filled yet
+=========  ==========  =================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from service.filters.base import Linearization, StepInfo
+from service.filters.likelihoods import Gaussian, Likelihood
+from service.filters.linalg import Check, finite_check
+from service.filters.networks import Jacobian, Network
+
+if TYPE_CHECKING:
+    from service.filters.online import OnlineFilter
+
+__all__ = ["SGD", "PointState", "ReplaySGD", "ReplayState", "learned", "loss_likelihood"]
+
+
+def loss_likelihood(likelihood: Likelihood) -> Likelihood:
+    """The likelihood whose negative log density is the loss: the gaussian at unit noise."""
+    return Gaussian(1.0) if likelihood.name == "gaussian" else likelihood
+
+
+def _observed(network: Network) -> tuple[Network, int | None]:
+    """(the full network, the output a restricted row observes or None)."""
+    from service.filters.outputs import OutputOf
+
+    if isinstance(network, OutputOf):
+        return network.network, network.k
+    return network, None
+
+
+def _losses(likelihood: Likelihood, g: Tensor, Y: Tensor, mask: Tensor) -> Tensor:
+    """The loss of each row (N,), summed over its observed outputs: g, Y, mask (N, C)."""
+    lik = loss_likelihood(likelihood)
+    if lik.name == "gaussian":
+        return 0.5 * (mask * (Y - g) ** 2).sum(-1)
+    return -lik.log_prob(Y, g) * mask[:, 0]
+
+
+@dataclass(frozen=True)
+class PointState:
+    """A point estimate: ``mean`` theta (D,)."""
+
+    mean: Tensor
+
+
+@dataclass(frozen=True)
+class ReplayState:
+    """theta and the buffer of the last k rows (module docstring)."""
+
+    mean: Tensor
+    xs: Tensor
+    ys: Tensor
+    mask: Tensor
+
+
+class _Point:
+    """What both SGDs share: a belief without covariance."""
+
+    name: str
+    learning_rate: float
+
+    def check_model(self, network: Network, likelihood: Likelihood) -> None:
+        """Every network and likelihood."""
+
+    def project(self, state: PointState | ReplayState, J: Jacobian) -> Tensor:
+        N, C, _ = J.shape
+        mean = state.mean
+        return mean.new_zeros((N, C, C))
+
+    def condition_on(
+        self, state: PointState | ReplayState, lin: Linearization, y: Tensor
+    ) -> tuple[PointState | ReplayState, Tensor, tuple[Check, ...]]:
+        raise TypeError(f"{self.name} learns by gradient steps (``learn``), not by conditioning")
+
+    def validity(self, state: PointState | ReplayState) -> tuple[Check, ...]:
+        return (finite_check("the parameters", state.mean),)
+
+    def sample(
+        self, state: PointState | ReplayState, n: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """The point itself, n times: a point estimate has nothing to draw."""
+        return state.mean.expand(n, -1).clone()
+
+    def covariance(self, state: PointState | ReplayState) -> Tensor:
+        D = state.mean.shape[0]
+        return state.mean.new_zeros((D, D))
+
+    def state_bytes(self, state: PointState | ReplayState) -> int:
+        fields = [getattr(state, k) for k in state.__dataclass_fields__]
+        return sum(t.numel() * t.element_size() for t in fields)
+
+    def _step(
+        self,
+        network: Network,
+        likelihood: Likelihood,
+        theta: Tensor,
+        x: Tensor,
+        Y: Tensor,
+        mask: Tensor,
+        rows: Tensor | int = 1,
+    ) -> Tensor:
+        """theta - lr grad of the loss summed over the rows x (n, I), Y and mask (n, C), over
+        ``rows`` (the rows held)."""
+        with torch.enable_grad():
+            t = theta.detach().requires_grad_(True)
+            loss = _losses(likelihood, network.apply(t, x), Y, mask).sum() / rows
+            (grad,) = torch.autograd.grad(loss, t)
+        return theta - self.learning_rate * grad
+
+
+def _full_row(network: Network, k: int | None, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The encoded label y of one row as (C,) and its mask (C,) over the full network's
+    outputs (a restricted row, y (1,): its number at output k, the others unobserved)."""
+    if k is None:
+        return y, torch.ones_like(y)
+    mask = torch.zeros(network.output_dim, dtype=y.dtype, device=y.device)
+    mask[k] = 1.0
+    return mask * y[0], mask
+
+
+def learned(
+    f: OnlineFilter[Any], state: Any, x: Tensor, y: Tensor
+) -> tuple[Any, StepInfo, list[Check]]:
+    """``OnlineFilter._update`` for a point estimate: the row's report from theta before the
+    step (epistemic variance 0), the step, and its checks (the parameters and the updated
+    model's prediction of the row finite)."""
+    eta = f.network.apply(state.mean, x)
+    C = eta.shape[-1]
+    var_eta = eta.new_zeros((1, C, C))
+    pred = f.likelihood.predictive(eta, var_eta)
+    loglik = f.likelihood.log_predictive(y.unsqueeze(0), eta, var_eta)[0]
+    new = f.algorithm.learn(f.network, f.likelihood, state, x, y)  # type: ignore[attr-defined]
+    after = f.network.apply(new.mean, x)
+    checks = [
+        *f.algorithm.validity(new),
+        finite_check("the pre-update prediction", pred.mean, pred.variance, loglik),
+        finite_check("the updated model's prediction of the row", after),
+    ]
+    return new, StepInfo(pred, loglik, eta, var_eta), checks
+
+
+@dataclass(frozen=True)
+class SGD(_Point):
+    """Online SGD: one gradient step on each row's loss."""
+
+    learning_rate: float
+    name: str = "sgd"
+
+    def init(self, mean: Tensor, variance: float | Tensor) -> PointState:
+        return PointState(mean=mean)
+
+    def predict(self, state: PointState, decay: float, process_noise: float) -> PointState:
+        return state if decay == 1.0 else PointState(mean=decay * state.mean)
+
+    def learn(
+        self, network: Network, likelihood: Likelihood, state: PointState, x: Tensor, y: Tensor
+    ) -> PointState:
+        """One step on the row x (1, I), y encoded (C,) for ``network``."""
+        full, k = _observed(network)
+        Y, mask = _full_row(full, k, y)
+        return PointState(self._step(full, likelihood, state.mean, x, Y[None], mask[None]))
+
+
+@dataclass(frozen=True)
+class ReplaySGD(_Point):
+    """Replay-buffer SGD over the last ``buffer`` rows, ``steps`` gradient steps a row; its
+    buffer's shapes come from the network it serves (``input_dim``, ``output_dim``)."""
+
+    learning_rate: float
+    buffer: int
+    input_dim: int
+    output_dim: int
+    steps: int = 1
+    name: str = "replay_sgd"
+
+    def init(self, mean: Tensor, variance: float | Tensor) -> ReplayState:
+        k, I, C = self.buffer, self.input_dim, self.output_dim
+        return ReplayState(
+            mean=mean, xs=mean.new_zeros((k, I)), ys=mean.new_zeros((k, C)),
+            mask=mean.new_zeros((k, C)),
+        )  # fmt: skip
+
+    def predict(self, state: ReplayState, decay: float, process_noise: float) -> ReplayState:
+        if decay == 1.0:
+            return state
+        return ReplayState(decay * state.mean, state.xs, state.ys, state.mask)
+
+    def learn(
+        self, network: Network, likelihood: Likelihood, state: ReplayState, x: Tensor, y: Tensor
+    ) -> ReplayState:
+        """Push the row x (1, I), y encoded (C,) into the buffer, then ``steps`` steps on it."""
+        full, k = _observed(network)
+        Y, mask = _full_row(full, k, y)
+        xs = torch.cat([state.xs[1:], x.to(state.xs)])
+        ys = torch.cat([state.ys[1:], Y[None].to(state.ys)])
+        ms = torch.cat([state.mask[1:], mask[None].to(state.mask)])
+        held = (ms.amax(-1) > 0).sum()  # the filled slots (an empty slot's loss is 0)
+        theta = state.mean
+        for _ in range(self.steps):
+            theta = self._step(full, likelihood, theta, xs, ys, ms, held)
+        return ReplayState(theta, xs, ys, ms)
