@@ -12,7 +12,6 @@ over ``torch.nn`` and ``torch.optim.SGD``, and through a real server.
 from __future__ import annotations
 
 import collections
-import itertools
 from typing import Any
 
 import pytest
@@ -23,19 +22,9 @@ from service.client import Client
 from service.components.build import build_filter
 from service.schemas import ModelSpec
 from service.testing import MakeServer
+from service.testing.torchnets import relu_sequential
 
 F64 = torch.float64
-
-
-def _sequential(theta: Tensor, sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for k, (i, o) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(i, o, dtype=F64))
-        if k < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    seq = nn.Sequential(*layers)
-    nn.utils.vector_to_parameters(theta.clone(), seq.parameters())
-    return seq
 
 
 def _spec(likelihood: dict[str, Any], filt: dict[str, Any], C: int) -> ModelSpec:
@@ -79,7 +68,7 @@ def test_sgd_and_replay_sgd_are_the_hand_written_loops(case: str, buffer: int | 
     state = f.init(dtype=F64)
     after, infos = f.run(state, x, y, outputs=outputs)
 
-    seq = _sequential(state.mean, [3, 5, C])
+    seq = relu_sequential(state.mean, [3, 5, C])
     opt = torch.optim.SGD(seq.parameters(), lr=0.1)
     rows: collections.deque[int] = collections.deque(maxlen=buffer or 1)
     for n in range(8):

@@ -16,7 +16,6 @@ independent answers (``docs/algorithms.md`` 3.9):
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from service.filters.subspace import Projected
 from service.filters.warmup import sgd_trajectory
 from service.schemas import ModelSpec
 from service.testing import MakeServer
+from service.testing.torchnets import relu_sequential
 
 F64 = torch.float64
 
@@ -100,25 +100,13 @@ def test_a_random_basis_comes_back_from_the_seed_alone() -> None:
     assert abs(float(a.basis.std()) * 40**0.5 - 1.0) < 0.02
 
 
-def _sequential(theta: Tensor, sizes: list[int]) -> nn.Sequential:
-    """A relu ``nn.Sequential`` loaded with the flat theta (nn.Linear layout, layer by layer)."""
-    layers: list[nn.Module] = []
-    for k, (i, o) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(i, o, dtype=F64))
-        if k < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    seq = nn.Sequential(*layers)
-    torch.nn.utils.vector_to_parameters(theta, seq.parameters())
-    return seq
-
-
 def test_last_layer_with_a_frozen_body_is_bayesian_linear_regression_on_its_features() -> None:
     spec = _spec({"type": "mlp", "input_dim": 4, "hidden": [7, 6]}, {"type": "last_layer"})
     f = build_filter(spec)
     net = _projected(f)
     x, y = _data(40, 4, seed=2)
     state, _ = f.run(f.init(dtype=F64), x, y)
-    seq = _sequential(net.offset, [4, 7, 6, 1])
+    seq = relu_sequential(net.offset, [4, 7, 6, 1])
     with torch.no_grad():
         features = torch.cat([seq[:-1](x), torch.ones(40, 1, dtype=F64)], 1)
     w0 = net.offset[net.free]
@@ -138,7 +126,7 @@ def test_pulse_is_the_ekf_in_phi_with_autodiff_jacobians() -> None:
     x, _ = _data(12, 3, seed=3)
     y = torch.stack([x[:, 0] * x[:, 1], torch.tanh(x[:, 2])], 1)
     state, _ = f.run(f.init(dtype=F64), x, y)
-    seq = _sequential(torch.zeros(32, dtype=F64), [3, 5, 2])
+    seq = relu_sequential(torch.zeros(32, dtype=F64), [3, 5, 2])
 
     def g(phi: Tensor, row: Tensor) -> Tensor:
         theta = net.offset + phi[:4] @ net.basis + torch.cat([torch.zeros(20, dtype=F64), phi[4:]])
@@ -172,7 +160,7 @@ def test_the_warmup_is_torch_sgd_with_momentum_and_its_basis_is_pca(case: str) -
     theta0 = torch.randn(
         3 * 6 + 6 + 6 * C + C, dtype=F64, generator=torch.Generator().manual_seed(5)
     )
-    seq = _sequential(theta0.clone(), [3, 6, C])
+    seq = relu_sequential(theta0.clone(), [3, 6, C])
     opt = torch.optim.SGD(seq.parameters(), lr=0.05, momentum=0.9)
     labels = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     picks = labels  # the "outputs" case: row n observes output labels[n], its y

@@ -33,6 +33,13 @@ appended (``f = [x, 1]``), so no agent relies on a network bias.
   linearised Thompson draws (``thompson: linearized``): the neural bandit of Riquelme et al.
   2018 and of the paper, every arm sharing the hidden layer. ``neural-arms-params``: the same
   with parameter draws.
+* ``subspace-arms`` (HTTP): the paper's subspace neural bandit. Round-robin pulls first (20 of
+  each arm, their rewards counted like every other step's), then a model created with those
+  pulls as its warm-up (``filter: subspace``, ``projection: warmup``, each row observing the arm
+  pulled): SGD with momentum over them, the top principal directions of its iterates as the
+  subspace (``SUBSPACE``), the EKF in that subspace, linearised Thompson draws through
+  ``/decide``. The paper's code fits its warm-up on every arm's label of each warm-up context;
+  a bandit sees the pulled arm's reward alone, and so does this agent.
 
 The Gaussian noise variance and prior variance of the HTTP models are per task (``TASK_PRIORS``):
 Shuttle rewards are 0/1 (variance at most 0.25); Mushroom's are in {-35, 0, 5} (sd 20 when a

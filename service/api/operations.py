@@ -61,7 +61,10 @@ OPERATIONS: dict[str, Operation] = {
         "Hosts a new model at its prior. `network`, `likelihood` and `filter` each take one of "
         "the registered kinds, chosen by `type`; `prior`, `dynamics` and `events` have defaults. "
         "Answers 201 with the model's description (version 0). A refused create creates "
-        "nothing. `monitor: true` also exports the model's calibration to Prometheus.",
+        "nothing. `monitor: true` also exports the model's calibration to Prometheus. The "
+        "projected filters (`subspace`, `pulse`, `last_layer`) may carry a warm-up set "
+        "(`filter.warmup`): its SGD runs before the answer, seconds to minutes for large "
+        "networks; `sgd` and `replay_sgd` keep a point estimate (no epistemic variance).",
         (
             "already_exists",
             "limit_reached",

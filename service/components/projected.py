@@ -66,14 +66,16 @@ class _Projection(TypedSpec):
         return self
 
 
-class SubspaceSpec(_Projection):
+class _Dimensioned(_Projection):
+    dim: Integer = Field(ge=1, le=5_000)
+
+
+class SubspaceSpec(_Dimensioned):
     type: Literal["subspace"]
-    dim: Integer = Field(ge=1, le=5_000)
 
 
-class PulseSpec(_Projection):
+class PulseSpec(_Dimensioned):
     type: Literal["pulse"]
-    dim: Integer = Field(ge=1, le=5_000)
 
 
 class LastLayerSpec(TypedSpec):
