@@ -302,3 +302,22 @@ def test_a_warmup_model_over_http_restarts_bit_for_bit(make_server: MakeServer) 
         assert c.get_model("warm").version == 10
         assert c.predict("warm", probe) == before
         assert [m.name for m in c.list_models()] == ["warm"]
+
+
+def test_the_readme_block_on_large_networks_runs(make_server: MakeServer) -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    title = "\n## Large networks: CNNs, subspaces, last layers, SGD baselines\n"
+    section = readme.split(title, 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    server = make_server()
+    namespace: dict[str, Any] = {}
+    exec(compile(code.replace("http://127.0.0.1:8000", server.url), "README.md", "exec"), namespace)
+    bayes, point, y = namespace["bayes"], namespace["point"], namespace["y"]
+    assert point.point_estimate and not bayes.point_estimate
+    assert all(v[0] > 0 for v in bayes.epistemic_variance)
+    assert all(v == [0.0] for v in point.epistemic_variance)
+    err = float(np.mean((np.array(bayes.mean)[:, 0] - y[250:]) ** 2))
+    assert err < 0.5 * float(np.var(y[250:]))  # it learnt: half the variance explained at least

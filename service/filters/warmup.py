@@ -23,14 +23,11 @@ import torch
 from torch import Tensor
 
 from service.errors import InvalidSpec
-from service.filters.likelihoods import Gaussian, Likelihood
+from service.filters.gradient import loss_likelihood
+from service.filters.likelihoods import Likelihood
 from service.filters.networks import Network
 
 __all__ = ["sgd_trajectory"]
-
-
-def _loss_likelihood(likelihood: Likelihood) -> Likelihood:
-    return Gaussian(1.0) if likelihood.name == "gaussian" else likelihood
 
 
 def sgd_trajectory(
@@ -53,7 +50,7 @@ def sgd_trajectory(
     output ``outputs[n]``). InvalidSpec, naming the learning rate, if SGD diverges."""
     f64 = torch.float64
     x, Y = x.to(f64), Y.to(f64)
-    lik = _loss_likelihood(likelihood)
+    lik = loss_likelihood(likelihood)
     picks = None if outputs is None else torch.tensor(list(outputs)).unsqueeze(1)
     marks = {round(k * epochs / keep) for k in range(1, keep + 1)}
     theta = theta0.to(f64).clone()
