@@ -64,7 +64,7 @@ METHODS: dict[str, dict[str, Any]] = {
                    "prior": 1.0},
 }  # fmt: skip
 
-WARMUP = {"epochs": 100, "learning_rate": 0.05, "momentum": 0.9, "iterates": 150}
+WARMUP = {"epochs": 150, "learning_rate": 0.05, "momentum": 0.9, "iterates": 150}
 
 
 def fetch(cache: Path = CACHE) -> None:
