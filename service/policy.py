@@ -47,6 +47,7 @@ from torch import Tensor
 from service.errors import InvalidInput
 from service.filters import OnlineFilter
 from service.filters.algorithm import S
+from service.filters.linalg import all_finite
 
 __all__ = ["UCB_WIDTH", "Decision", "Strategy", "decide", "decide_many"]
 
@@ -114,7 +115,10 @@ def decide_many(
     for i, strategy in enumerate(strategies):
         (by_size.setdefault(sizes[i], []) if strategy == "thompson" else exact).append(i)
     for A, items in by_size.items():
-        Xg = torch.stack([X[starts[i] : starts[i] + A] for i in items])  # (G, A, I)
+        if len(items) == len(sizes):  # every item: rows of A each, in order
+            Xg = X.reshape(len(items), A, -1)  # (G, A, I)
+        else:
+            Xg = torch.stack([X[starts[i] : starts[i] + A] for i in items])
         chosen = _thompson_group(f, belief, Xg, propensity_samples, generator, linearized)
         out.update(zip(items, chosen, strict=True))
     if exact:
@@ -200,5 +204,5 @@ def _candidates(f: OnlineFilter[S], rows: int) -> None:
 
 
 def _finite(t: Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):  # one sum: a non-finite entry makes it non-finite
         raise InvalidInput("the model's scores for these actions are not finite")

@@ -18,6 +18,7 @@ from torch import Tensor
 from service.components import ALGORITHMS
 from service.components.build import build_filter
 from service.filters import OnlineFilter, jacobian_autodiff
+from service.filters.linalg import psd_sqrt
 from service.schemas import ModelSpec
 
 F64 = torch.float64
@@ -97,3 +98,22 @@ def test_a_linear_network_draws_alike_either_way() -> None:
     a = f.sample_outputs(state, x, 50, torch.Generator().manual_seed(3))
     b = f.sample_outputs(state, x, 50, torch.Generator().manual_seed(3), linearized=True)
     assert torch.equal(a, b)
+
+
+def test_the_root_of_a_covariance_is_symmetric_and_moves_with_it() -> None:
+    """``psd_sqrt`` is the symmetric root, against scipy's ``sqrtm``: unique, so a covariance
+    perturbed at rounding level (here with a repeated eigenvalue, whose eigenvectors ``eigh`` may
+    return in any basis) has a root perturbed at rounding level, and so do seeded draws of it."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    g = torch.Generator().manual_seed(4)
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=F64, generator=g))
+    A = Q @ torch.diag(torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0], dtype=F64)) @ Q.T  # singular
+    B = A + 1e-13 * torch.randn(5, 5, dtype=F64, generator=g)
+    B = (B + B.T) / 2
+    for M in (A, B):
+        F = psd_sqrt(M)
+        assert torch.allclose(F, F.T, atol=1e-14)
+        torch.testing.assert_close(F @ F, M, rtol=0, atol=1e-12)
+        expected = torch.from_numpy(scipy_linalg.sqrtm(M.numpy()).real)
+        torch.testing.assert_close(F, expected, rtol=0, atol=1e-6)  # sqrtm: about sqrt(eps)
+    assert (psd_sqrt(A) - psd_sqrt(B)).abs().max() < 1e-6

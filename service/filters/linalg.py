@@ -108,17 +108,21 @@ def cholesky(A: Tensor, *, what: str = "matrix", max_tries: int = 6) -> Tensor:
 
 
 def psd_sqrt(A: Tensor) -> Tensor:
-    """A factor F with F F^T = A for a symmetric positive semi-definite ``A`` (n, n), by ``eigh``;
-    for a stack (..., n, n), one factor per matrix.
+    """The symmetric root F = V Lambda^{1/2} V^T (F F^T = F^2 = A) of a symmetric positive
+    semi-definite ``A`` (n, n), by ``eigh``; for a stack (..., n, n), one root per matrix.
 
     Unlike a Cholesky factor it exists for singular A (e.g. two identical rows of J in
     J Sigma J^T); eigenvalues below ``n eps max|lambda|`` of their own matrix (rounding noise)
-    count as zero, so identical rows get identical factor rows.
+    count as zero, so identical rows get identical rows of F. Unlike V Lambda^{1/2} alone it is
+    unique, so it moves with A continuously: two matrices equal to rounding have roots equal to
+    rounding (an eigenvector's sign, or its basis within a repeated eigenvalue, is arbitrary),
+    and a draw g + z F^T with one seed moves no more than the belief it comes from.
     """
     lam, V = torch.linalg.eigh(symmetrise(A))
     floor = A.shape[-1] * torch.finfo(A.dtype).eps * lam.abs().amax(-1, keepdim=True)
-    F: Tensor = V * torch.where(lam > floor, lam, torch.zeros_like(lam)).sqrt().unsqueeze(-2)
-    return F
+    F = V * torch.where(lam > floor, lam, torch.zeros_like(lam)).sqrt().unsqueeze(-2)
+    root: Tensor = F @ V.mT
+    return root
 
 
 def _total(tensors: Sequence[Tensor]) -> Tensor:

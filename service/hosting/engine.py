@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 
 import torch
@@ -112,11 +113,16 @@ class Engine:
                 log.exception("restoring the models failed; retrying in 5 s")
                 await asyncio.sleep(5.0)
         self.catalogue.ready = True
+        # What exists now (the interpreter's, torch's and the restored models' objects) lives
+        # as long as the process: out of the cyclic collector's scans, which otherwise walk it
+        # all on each full collection, most of a small batch's time (docs/architecture.md 2).
+        gc.freeze()
         self._tasks.append(asyncio.create_task(self.bandits.tick()))
         await self.snapshots.tick()
 
     async def stop(self) -> None:
         self.catalogue.ready = False
+        gc.unfreeze()  # what this engine held can be collected again
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
