@@ -341,6 +341,12 @@ class ModelInfo(BaseModel):
         "(POSTSERVE_COMPILE_STEPS), built in the background after create or restore",
     )
     step_error: str | None = Field(None, description="why it has no compiled step, if one failed")
+    output_step: Literal["eager", "compiled"] = Field(
+        "eager",
+        description="how rows that observe one output alone (`outputs`, rewards of arms that "
+        "are outputs) step: eagerly, or by the compiled steps of each output, built in the "
+        "background once the first such row arrives (POSTSERVE_COMPILE_STEPS)",
+    )
     calibration: CalibrationSummary = Field(default_factory=CalibrationSummary)
 
 

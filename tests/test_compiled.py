@@ -13,12 +13,14 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from service.components.build import build_filter
 from service.errors import InvalidInput, StepRejected
 from service.filters import (
     MLP,
@@ -32,6 +34,7 @@ from service.filters import (
     compiled,
 )
 from service.filters.compiled import RowKernel, compile_step, kernel_key
+from service.schemas import ModelSpec
 from service.testing import MakeServer
 
 pytestmark = pytest.mark.slow
@@ -232,3 +235,98 @@ def test_a_compiling_server_restores_bit_for_bit_after_sigkill(make_server: Make
     with httpx.Client(base_url=server.url, timeout=30) as c:
         _wait_compiled(c, "k32", timeout=60.0)  # from the kernel directory: no second compile
         assert c.get("/v1/models/k32").json()["version"] == 29
+
+
+# -- rows that observe one output alone --------------------------------------------------------
+
+MULTI_SPEC = {
+    "name": "arms",
+    "network": {"type": "mlp", "input_dim": 3, "hidden": [4], "output_dim": 2},
+    "likelihood": {"type": "gaussian", "noise_variance": 0.5},
+    "filter": {"type": "lofi", "rank": 2},
+    "dtype": "float32",
+}
+
+
+@pytest.fixture(scope="module")
+def output_kernels(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, OnlineFilter[object], compiled.OutputKernels[object]]:
+    """The model of MULTI_SPEC's steps, compiled once into a directory its server test shares
+    (the same keys: the server loads them instead of compiling)."""
+    directory = tmp_path_factory.mktemp("output-kernels")
+    f = build_filter(ModelSpec.model_validate(MULTI_SPEC))
+    state = f.init(dtype=torch.float32)
+    return directory, f, compiled.compile_output_steps(f, state, directory)
+
+
+def test_rows_of_one_output_step_through_that_outputs_kernel(
+    output_kernels: tuple[Path, OnlineFilter[object], compiled.OutputKernels[object]],
+) -> None:
+    _, f, built = output_kernels
+    state0 = f.init(dtype=torch.float32)
+    assert built.key == compiled.output_kernels_key(f, state0)
+    assert [k.key for k in built.steps] == [kernel_key(f.restrict(k), state0) for k in (0, 1)]
+    assert built.steps[0].key != built.steps[1].key
+    x, y = _rows(f, 40, 5)
+    outputs = [i % 3 % 2 for i in range(40)]  # 0, 1, 0, 0, 1, 0, ...
+    used: list[int] = []
+
+    def counted(k: int) -> Callable[..., object]:
+        def step(state: object, xi: torch.Tensor, yi: torch.Tensor) -> object:
+            done = built.steps[k](state, xi, yi)
+            used.extend([k] if done is not None else [])
+            return done
+
+        return step
+
+    eager, e_infos = f.run(state0, x, y, None, outputs)
+    fast, k_infos = f.run(state0, x, y, [counted(0), counted(1)], outputs)
+    again, _ = f.run(state0, x, y, built.steps, outputs)
+    assert used == outputs  # every row by its own output's kernel, its checks passed
+    for name in ("mean", "W", "upsilon"):
+        assert torch.equal(getattr(fast, name), getattr(again, name)), name
+    torch.testing.assert_close(fast.mean, eager.mean, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(
+        f.algorithm.precision(fast), f.algorithm.precision(eager), rtol=1e-3, atol=1e-3
+    )
+    for a, b in zip(e_infos, k_infos, strict=True):
+        assert a.predictive.mean.shape == b.predictive.mean.shape == (1, 1)
+        torch.testing.assert_close(b.predictive.mean, a.predictive.mean, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(b.log_likelihood, a.log_likelihood, rtol=1e-3, atol=1e-4)
+
+
+def test_a_server_steps_rows_of_one_output_compiled_and_replays_them_after_sigkill(
+    make_server: MakeServer,
+    output_kernels: tuple[Path, OnlineFilter[object], compiled.OutputKernels[object]],
+) -> None:
+    directory = output_kernels[0]
+    env = {"POSTSERVE_COMPILE_STEPS": "1", "POSTSERVE_KERNEL_DIR": str(directory)}
+    server = make_server(env=env)
+    g = torch.Generator().manual_seed(8)
+
+    def update(c: httpx.Client, n: int) -> None:
+        body = {
+            "x": torch.randn(n, 3, generator=g).tolist(),
+            "y": torch.randn(n, generator=g).tolist(),
+            "outputs": [i % 2 for i in range(n)],
+        }
+        r = c.post("/v1/models/arms/update", json=body)
+        assert r.status_code == 200, r.text
+
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert c.post("/v1/models", json=MULTI_SPEC).status_code == 201
+        assert c.get("/v1/models/arms").json()["output_step"] == "eager"
+        update(c, 3)  # eager; asks for the output kernels
+        deadline = time.monotonic() + 120
+        while c.get("/v1/models/arms").json()["output_step"] != "compiled":
+            assert time.monotonic() < deadline, "the output kernels were not loaded"
+            time.sleep(0.2)
+        for _ in range(5):
+            update(c, 4)
+    before = _predictions(server.url, "arms")
+    server.restart(crash=True)
+    assert _predictions(server.url, "arms") == before  # each record by the kernels it names
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        info = c.get("/v1/models/arms").json()
+        assert (info["version"], info["output_step"]) == (23, "compiled")

@@ -51,6 +51,11 @@ def _json(answer: BaseModel, status_code: int = 200) -> Response:
     return Response(answer.model_dump_json(), status_code, media_type="application/json")
 
 
+def _raw(answer: bytes) -> Response:
+    """An answer the engine encoded itself (from its tensors, or once for a kept event)."""
+    return Response(answer, media_type="application/json")
+
+
 def _engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
@@ -112,12 +117,12 @@ async def update(name: str, body: UpdateRequest, request: Request) -> Response:
 @router.post("/v1/models/{name}/predict", response_model=PredictResponse, **describe("predict"))
 async def predict(name: str, body: PredictRequest, request: Request) -> Response:
     # Encoded from the tensors where they are computed (off the event loop when large).
-    return Response(await _engine(request).predict_json(name, body), media_type="application/json")
+    return _raw(await _engine(request).predict_json(name, body))
 
 
 @router.post("/v1/models/{name}/decide", response_model=DecideResponse, **describe("decide"))
 async def decide(name: str, body: DecideRequest, request: Request) -> Response:
-    return _json(await _engine(request).decide(name, body))
+    return _raw(await _engine(request).decide_json(name, body))
 
 
 @router.post("/v1/models/{name}/reward", response_model=RewardResponse, **describe("reward"))
@@ -131,7 +136,7 @@ async def reward(name: str, body: RewardRequest, request: Request) -> Response:
     **describe("decide_batch"),
 )
 async def decide_batch(name: str, body: DecideBatchRequest, request: Request) -> Response:
-    return _json(await _engine(request).decide_batch(name, body))
+    return _raw(await _engine(request).decide_batch_json(name, body))
 
 
 @router.post(

@@ -49,7 +49,14 @@ from service.filters.base import Predictive, StepInfo, packed
 from service.filters.linalg import tracing
 from service.filters.online import OnlineFilter
 
-__all__ = ["RowKernel", "compile_step", "kernel_key"]
+__all__ = [
+    "OutputKernels",
+    "RowKernel",
+    "compile_output_steps",
+    "compile_step",
+    "kernel_key",
+    "output_kernels_key",
+]
 
 log = logging.getLogger("postserve.filters")
 
@@ -75,6 +82,31 @@ class RowKernel(Generic[S]):
         mean, epistemic, aleatoric, loglik, eta, var_eta, packed = out[n : n + 7]
         p = Predictive(mean, epistemic, aleatoric)
         return new, StepInfo(p, loglik, eta, var_eta, packed)
+
+
+@dataclass(frozen=True)
+class OutputKernels(Generic[S]):
+    """The compiled steps of rows that observe one output alone (``OnlineFilter.run``'s
+    ``outputs``): ``steps[k]`` is the :class:`RowKernel` of ``f.restrict(k)``, for each of the
+    network's C outputs; ``key`` names the set (:func:`output_kernels_key`) in a log record."""
+
+    key: str
+    steps: tuple[RowKernel[S], ...]
+
+
+def output_kernels_key(f: OnlineFilter[S], state: S) -> str:
+    """The key of :func:`compile_output_steps`' set: a digest of its C kernels' keys."""
+    keys = [kernel_key(f.restrict(k), state) for k in range(f.network.output_dim)]
+    return "outputs-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
+
+
+def compile_output_steps(f: OnlineFilter[S], state: S, directory: Path) -> OutputKernels[S]:
+    """The compiled step of each output observed alone, as :func:`compile_step` (each kept
+    under ``directory`` by its own key)."""
+    steps = tuple(
+        compile_step(f.restrict(k), state, directory) for k in range(f.network.output_dim)
+    )
+    return OutputKernels(output_kernels_key(f, state), steps)
 
 
 class _Step(torch.nn.Module, Generic[S]):

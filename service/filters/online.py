@@ -37,14 +37,7 @@ from service.filters.block import applies, run_block
 from service.filters.gradient import learned
 from service.filters.iterated import row_linearization, updated_prediction_check
 from service.filters.likelihoods import Likelihood
-from service.filters.linalg import (
-    Check,
-    all_finite,
-    finite_check,
-    input_check,
-    not_finite,
-    settle,
-)
+from service.filters.linalg import Check, all_finite, finite_check, input_check, not_finite, settle
 from service.filters.networks import Network
 from service.filters.outputs import check_outputs, partial_targets, restricted
 from service.filters.priors import prior_variance
@@ -209,7 +202,7 @@ class OnlineFilter(Generic[S]):
         state: S,
         x: Tensor,
         y: Tensor,
-        kernel: RowStep[S] | None = None,
+        kernel: RowStep[S] | Sequence[RowStep[S]] | None = None,
         outputs: Sequence[int] | None = None,
     ) -> tuple[S, list[StepInfo]]:
         """``step`` over the rows of x (N, I) with raw targets y (see ``encode``), in order.
@@ -221,7 +214,8 @@ class OnlineFilter(Generic[S]):
         the eager step where it can: a row it answers ``None`` for is computed eagerly.
 
         ``outputs`` (N ints): row i observes output ``outputs[i]`` alone, y one number per row
-        (``restrict``, ``docs/algorithms.md`` 3.8); each row's report is of that output, (1, 1).
+        (``restrict``, ``docs/algorithms.md`` 3.8); each row's report is of that output, (1, 1);
+        ``kernel`` is then one step per output k, ``restrict(k)``'s (or None: eager steps).
         """
         theta = state.mean
         x = self._shaped(x, theta)
@@ -239,7 +233,13 @@ class OnlineFilter(Generic[S]):
             new, infos, checks = run_block(self, state, x, Y, outputs)
             settle([input_check("x", x), *checks])  # one host sync for the whole request
             return new, infos
-        return self._run_rows(state, x, Y, kernel if filters is None else None, filters)
+        if filters is None:
+            steps = None if kernel is None or isinstance(kernel, Sequence) else [kernel] * len(x)
+        elif isinstance(kernel, Sequence) and outputs is not None:  # each row's output's step
+            steps = [kernel[k] for k in outputs]
+        else:
+            steps = None
+        return self._run_rows(state, x, Y, steps, filters)
 
     def restrict(self, k: int) -> OnlineFilter[S]:
         """The filter of output k observed alone (``service.filters.outputs.restricted``)."""
@@ -250,19 +250,19 @@ class OnlineFilter(Generic[S]):
         state: S,
         x: Tensor,
         Y: Tensor,
-        kernel: RowStep[S] | None = None,
+        steps: Sequence[RowStep[S]] | None = None,
         filters: Sequence[OnlineFilter[S]] | None = None,
     ) -> tuple[S, list[StepInfo]]:
         """``run`` row by row, on validated rows x (N, I) and encoded targets Y (N, C) of the
         state's dtype (finiteness of x settled with the steps' checks); row i by
-        ``filters[i]`` where given (the kernel is this filter's, for no other)."""
+        ``filters[i]`` where given, by its compiled step ``steps[i]`` (that filter's) where it can."""
         infos: list[StepInfo] = []
         # x's finiteness is settled with the steps' own checks, and is one of a kernel's: while
         # every row passes its kernel's checks, nothing is left to settle (no host sync)
         pending: list[Check] = []
         for i in range(x.shape[0]):
             f = self if filters is None else filters[i]
-            done = None if kernel is None or f is not self else kernel(state, x[i : i + 1], Y[i])
+            done = None if steps is None else steps[i](state, x[i : i + 1], Y[i])
             if done is not None:  # its checks passed
                 state, info = done
                 infos.append(info)

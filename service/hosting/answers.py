@@ -22,8 +22,6 @@ from service.schemas import (
     CalibrationPoint,
     CalibrationResponse,
     CalibrationSummary,
-    DecideBatchResponse,
-    DecideResponse,
     ModelInfo,
     PredictResponse,
     ReliabilityBin,
@@ -36,8 +34,8 @@ from service.schemas import (
 __all__ = [
     "Moments",
     "calibration",
-    "decision",
-    "decisions",
+    "decision_json",
+    "decisions_json",
     "model_info",
     "prediction",
     "prediction_json",
@@ -140,20 +138,25 @@ def prediction_json(version: int, m: Moments, point: bool = False) -> bytes:
     return b'{"version":' + str(version).encode() + b"," + body + tail + b"}"
 
 
-def decision(event_id: str, choice: Decision, version: int) -> DecideResponse:
-    return DecideResponse(
-        event_id=event_id,
-        action=choice.action,
-        scores=choice.scores,
-        propensity=choice.propensities[choice.action],
-        propensities=choice.propensities,
-        propensity_samples=choice.samples,
-        version=version,
+def decision_json(event_id: str, choice: Decision, version: int) -> bytes:
+    """``/decide``'s answer (a ``DecideResponse``) as JSON, encoded once by orjson: it is
+    also the event's record of the answer, sent again to a retried decision as it is."""
+    return orjson.dumps(
+        {
+            "event_id": event_id,
+            "action": choice.action,
+            "scores": choice.scores,
+            "propensity": choice.propensities[choice.action],
+            "propensities": choice.propensities,
+            "propensity_samples": choice.samples,
+            "version": version,
+        }
     )
 
 
-def decisions(items: list[DecideResponse]) -> DecideBatchResponse:
-    return DecideBatchResponse(items=items)
+def decisions_json(items: list[bytes]) -> bytes:
+    """``/decide/batch``'s answer (a ``DecideBatchResponse``) from its items' JSON."""
+    return b'{"items":[' + b",".join(items) + b"]}"
 
 
 def reward(event_id: str, done: UpdateResponse) -> RewardResponse:
@@ -182,6 +185,7 @@ def model_info(h: HostedModel) -> ModelInfo:
         snapshot_version=h.snapshot_version,
         device=str(h.device),
         step="eager" if h.kernel is None else "compiled",
+        output_step="eager" if h.output_kernels is None else "compiled",
         step_error=h.kernel_error,
         calibration=summary(h.calibration.stats()),
     )

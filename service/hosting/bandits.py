@@ -50,9 +50,7 @@ from service.hosting.updates import Updates
 from service.policy import Decision, decide, decide_many
 from service.schemas import (
     DecideBatchRequest,
-    DecideBatchResponse,
     DecideRequest,
-    DecideResponse,
     RewardBatchRequest,
     RewardBatchResponse,
     RewardRequest,
@@ -78,8 +76,9 @@ class Bandits:
         self.settings, self.store, self.catalogue = settings, store, catalogue
         self.limits, self.compute, self.updates = limits, compute, updates
 
-    async def decide(self, h: HostedModel, req: DecideRequest) -> DecideResponse:
-        """Choose one of the candidate actions and keep the event for its reward."""
+    async def decide(self, h: HostedModel, req: DecideRequest) -> bytes:
+        """Choose one of the candidate actions and keep the event for its reward; the answer
+        (a ``DecideResponse``) as JSON."""
         rows = _rows(h, req)
         self.limits.rows(rows, h.filter.network.input_dim, "decide")
         if req.event_id is not None:  # a retried decision gets the first answer
@@ -92,8 +91,8 @@ class Bandits:
             work, self._choose, h, h.filter.predict, current.state, rows, req
         )
         event_id = req.event_id or uuid.uuid4().hex
-        response = answers.decision(event_id, choice, current.version)
-        record = _record(rows, choice, req, response)
+        response = answers.decision_json(event_id, choice, current.version)
+        record = _record(rows, choice, req, current.version, response)
         expires = time.time() + h.spec.events.ttl_s
         if not await self.store.put_event(h.name, event_id, record, expires):
             seen = await self._answer_of(h, event_id)  # a concurrent twin won
@@ -104,9 +103,10 @@ class Bandits:
             return seen
         return response
 
-    async def decide_batch(self, h: HostedModel, req: DecideBatchRequest) -> DecideBatchResponse:
+    async def decide_batch(self, h: HostedModel, req: DecideBatchRequest) -> bytes:
         """Decide every item against one read of the published state (see the module's
-        docstring); each item's event is kept for its reward."""
+        docstring); each item's event is kept for its reward. The answer (a
+        ``DecideBatchResponse``) as JSON, from each item's, encoded once."""
         rows = [_rows(h, item, f"item {i}: ") for i, item in enumerate(req.items)]
         self.limits.batch(sum(map(len, rows)), "the items' actions together")
         done = await self._answers_of(h, req.items)  # retried items: their first answers
@@ -127,11 +127,9 @@ class Bandits:
         for i, item in enumerate(req.items):  # a repeated event id: the first item's answer
             if i not in done and item.event_id is not None:
                 done[i] = done[first[item.event_id]]
-        return answers.decisions([done[i] for i in range(len(req.items))])
+        return answers.decisions_json([done[i] for i in range(len(req.items))])
 
-    async def _answers_of(
-        self, h: HostedModel, items: list[DecideRequest]
-    ) -> dict[int, DecideResponse]:
+    async def _answers_of(self, h: HostedModel, items: list[DecideRequest]) -> dict[int, bytes]:
         """The first answers of the items whose event exists, by item index."""
         named = [i for i, item in enumerate(items) if item.event_id is not None]
         raws = await self.store.get_events(h.name, [str(items[i].event_id) for i in named])
@@ -145,13 +143,15 @@ class Bandits:
         items: list[DecideRequest],
         choices: list[Decision],
         version: int,
-    ) -> dict[int, DecideResponse]:
-        """Keep the new decisions' events in one store write; their answers by item index (a
-        concurrent twin's where it won)."""
+    ) -> dict[int, bytes]:
+        """Keep the new decisions' events in one store write; their answers (JSON) by item
+        index (a concurrent twin's where it won)."""
         ids = [item.event_id or uuid.uuid4().hex for item in items]
-        responses = [answers.decision(e, c, version) for e, c in zip(ids, choices, strict=True)]
+        responses = [
+            answers.decision_json(e, c, version) for e, c in zip(ids, choices, strict=True)
+        ]
         records = [
-            (e, _record(r, c, item, a))
+            (e, _record(r, c, item, version, a))
             for e, r, c, item, a in zip(ids, rows, choices, items, responses, strict=True)
         ]
         expires = time.time() + h.spec.events.ttl_s
@@ -181,7 +181,7 @@ class Bandits:
         samples = self.settings.propensity_samples if draws else 0
         return size * rows * (1 + samples)
 
-    async def _answer_of(self, h: HostedModel, event_id: str) -> DecideResponse | None:
+    async def _answer_of(self, h: HostedModel, event_id: str) -> bytes | None:
         raw = await self.store.get_event(h.name, event_id)
         return None if raw is None else _answer(raw)
 
@@ -331,25 +331,25 @@ def _rows(h: HostedModel, req: DecideRequest, where: str = "") -> list[list[floa
 
 
 def _record(
-    rows: list[list[float]], choice: Decision, req: DecideRequest, response: DecideResponse
+    rows: list[list[float]], choice: Decision, req: DecideRequest, version: int, response: bytes
 ) -> bytes:
     """The event kept for a decision's reward: the chosen row, or the context and the chosen
-    output where the outputs are the arms."""
+    output where the outputs are the arms; with the answer (JSON) it was decided with."""
     arms_are_outputs = req.actions is None
     return EventRecord(
         x=rows[0] if arms_are_outputs else rows[choice.action],
         action=choice.action,
-        propensity=response.propensity,
+        propensity=choice.propensities[choice.action],
         strategy=req.strategy,
-        version=response.version,
-        response=response.model_dump_json(),
+        version=version,
+        response=response.decode(),
         output=choice.action if arms_are_outputs else None,
     ).to_bytes()
 
 
-def _answer(raw: bytes) -> DecideResponse:
-    """The answer a kept event was decided with."""
-    return DecideResponse.model_validate_json(EventRecord.from_bytes(raw).response)
+def _answer(raw: bytes) -> bytes:
+    """The answer (JSON) a kept event was decided with."""
+    return EventRecord.from_bytes(raw).response.encode()
 
 
 def _outputs(events: list[EventRecord]) -> list[int] | None:

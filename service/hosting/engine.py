@@ -44,9 +44,7 @@ from service.hosting.updates import Updates
 from service.schemas import (
     CalibrationResponse,
     DecideBatchRequest,
-    DecideBatchResponse,
     DecideRequest,
-    DecideResponse,
     ModelInfo,
     ModelSpec,
     PredictRequest,
@@ -173,13 +171,15 @@ class Engine:
         """``predict``'s answer as JSON bytes (what the HTTP route sends)."""
         return await self.predictions.predict_json(self.catalogue.get(name), req)
 
-    async def decide(self, name: str, req: DecideRequest) -> DecideResponse:
+    async def decide_json(self, name: str, req: DecideRequest) -> bytes:
+        """``/decide``'s answer (a ``DecideResponse``) as JSON bytes."""
         return await self.bandits.decide(self.catalogue.get(name), req)
 
     async def reward(self, name: str, req: RewardRequest) -> RewardResponse:
         return await self.bandits.reward(self.catalogue.get(name), req)
 
-    async def decide_batch(self, name: str, req: DecideBatchRequest) -> DecideBatchResponse:
+    async def decide_batch_json(self, name: str, req: DecideBatchRequest) -> bytes:
+        """``/decide/batch``'s answer (a ``DecideBatchResponse``) as JSON bytes."""
         return await self.bandits.decide_batch(self.catalogue.get(name), req)
 
     async def reward_batch(self, name: str, req: RewardBatchRequest) -> RewardBatchResponse:

@@ -31,7 +31,7 @@ from service.components.registry import Scorer
 from service.errors import InvalidInput, NotOwner, PostserveError, StoreUnavailable, VersionConflict
 from service.filters import Belief, OnlineFilter, RowReport, row_reports
 from service.filters.algorithm import S
-from service.filters.compiled import RowKernel
+from service.filters.compiled import OutputKernels, RowKernel
 from service.schemas import ModelSpec
 
 __all__ = ["Counters", "Hosted", "HostedModel", "Pending", "Published"]
@@ -87,6 +87,8 @@ class Hosted(Generic[S]):
     failure: tuple[int, PostserveError] | None = None  # the first failed pending update
     kernel: RowKernel[S] | None = None  # its compiled step, once built (``kernels``)
     kernel_error: str | None = None  # why it has none, if building one failed
+    output_kernels: OutputKernels[S] | None = None  # steps of rows of one output, once built
+    output_kernels_started: bool = False  # their build began (at the first such row)
 
     @property
     def name(self) -> str:
@@ -176,18 +178,20 @@ class Hosted(Generic[S]):
         state: S,
         x: list[list[float]],
         y: Sequence[Label],
-        kernel: RowKernel[S] | None = None,
+        kernel: RowKernel[S] | OutputKernels[S] | None = None,
         outputs: list[int] | None = None,
     ) -> tuple[S, list[RowReport], list[Observation]]:
         """One filtering step per row from ``state`` (pure), by ``kernel`` where it can, row i
-        observing output ``outputs[i]`` alone where given: the new state, each row's report,
-        and what calibration scores of each row. Raises StepRejected / InvalidInput."""
+        observing output ``outputs[i]`` alone where given (``kernel`` then the output kernels):
+        the new state, each row's report, and what calibration scores of each row. Raises
+        StepRejected / InvalidInput."""
         X = self.tensor(x)
         try:
             Y = self.tensor(y)
         except (ValueError, TypeError) as exc:
             raise InvalidInput(f"y rows must all have the same shape: {exc}") from exc
-        new, infos = self.filter.run(state, X, Y, kernel, outputs)
+        steps = kernel.steps if isinstance(kernel, OutputKernels) else kernel
+        new, infos = self.filter.run(state, X, Y, steps, outputs)
         rows = row_reports(infos)
         return new, rows, self.scorer(self.filter.likelihood, infos, rows, y)
 

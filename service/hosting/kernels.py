@@ -9,6 +9,11 @@ cannot have (another torch version or CPU, or the setting turned off) is replaye
 step or this process's kernel, with a warning: the same observations, rounding aside.
 
 A model whose step cannot be compiled keeps the eager step (``kernel_error`` says why).
+
+Rows that observe one output alone (``/update``'s ``outputs``, a reward of a model whose
+outputs are its arms) are steps of the restricted filters, one per output: their C kernels
+(``compile_output_steps``) are built in the background when the first such row arrives, named
+in records by the set's key, and replayed the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ import anyio.to_thread
 
 from service.config import Settings
 from service.filters import Belief
-from service.filters.compiled import RowKernel, compile_step, kernel_key
+from service.filters.compiled import (
+    OutputKernels,
+    RowKernel,
+    compile_output_steps,
+    compile_step,
+    kernel_key,
+    output_kernels_key,
+)
 from service.hosting.hosted import HostedModel
 
 __all__ = ["Kernels"]
@@ -56,6 +68,35 @@ class Kernels:
             h.kernel = kernel
             log.info("%s: steps with compiled kernel %s", h.name, kernel.key)
 
+    def start_outputs(self, h: HostedModel) -> None:
+        """Build ``h``'s output kernels in the background (once), when the setting is on."""
+        if not self.enabled or h.output_kernels_started:
+            return
+        h.output_kernels_started = True
+        task = asyncio.create_task(self._build_outputs(h))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _build_outputs(self, h: HostedModel) -> None:
+        try:
+            kernels = await self._compile_outputs(h)
+        except Exception as exc:
+            log.warning("%s: no compiled steps of single outputs: %s", h.name, exc)
+            return
+        if not h.deleted:
+            h.output_kernels = kernels
+            log.info("%s: rows of one output step with kernels %s", h.name, kernels.key)
+
+    async def _compile_outputs(self, h: HostedModel) -> OutputKernels[Belief]:
+        return await anyio.to_thread.run_sync(
+            compile_output_steps,
+            h.filter,
+            h.current.state,
+            self.directory,
+            limiter=self._limiter,
+            abandon_on_cancel=True,
+        )
+
     async def _compile(self, h: HostedModel) -> RowKernel[Belief]:
         state = h.current.state
         return await anyio.to_thread.run_sync(
@@ -67,11 +108,15 @@ class Kernels:
             abandon_on_cancel=True,  # a stop need not wait out a compile
         )
 
-    async def for_replay(self, h: HostedModel, key: str | None) -> RowKernel[Belief] | None:
+    async def for_replay(
+        self, h: HostedModel, key: str | None
+    ) -> RowKernel[Belief] | OutputKernels[Belief] | None:
         """The kernel that computed a log record (``key``; None: the eager step), built now if
         this process can build it."""
         if key is None:
             return None
+        if key.startswith("outputs-"):
+            return await self._outputs_for_replay(h, key)
         if h.kernel is None and self.enabled and kernel_key(h.filter, h.current.state) == key:
             try:
                 h.kernel = await self._compile(h)
@@ -81,15 +126,34 @@ class Kernels:
             return h.kernel
         if (h.name, key) in self._warned:  # once per model and kernel, not once per record
             return h.kernel
+        self._warn(h, key, h.kernel)
+        return h.kernel
+
+    async def _outputs_for_replay(self, h: HostedModel, key: str) -> OutputKernels[Belief] | None:
+        state = h.current.state
+        if h.output_kernels is None and self.enabled and output_kernels_key(h.filter, state) == key:
+            h.output_kernels_started = True
+            try:
+                h.output_kernels = await self._compile_outputs(h)
+            except Exception as exc:
+                log.warning("%s: no compiled steps of single outputs: %s", h.name, exc)
+        if h.output_kernels is not None and h.output_kernels.key == key:
+            return h.output_kernels
+        if (h.name, key) not in self._warned:
+            self._warn(h, key, h.output_kernels)
+        return h.output_kernels
+
+    def _warn(
+        self, h: HostedModel, key: str, instead: RowKernel[Belief] | OutputKernels[Belief] | None
+    ) -> None:
         self._warned.add((h.name, key))
         log.warning(
             "%s: a log record was computed by kernel %s, which this process does not have; "
             "replayed with %s (rounding may differ)",
             h.name,
             key,
-            "kernel " + h.kernel.key if h.kernel is not None else "the eager step",
+            "kernel " + instead.key if instead is not None else "the eager step",
         )
-        return h.kernel
 
     async def stop(self) -> None:
         for task in list(self._tasks):

@@ -45,6 +45,7 @@ from service.components import Label
 from service.config import Settings
 from service.errors import InvalidInput, NotFound, NotReady, PostserveError
 from service.filters import Belief, RowReport
+from service.filters.compiled import OutputKernels, RowKernel
 from service.filters.outputs import check_outputs
 from service.hosting import answers
 from service.hosting.catalogue import Catalogue
@@ -216,9 +217,13 @@ class Updates:
     ) -> tuple[Published[Belief], Belief, list[RowReport], list[Observation], str | None]:
         """The tip, the state after rows ``x``, ``y`` from it (not yet visible), and the key of
         the compiled step that computed it (None: the eager step), for its log record."""
-        tip, kernel = h.tip, h.kernel  # read once: a kernel built meanwhile waits for the next
+        tip = h.tip
+        # read once: a kernel built meanwhile waits for the next request
+        kernel: RowKernel[Belief] | OutputKernels[Belief] | None = h.kernel
         if outputs is not None and h.filter.network.output_dim > 1:
-            kernel = None  # a row of one output is the restricted filter's eager step
+            kernel = h.output_kernels  # rows of one output: the restricted filters' steps
+            if kernel is None:
+                self.catalogue.kernels.start_outputs(h)  # built in the background, once
         work = h.filter.state_bytes(tip.state) * len(x)
         new, infos, obs = await self.compute.run(work, h.step, tip.state, x, y, kernel, outputs)
         return tip, new, infos, obs, None if kernel is None else kernel.key
