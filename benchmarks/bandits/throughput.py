@@ -151,6 +151,19 @@ def batch_rate(
     }
 
 
+def _wait_output_steps(raw: httpx.Client, url: str, name: str, task: data.Task) -> None:
+    """One decide + reward (which asks for the model's output kernels), then wait for them."""
+    with Client(url) as client:
+        decided = client.decide(name, context=task.contexts[0].tolist())
+        client.reward(name, decided.event_id, 0.0)
+    deadline = time.monotonic() + 1800
+    while raw.get(f"/v1/models/{name}").json()["output_step"] != "compiled":
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name}: its output steps were not compiled within 30 minutes")
+        time.sleep(1.0)
+    print(f"  {name}: output steps compiled", flush=True)
+
+
 # -- single-call latency -------------------------------------------------------------------------
 
 
@@ -217,8 +230,11 @@ def main() -> None:
                 client.create_model(_spec(model, task))
         if args.kernels is not None:
             with httpx.Client(base_url=url, timeout=30) as raw:
-                # arms as outputs: their rewards observe one output, always the eager step
                 _wait_compiled(raw, [f"tp-{m}" for m in args.models if m not in ARMS])
+                # arms as outputs: rewards observe one output, by its own compiled step (built
+                # at the first such reward); the model's full step is never used
+                for m in (m for m in args.models if m in ARMS):
+                    _wait_output_steps(raw, url, f"tp-{m}", task)
         for model in args.models:
             for items in args.items:
                 for clients in args.clients:
