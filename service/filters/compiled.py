@@ -50,6 +50,7 @@ from service.filters.linalg import tracing
 from service.filters.online import OnlineFilter
 
 __all__ = [
+    "OUTPUT_KERNELS",
     "OutputKernels",
     "RowKernel",
     "compile_output_steps",
@@ -94,10 +95,14 @@ class OutputKernels(Generic[S]):
     steps: tuple[RowKernel[S], ...]
 
 
+#: What every :func:`output_kernels_key` begins with (a :func:`kernel_key` never does).
+OUTPUT_KERNELS = "outputs-"
+
+
 def output_kernels_key(f: OnlineFilter[S], state: S) -> str:
     """The key of :func:`compile_output_steps`' set: a digest of its C kernels' keys."""
     keys = [kernel_key(f.restrict(k), state) for k in range(f.network.output_dim)]
-    return "outputs-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
+    return OUTPUT_KERNELS + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
 
 
 def compile_output_steps(f: OnlineFilter[S], state: S, directory: Path) -> OutputKernels[S]:

@@ -50,7 +50,13 @@ from torch import Tensor
 
 from service.filters.base import Linearization
 from service.filters.likelihoods import Likelihood
-from service.filters.linalg import Check, _traced, finite_check, identity, shared_constant
+from service.filters.linalg import (
+    Check,
+    finite_check,
+    identity,
+    may_stop_early,
+    shared_constant,
+)
 from service.filters.networks import DenseJacobian
 
 if TYPE_CHECKING:
@@ -123,7 +129,7 @@ def mode_weights(
     one = eta0.shape[-1] == 1  # then V = variance_diag, and the solve is a division
     eye = identity(eta0.shape[-1], eta0.dtype, eta0.device)
     w, eta, L = torch.zeros_like(eta0), eta0, likelihood.log_prob(y, eta0)
-    early = eta0.device.type == "cpu" and not _traced()  # reading a CPU tensor is no device sync
+    early = may_stop_early(eta0)
     for _ in range(iterations):
         r = y - likelihood.mean(eta) - w
         if one:

@@ -63,6 +63,12 @@ def _traced() -> bool:
     return bool(getattr(_TRACE, "on", False))
 
 
+def may_stop_early(t: Tensor) -> bool:
+    """Whether an iteration over ``t`` may test for convergence and stop: on a CPU (reading a
+    CPU tensor is no device sync) and outside a compile's trace (no branch on data there)."""
+    return t.device.type == "cpu" and not _traced()
+
+
 def shared_constant(make: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``make`` (hashable arguments -> a constant tensor) made once per arguments and shared, so
     its tensors are never to be written to; made afresh while traced, so that no tensor of the

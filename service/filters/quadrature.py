@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.filters.linalg import _traced
+from service.filters.linalg import may_stop_early
 
 __all__ = ["poisson_lognormal_cdf", "poisson_lognormal_logpmf"]
 
@@ -29,7 +29,7 @@ def poisson_lognormal_logpmf(y: Tensor, g: Tensor, v: Tensor) -> Tensor:
     at most 30; on a CPU, outside a compile's trace, they stop once a step moves the mode by
     rounding, after 5-8 steps from this start, with the same mode to rounding)."""
     mode = torch.where(y > 0, torch.log(y + 0.5), g).minimum(g + v * y)
-    early = g.device.type == "cpu" and not _traced()  # reading a CPU tensor is no device sync
+    early = may_stop_early(g)
     for _ in range(30):
         grad = y - torch.exp(mode) - (mode - g) / v
         step = grad / (torch.exp(mode) + 1 / v)

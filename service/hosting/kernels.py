@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
 
 from service.config import Settings
-from service.filters import Belief
+from service.filters import Belief, OnlineFilter
 from service.filters.compiled import (
+    OUTPUT_KERNELS,
     OutputKernels,
     RowKernel,
     compile_output_steps,
@@ -37,6 +41,8 @@ from service.filters.compiled import (
 from service.hosting.hosted import HostedModel
 
 __all__ = ["Kernels"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("postserve.hosting")
 
@@ -88,21 +94,20 @@ class Kernels:
             log.info("%s: rows of one output step with kernels %s", h.name, kernels.key)
 
     async def _compile_outputs(self, h: HostedModel) -> OutputKernels[Belief]:
-        return await anyio.to_thread.run_sync(
-            compile_output_steps,
-            h.filter,
-            h.current.state,
-            self.directory,
-            limiter=self._limiter,
-            abandon_on_cancel=True,
-        )
+        return await self._on_thread(compile_output_steps, h)
 
     async def _compile(self, h: HostedModel) -> RowKernel[Belief]:
-        state = h.current.state
+        return await self._on_thread(compile_step, h)
+
+    async def _on_thread(
+        self, build: Callable[[OnlineFilter[Belief], Belief, Path], T], h: HostedModel
+    ) -> T:
+        """``build(h's filter, its current state, the kernel directory)`` on the compile thread,
+        one compile at a time."""
         return await anyio.to_thread.run_sync(
-            compile_step,
+            build,
             h.filter,
-            state,
+            h.current.state,
             self.directory,
             limiter=self._limiter,
             abandon_on_cancel=True,  # a stop need not wait out a compile
@@ -115,7 +120,7 @@ class Kernels:
         this process can build it."""
         if key is None:
             return None
-        if key.startswith("outputs-"):
+        if key.startswith(OUTPUT_KERNELS):
             return await self._outputs_for_replay(h, key)
         if h.kernel is None and self.enabled and kernel_key(h.filter, h.current.state) == key:
             try:
