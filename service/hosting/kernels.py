@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -59,9 +59,7 @@ class Kernels:
         """Build ``h``'s compiled step in the background, when the setting is on."""
         if not self.enabled or h.kernel is not None:
             return
-        task = asyncio.create_task(self._build(h))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._build(h))
 
     async def _build(self, h: HostedModel) -> None:
         try:
@@ -79,7 +77,11 @@ class Kernels:
         if not self.enabled or h.output_kernels_started:
             return
         h.output_kernels_started = True
-        task = asyncio.create_task(self._build_outputs(h))
+        self._spawn(self._build_outputs(h))
+
+    def _spawn(self, build: Coroutine[Any, Any, None]) -> None:
+        """Run ``build`` as a task that ``stop`` cancels."""
+        task = asyncio.create_task(build)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
