@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -47,7 +47,11 @@ from torch import Tensor
 from service.errors import InvalidInput
 from service.filters import OnlineFilter
 from service.filters.algorithm import S
+from service.filters.draws import argmax_shares, normals
 from service.filters.linalg import all_finite
+
+if TYPE_CHECKING:
+    from service.filters.compiled import DrawKernel
 
 __all__ = ["UCB_WIDTH", "Decision", "Strategy", "decide", "decide_many"]
 
@@ -77,11 +81,22 @@ def decide(
     generator: torch.Generator | None = None,
     propensity_samples: int = 256,
     linearized: bool = False,
+    kernel: DrawKernel[S] | None = None,
 ) -> Decision:
     """Pick one of the candidates of X (A, I) (the A rows of a one-output model, or the C
-    outputs of one row) under ``belief`` (already predicted one step ahead)."""
+    outputs of one row) under ``belief`` (already predicted one step ahead).
+
+    ``kernel``: the compiled Thompson draws of one row (``compiled.DrawKernel``, of
+    ``propensity_samples`` draws), used for a Thompson decision of one row from the same
+    standard normals as the eager draws; where its checks fail, the eager draws decide (from
+    the generator's next normals)."""
     _candidates(f, X.shape[0])
     M = propensity_samples
+    if strategy == "thompson" and kernel is not None and X.shape[0] == 1:
+        z = normals((M, f.network.output_dim), generator, belief.mean)
+        got = kernel(belief, X.to(belief.mean.dtype), z)
+        if got is not None:
+            return Decision(*got, M)
     if strategy == "thompson":
         draws = f.sample_outputs(belief, X, M, generator, linearized=linearized)  # (M, A, C)
         return _thompson(draws.reshape(1, M, -1), torch.zeros(1, dtype=torch.long))[0]
@@ -165,13 +180,11 @@ def _thompson(draws: Tensor, own: Tensor) -> list[Decision]:
     """Item g (of draws (G, M, A)) takes the arg-max of its draw ``own[g]``; its propensities
     are the arg-max shares of its M draws."""
     _finite(draws)
-    G, M, A = draws.shape
-    winners = draws.argmax(dim=2)  # (G, M); ties: the lowest index
-    ones = torch.ones((G, M), dtype=torch.float64, device=draws.device)
-    counts = ones.new_zeros((G, A)).scatter_add_(1, winners, ones)
+    G, M = draws.shape[:2]
+    winners, shares = argmax_shares(draws)
     rows, own = torch.arange(G, device=draws.device), own.to(draws.device)
     actions, scores = winners[rows, own].tolist(), draws[rows, own].tolist()
-    propensities = (counts / M).tolist()
+    propensities = shares.tolist()
     return [Decision(actions[g], scores[g], propensities[g], M) for g in range(G)]
 
 

@@ -347,6 +347,12 @@ class ModelInfo(BaseModel):
         "are outputs) step: eagerly, or by the compiled steps of each output, built in the "
         "background once the first such row arrives (POSTSERVE_COMPILE_STEPS)",
     )
+    decide_step: Literal["eager", "compiled"] = Field(
+        "eager",
+        description="how a Thompson decision among one row's outputs (`/decide` with a context "
+        "alone) draws: eagerly, or by its compiled kernel, built in the background at the "
+        "first such decision (POSTSERVE_COMPILE_STEPS; models drawn in output space)",
+    )
     calibration: CalibrationSummary = Field(default_factory=CalibrationSummary)
 
 

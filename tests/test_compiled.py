@@ -4,8 +4,10 @@ cannot vouch for is computed eagerly, with the eager step's verdict; and a serve
 its models' steps restores them bit for bit after a SIGKILL, through the kernel that computed
 each log record.
 
-Each kernel compiles in seconds to a minute (a C++ compiler runs), so the module compiles two,
-once, and the server test a third.
+Each kernel compiles in seconds to a minute (a C++ compiler runs), so the module compiles each
+once, and the server tests load them from the fixtures' directories where they can. The
+compiled Thompson draws of one row (``compiled.DrawKernel``) decide as the eager draws do from
+the same normals.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from service.filters import (
     compiled,
 )
 from service.filters.compiled import RowKernel, compile_step, kernel_key
+from service.policy import decide
 from service.schemas import ModelSpec
 from service.testing import MakeServer
 
@@ -296,9 +299,48 @@ def test_rows_of_one_output_step_through_that_outputs_kernel(
         torch.testing.assert_close(b.log_likelihood, a.log_likelihood, rtol=1e-3, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def draw_kernel(
+    output_kernels: tuple[Path, OnlineFilter[object], compiled.OutputKernels[object]],
+) -> compiled.DrawKernel[object]:
+    """MULTI_SPEC's compiled Thompson draws of one row (256 draws, the server's default), in the
+    output kernels' directory."""
+    directory, f, _ = output_kernels
+    return compiled.compile_draws(f, f.init(dtype=torch.float32), directory, 256)
+
+
+def test_compiled_draws_decide_as_the_eager_draws_from_the_same_normals(
+    output_kernels: tuple[Path, OnlineFilter[object], compiled.OutputKernels[object]],
+    draw_kernel: compiled.DrawKernel[object],
+) -> None:
+    _, f, _ = output_kernels
+    x, y = _rows(f, 30, 11)
+    state, _ = f.run(f.init(dtype=torch.float32), x, y.reshape(30, 1).expand(30, 2), None)
+    belief = f.predict(state)
+    rows = torch.randn(8, 3, generator=torch.Generator().manual_seed(12))
+    mixed = 0
+    for seed, row in enumerate(rows):
+        args = (f, belief, row[None], "thompson")
+        eager = decide(*args, generator=torch.Generator().manual_seed(seed), linearized=True)
+        fast = decide(
+            *args,
+            generator=torch.Generator().manual_seed(seed),
+            linearized=True,
+            kernel=draw_kernel,
+        )
+        assert (fast.action, fast.samples, eager.samples) == (eager.action, 256, 256)
+        assert fast.propensities == eager.propensities  # the same arg-max of every draw
+        assert fast.scores == pytest.approx(eager.scores, rel=1e-5, abs=1e-6)
+        mixed += min(eager.propensities) > 0
+    assert mixed >= 2  # the draws disagree for some rows: the shares are not trivially 0 and 1
+    with pytest.raises(InvalidInput, match="x holds NaN or infinite"):  # the eager verdict
+        decide(f, belief, torch.tensor([[math.inf, 0.0, 0.0]]), "thompson", kernel=draw_kernel)
+
+
 def test_a_server_steps_rows_of_one_output_compiled_and_replays_them_after_sigkill(
     make_server: MakeServer,
     output_kernels: tuple[Path, OnlineFilter[object], compiled.OutputKernels[object]],
+    draw_kernel: compiled.DrawKernel[object],
 ) -> None:
     directory = output_kernels[0]
     env = {"POSTSERVE_COMPILE_STEPS": "1", "POSTSERVE_KERNEL_DIR": str(directory)}
@@ -324,6 +366,18 @@ def test_a_server_steps_rows_of_one_output_compiled_and_replays_them_after_sigki
             time.sleep(0.2)
         for _ in range(5):
             update(c, 4)
+        # a seeded decision of the context alone: eager first, then by the compiled draws
+        seeded = {"context": [0.4, -1.2, 0.7], "strategy": "thompson", "seed": 5}
+        first = c.post("/v1/models/arms/decide", json=seeded)
+        assert first.status_code == 200, first.text
+        while c.get("/v1/models/arms").json()["decide_step"] != "compiled":
+            assert time.monotonic() < deadline, "the compiled draws were not loaded"
+            time.sleep(0.2)
+        again = c.post("/v1/models/arms/decide", json=seeded).json()
+        assert again["event_id"] != first.json()["event_id"]
+        for field in ("action", "propensities", "version"):
+            assert again[field] == first.json()[field], field
+        assert again["scores"] == pytest.approx(first.json()["scores"], rel=1e-5, abs=1e-6)
     before = _predictions(server.url, "arms")
     server.restart(crash=True)
     assert _predictions(server.url, "arms") == before  # each record by the kernels it names

@@ -152,16 +152,18 @@ def batch_rate(
 
 
 def _wait_output_steps(raw: httpx.Client, url: str, name: str, task: data.Task) -> None:
-    """One decide + reward (which asks for the model's output kernels), then wait for them."""
+    """One decide + reward (which ask for the model's compiled Thompson draws and output
+    kernels), then wait for both."""
     with Client(url) as client:
         decided = client.decide(name, context=task.contexts[0].tolist())
         client.reward(name, decided.event_id, 0.0)
     deadline = time.monotonic() + 1800
-    while raw.get(f"/v1/models/{name}").json()["output_step"] != "compiled":
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{name}: its output steps were not compiled within 30 minutes")
-        time.sleep(1.0)
-    print(f"  {name}: output steps compiled", flush=True)
+    for field in ("decide_step", "output_step"):
+        while raw.get(f"/v1/models/{name}").json()[field] != "compiled":
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name}: its {field} was not compiled within 30 minutes")
+            time.sleep(1.0)
+    print(f"  {name}: Thompson draws of one row and output steps compiled", flush=True)
 
 
 # -- single-call latency -------------------------------------------------------------------------

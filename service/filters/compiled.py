@@ -44,6 +44,7 @@ from typing import Generic
 import torch
 from torch import Tensor
 
+from service.filters import draws
 from service.filters.algorithm import S
 from service.filters.base import Predictive, StepInfo, packed
 from service.filters.linalg import tracing
@@ -51,10 +52,13 @@ from service.filters.online import OnlineFilter
 
 __all__ = [
     "OUTPUT_KERNELS",
+    "DrawKernel",
     "OutputKernels",
     "RowKernel",
+    "compile_draws",
     "compile_output_steps",
     "compile_step",
+    "draw_kernel_key",
     "kernel_key",
     "output_kernels_key",
 ]
@@ -112,6 +116,84 @@ def compile_output_steps(f: OnlineFilter[S], state: S, directory: Path) -> Outpu
         compile_step(f.restrict(k), state, directory) for k in range(f.network.output_dim)
     )
     return OutputKernels(output_kernels_key(f, state), steps)
+
+
+@dataclass(frozen=True)
+class DrawKernel(Generic[S]):
+    """A compiled Thompson decision among the C outputs of one row, by output-space draws
+    (``service.filters.draws``; ``docs/algorithms.md`` 6.5)::
+
+        kernel(belief fields..., x (1, I), z (M, C))
+            -> (verdict, action, scores (C), shares (C)) packed in one float64 tensor
+
+    for a belief already predicted one step ahead and M standard normals z per output: the
+    draws mu(g + z Omega^{1/2}) of ``draws.drawn``, draw 0's arg-max as the action and its
+    values as the scores, and the arg-max shares of all M (``draws.argmax_shares``) as the
+    propensities, as ``policy.decide`` makes them eagerly from the same z. The verdict is
+    whether x, Omega and the draws are all finite; where it is false (Omega is then replaced
+    by I, which ``eigh`` takes), ``__call__`` answers None and the caller decides eagerly,
+    which raises the exact error. A decision changes no state and is logged as its answer, so
+    nothing replays it: only its rounding differs from the eager one's."""
+
+    key: str
+    fields: tuple[str, ...]
+    samples: int
+    run: Callable[..., Sequence[Tensor]]
+
+    def __call__(
+        self, belief: S, x: Tensor, z: Tensor
+    ) -> tuple[int, list[float], list[float]] | None:
+        """(action, scores, propensities) of row x (1, I) with normals z (M, C), or None."""
+        (out,) = self.run(*(getattr(belief, k) for k in self.fields), x, z)
+        v = out.tolist()  # the one host sync
+        if not v[0]:
+            return None
+        C = (len(v) - 2) // 2
+        return int(v[1]), v[2 : 2 + C], v[2 + C :]
+
+
+def draw_kernel_key(f: OnlineFilter[S], state: S, samples: int) -> str:
+    """The key of :func:`compile_draws`' kernel: the step's key (what the filter and state
+    shapes are) and the number of draws."""
+    return "draws-" + hashlib.sha256(f"{kernel_key(f, state)}\n{samples}".encode()).hexdigest()[:24]
+
+
+def compile_draws(f: OnlineFilter[S], state: S, directory: Path, samples: int) -> DrawKernel[S]:
+    """The :class:`DrawKernel` of ``f`` at ``state``'s shapes and ``samples`` draws, kept under
+    ``directory`` as :func:`compile_step`'s. For a network linear in its parameters or drawn
+    ``linearized``, with at least as many parameters as outputs (the eager output-space draw's
+    conditions)."""
+    fields = _fields(state)
+    key = draw_kernel_key(f, state, samples)
+    mean: Tensor = state.mean
+    x = mean.new_zeros((1, f.network.input_dim))
+    z = mean.new_zeros((samples, f.network.output_dim))
+    args = (*(getattr(state, k) for k in fields), x, z)
+    what = f"the Thompson draws of {type(f.algorithm).__name__}"
+    run = _package(_Draws(f, type(state), fields), args, directory / f"{key}.pt2", what)
+    return DrawKernel(key=key, fields=fields, samples=samples, run=run)
+
+
+class _Draws(torch.nn.Module, Generic[S]):
+    """The traced function of :class:`DrawKernel`, over flat tensors."""
+
+    def __init__(self, f: OnlineFilter[S], state_type: type[S], fields: tuple[str, ...]) -> None:
+        super().__init__()
+        self.f, self.state_type, self.fields = f, state_type, fields
+
+    def forward(self, *args: Tensor) -> Tensor:
+        n = len(self.fields)
+        belief, x, z = self.state_type(*args[:n]), args[n], args[n + 1]
+        mean, cov = draws.output_space(self.f, belief, x)
+        ok = torch.isfinite(torch.stack([x.sum(), cov.sum()])).all()
+        cov = torch.where(ok, cov, torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
+        drawn = self.f.likelihood.mean(draws.drawn(mean, cov, z))  # (M, C)
+        winners, shares = draws.argmax_shares(drawn.reshape(1, z.shape[0], -1))
+        ok = ok & torch.isfinite(drawn.sum())
+        f64 = torch.float64
+        return torch.cat(
+            [ok.to(f64).reshape(1), winners[0, :1].to(f64), drawn[0].to(f64), shares[0]]
+        )
 
 
 class _Step(torch.nn.Module, Generic[S]):
@@ -180,18 +262,27 @@ def compile_step(f: OnlineFilter[S], state: S, directory: Path) -> RowKernel[S]:
     or the compiler raises for a step it cannot compile; the caller keeps the eager step."""
     state_type, fields = type(state), _fields(state)
     key = kernel_key(f, state)
-    path = directory / f"{key}.pt2"
+    mean: Tensor = state.mean
+    x = mean.new_zeros((1, f.network.input_dim))
+    y = mean.new_zeros((f.network.output_dim,))
+    args = (*(getattr(state, k) for k in fields), x, y)
+    what = f"the step of {type(f.algorithm).__name__}"
+    run = _package(_Step(f, state_type, fields), args, directory / f"{key}.pt2", what)
+    return RowKernel(key=key, state_type=state_type, fields=fields, run=run)
+
+
+def _package(
+    module: torch.nn.Module, args: tuple[Tensor, ...], path: Path, what: str
+) -> Callable[..., Sequence[Tensor]]:
+    """``module`` at ``args``' shapes as a compiled kernel: loaded from ``path`` when it exists,
+    else exported (in ``tracing`` mode), compiled, and kept there first."""
     if not path.exists():
-        mean: Tensor = state.mean
-        x = mean.new_zeros((1, f.network.input_dim))
-        y = mean.new_zeros((f.network.output_dim,))
-        args = (*(getattr(state, k) for k in fields), x, y)
-        directory.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():  # torch's own deprecations, inside the compiler
             warnings.simplefilter("ignore")
             with tracing():
-                program = torch.export.export(_Step(f, state_type, fields), args, strict=False)
-            fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=directory)
+                program = torch.export.export(module, args, strict=False)
+            fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
             os.close(fd)
             try:
                 torch._inductor.aoti_compile_and_package(program, package_path=tmp)
@@ -199,11 +290,11 @@ def compile_step(f: OnlineFilter[S], state: S, directory: Path) -> RowKernel[S]:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        log.info("compiled the step of %s into %s", type(f.algorithm).__name__, path)
+        log.info("compiled %s into %s", what, path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         package = torch._inductor.aoti_load_package(str(path))
-    return RowKernel(key=key, state_type=state_type, fields=fields, run=_flat_call(package))
+    return _flat_call(package)
 
 
 def _flat_call(package: Callable[..., Sequence[Tensor]]) -> Callable[..., Sequence[Tensor]]:

@@ -45,7 +45,14 @@ from service.filters.linalg import all_finite, psd_sqrt
 if TYPE_CHECKING:
     from service.filters.online import OnlineFilter
 
-__all__ = ["sample_outputs", "sample_outputs_each"]
+__all__ = [
+    "argmax_shares",
+    "drawn",
+    "normals",
+    "output_space",
+    "sample_outputs",
+    "sample_outputs_each",
+]
 
 #: Numbers of the stacked Jacobians (groups x N C x D) formed at once, and of the repeated-rows
 #: test (N x N x I per group).
@@ -63,16 +70,19 @@ def sample_outputs(
     """n draws mu(eta) (n, N, C) for validated rows x (N, I) (module docstring)."""
     theta = state.mean
     if f.network.linear_in_params or linearized:
-        unique, inverse = torch.unique(x, dim=0, return_inverse=True)
+        if x.shape[0] == 1:  # one row (a context whose outputs are the arms): nothing repeats
+            unique, inverse = x, torch.zeros(1, dtype=torch.long, device=x.device)
+        else:
+            unique, inverse = torch.unique(x, dim=0, return_inverse=True)
         N, C = unique.shape[0], f.network.output_dim
-        g, J = f.network.jacobian(theta, unique)
         if f.num_params >= N * C:  # fewer outputs than parameters
-            cov = f.algorithm.project(state, DenseJacobian(J.reshape(1, N * C, -1)))[0]
+            mean, cov = output_space(f, state, unique)
             if all_finite(cov):  # else the parameter draw below says what is wrong
-                z = normals((n, N * C), generator, g)
-                eta = (g.reshape(N * C) + z @ psd_sqrt(cov).mT).reshape(n, N, C)
+                z = normals((n, N * C), generator, mean)
+                eta = drawn(mean, cov, z).reshape(n, N, C)
                 return f.likelihood.mean(eta[:, inverse])
         if linearized and not f.network.linear_in_params:
+            g, J = f.network.jacobian(theta, unique)
             d = f.sample(state, n, generator) - theta  # (n, D)
             eta = g + torch.einsum("ncd,sd->snc", J, d)
             return f.likelihood.mean(eta[:, inverse])
@@ -118,6 +128,31 @@ def _each(
         first = _first_repeats(x)
         eta = eta.gather(2, first[:, None, :, None].expand(G, n, N, C))
     return f.likelihood.mean(eta)
+
+
+def output_space(f: OnlineFilter[S], state: S, x: Tensor) -> tuple[Tensor, Tensor]:
+    """g(m, x) flattened (N C,) and Omega = J Sigma J^T (N C, N C) of rows x (N, I): the law
+    N(g, Omega) that output-space draws come from."""
+    N, C = x.shape[0], f.network.output_dim
+    g, J = f.network.jacobian(state.mean, x)
+    cov = f.algorithm.project(state, DenseJacobian(J.reshape(1, N * C, -1)))[0]
+    return g.reshape(N * C), cov
+
+
+def drawn(g: Tensor, cov: Tensor, z: Tensor) -> Tensor:
+    """Draws g + z Omega^{1/2} (n, K) of N(g, Omega) from standard normals z (n, K); g (K,),
+    Omega (K, K) finite (``eigh`` does not take NaN)."""
+    return g + z @ psd_sqrt(cov).mT
+
+
+def argmax_shares(draws: Tensor) -> tuple[Tensor, Tensor]:
+    """For draws (G, M, A): each draw's arg-max (G, M) (ties: the lowest index) and, per group,
+    the share of its M draws whose arg-max is a, (G, A) in float64."""
+    G, M, A = draws.shape
+    winners = draws.argmax(dim=2)
+    ones = torch.ones((G, M), dtype=torch.float64, device=draws.device)
+    counts = ones.new_zeros((G, A)).scatter_add_(1, winners, ones)
+    return winners, counts / M
 
 
 def normals(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:

@@ -186,6 +186,7 @@ def model_info(h: HostedModel) -> ModelInfo:
         device=str(h.device),
         step="eager" if h.kernel is None else "compiled",
         output_step="eager" if h.output_kernels is None else "compiled",
+        decide_step="eager" if h.draw_kernel is None else "compiled",
         step_error=h.kernel_error,
         calibration=summary(h.calibration.stats()),
     )

@@ -86,6 +86,8 @@ class Bandits:
             if seen is not None:
                 return seen
         current = h.current
+        if len(rows) == 1 and req.strategy == "thompson" and h.draw_kernel is None:
+            self.catalogue.kernels.start_draws(h)  # built in the background, once
         work = self._work(h, current.state, len(rows), [req])
         choice = await self.compute.run(
             work, self._choose, h, h.filter.predict, current.state, rows, req
@@ -205,6 +207,7 @@ class Bandits:
             generator=gen,
             propensity_samples=self.settings.propensity_samples,
             linearized=h.spec.thompson == "linearized",
+            kernel=h.draw_kernel,
         )
 
     def _choose_many(

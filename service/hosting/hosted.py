@@ -31,7 +31,7 @@ from service.components.registry import Scorer
 from service.errors import InvalidInput, NotOwner, PostserveError, StoreUnavailable, VersionConflict
 from service.filters import Belief, OnlineFilter, RowReport, row_reports
 from service.filters.algorithm import S
-from service.filters.compiled import OutputKernels, RowKernel
+from service.filters.compiled import DrawKernel, OutputKernels, RowKernel
 from service.schemas import ModelSpec
 
 __all__ = ["Counters", "Hosted", "HostedModel", "Pending", "Published"]
@@ -89,6 +89,8 @@ class Hosted(Generic[S]):
     kernel_error: str | None = None  # why it has none, if building one failed
     output_kernels: OutputKernels[S] | None = None  # steps of rows of one output, once built
     output_kernels_started: bool = False  # their build began (at the first such row)
+    draw_kernel: DrawKernel[S] | None = None  # compiled Thompson draws of one row, once built
+    draw_kernel_started: bool = False  # its build began (at the first such decision)
 
     @property
     def name(self) -> str:

@@ -14,11 +14,16 @@ Rows that observe one output alone (``/update``'s ``outputs``, a reward of a mod
 outputs are its arms) are steps of the restricted filters, one per output: their C kernels
 (``compile_output_steps``) are built in the background when the first such row arrives, named
 in records by the set's key, and replayed the same way.
+
+A Thompson decision among the outputs of one row (``/decide`` with a context alone, on a model
+drawn in output space) is made by a compiled kernel too (``compile_draws``), built in the
+background at the first such decision; decisions are not replayed, so no record names it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -31,8 +36,10 @@ from service.config import Settings
 from service.filters import Belief, OnlineFilter
 from service.filters.compiled import (
     OUTPUT_KERNELS,
+    DrawKernel,
     OutputKernels,
     RowKernel,
+    compile_draws,
     compile_output_steps,
     compile_step,
     kernel_key,
@@ -51,6 +58,7 @@ class Kernels:
     def __init__(self, settings: Settings) -> None:
         self.enabled = settings.compile_steps
         self.directory = settings.kernel_directory
+        self.samples = settings.propensity_samples
         self._limiter = anyio.CapacityLimiter(1)  # one compile at a time: each takes the cores
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned: set[tuple[str, str]] = set()  # (model, kernel) replayed without it
@@ -78,6 +86,29 @@ class Kernels:
             return
         h.output_kernels_started = True
         self._spawn(self._build_outputs(h))
+
+    def start_draws(self, h: HostedModel) -> None:
+        """Build ``h``'s compiled Thompson draws of one row in the background (once), when the
+        setting is on and the model draws in output space (``DrawKernel``)."""
+        f = h.filter
+        drawn = f.network.linear_in_params or h.spec.thompson == "linearized"
+        if not self.enabled or h.draw_kernel_started or not drawn:
+            return
+        if f.num_params < f.network.output_dim:
+            return
+        h.draw_kernel_started = True
+        self._spawn(self._build_draws(h))
+
+    async def _build_draws(self, h: HostedModel) -> None:
+        build = functools.partial(compile_draws, samples=self.samples)
+        try:
+            kernel: DrawKernel[Belief] = await self._on_thread(build, h)
+        except Exception as exc:
+            log.warning("%s: no compiled Thompson draws, it decides eagerly: %s", h.name, exc)
+            return
+        if not h.deleted:
+            h.draw_kernel = kernel
+            log.info("%s: decides one row with kernel %s", h.name, kernel.key)
 
     def _spawn(self, build: Coroutine[Any, Any, None]) -> None:
         """Run ``build`` as a task that ``stop`` cancels."""
