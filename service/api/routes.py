@@ -145,7 +145,7 @@ async def decide_batch(name: str, body: DecideBatchRequest, request: Request) ->
     **describe("reward_batch"),
 )
 async def reward_batch(name: str, body: RewardBatchRequest, request: Request) -> Response:
-    return _json(await _engine(request).reward_batch(name, body))
+    return _raw(await _engine(request).reward_batch_json(name, body))
 
 
 @router.get(

@@ -25,13 +25,13 @@ from service.schemas import (
     ModelInfo,
     PredictResponse,
     ReliabilityBin,
-    RewardBatchResponse,
     RewardResponse,
     RowPrediction,
     UpdateResponse,
 )
 
 __all__ = [
+    "Keyed",
     "Moments",
     "calibration",
     "decision_json",
@@ -40,9 +40,10 @@ __all__ = [
     "prediction",
     "prediction_json",
     "reward",
-    "rewards",
+    "rewards_json",
     "summary",
     "update",
+    "update_json",
 ]
 
 
@@ -159,6 +160,35 @@ def decisions_json(items: list[bytes]) -> bytes:
     return b'{"items":[' + b",".join(items) + b"]}"
 
 
+@dataclass(frozen=True)
+class Keyed:
+    """What a keyed row (``Updates.apply_keyed``) answers: the model's version after it, and
+    whether its key had been applied before (its first answer's version, then)."""
+
+    version: int
+    duplicate: bool
+
+    @classmethod
+    def first(cls, raw: bytes) -> Keyed:
+        """The duplicate of the row whose request record (an ``update_json``) is ``raw``."""
+        version: int = orjson.loads(raw)["version"]
+        return cls(version, True)
+
+
+def update_json(version: int, rows: list[RowReport]) -> bytes:
+    """:func:`update`'s answer as JSON, encoded by orjson from the rows' floats (the same fields,
+    ``duplicate`` false, and numbers; no pydantic model built): a keyed row's request record."""
+    return orjson.dumps(
+        {
+            "version": version,
+            "applied": len(rows),
+            "duplicate": False,
+            "predictions": [{"mean": r.mean, "variance": r.variance} for r in rows],
+            "log_likelihood": [r.log_likelihood for r in rows],
+        }
+    )
+
+
 def reward(event_id: str, done: UpdateResponse) -> RewardResponse:
     """``/reward``: the update of the event's row (or its first answer, when a duplicate)."""
     return RewardResponse(
@@ -169,9 +199,14 @@ def reward(event_id: str, done: UpdateResponse) -> RewardResponse:
     )
 
 
-def rewards(event_ids: list[str], done: list[UpdateResponse]) -> RewardBatchResponse:
-    """``/reward/batch``: item i's answer as ``reward``'s (version: the model's after its row)."""
-    return RewardBatchResponse(items=[reward(e, d) for e, d in zip(event_ids, done, strict=True)])
+def rewards_json(event_ids: list[str], done: list[Keyed]) -> bytes:
+    """``/reward/batch``'s answer (a ``RewardBatchResponse``) as JSON: item i's answer as
+    ``reward``'s (version: the model's after its row), encoded by orjson."""
+    items = [
+        {"event_id": e, "applied": not d.duplicate, "duplicate": d.duplicate, "version": d.version}
+        for e, d in zip(event_ids, done, strict=True)
+    ]
+    return orjson.dumps({"items": items})
 
 
 def model_info(h: HostedModel) -> ModelInfo:

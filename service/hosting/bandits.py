@@ -52,7 +52,6 @@ from service.schemas import (
     DecideBatchRequest,
     DecideRequest,
     RewardBatchRequest,
-    RewardBatchResponse,
     RewardRequest,
     RewardResponse,
 )
@@ -249,9 +248,9 @@ class Bandits:
             raise NotFound(self._unknown(h, req.event_id))
         return await self._settle(h, req.event_id, EventRecord.from_bytes(raw), req.reward)
 
-    async def reward_batch(self, h: HostedModel, req: RewardBatchRequest) -> RewardBatchResponse:
+    async def reward_batch(self, h: HostedModel, req: RewardBatchRequest) -> bytes:
         """Apply the rewards as one update, in order, each event at most once; all or nothing
-        (see the module's docstring)."""
+        (see the module's docstring). The answer (a ``RewardBatchResponse``) as JSON."""
         ids = [item.event_id for item in req.items]
         self.limits.batch(len(ids), "one per item")
         raws = await self.store.get_events(h.name, ids)
@@ -266,7 +265,7 @@ class Bandits:
         keys = [f"event:{e}" for e in ids]
         done = await self.updates.apply_keyed(h, x, list(rewards), keys, outputs)
         await self.store.settle_events(h.name, list(dict.fromkeys(ids)))
-        return answers.rewards(ids, done)
+        return answers.rewards_json(ids, done)
 
     @staticmethod
     def _unknown(h: HostedModel, event_id: str) -> str:

@@ -50,7 +50,6 @@ from service.schemas import (
     PredictRequest,
     PredictResponse,
     RewardBatchRequest,
-    RewardBatchResponse,
     RewardRequest,
     RewardResponse,
     SnapshotResponse,
@@ -182,7 +181,8 @@ class Engine:
         """``/decide/batch``'s answer (a ``DecideBatchResponse``) as JSON bytes."""
         return await self.bandits.decide_batch(self.catalogue.get(name), req)
 
-    async def reward_batch(self, name: str, req: RewardBatchRequest) -> RewardBatchResponse:
+    async def reward_batch_json(self, name: str, req: RewardBatchRequest) -> bytes:
+        """``/reward/batch``'s answer (a ``RewardBatchResponse``) as JSON bytes."""
         return await self.bandits.reward_batch(self.catalogue.get(name), req)
 
     async def snapshot(self, name: str) -> SnapshotResponse:

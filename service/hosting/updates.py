@@ -36,6 +36,7 @@ Every refusal is counted here (:class:`~service.hosting.hosted.Counters`), by er
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -96,10 +97,10 @@ class Updates:
         y: list[Label],
         request_ids: Sequence[str],
         outputs: list[int] | None = None,
-    ) -> list[UpdateResponse]:
+    ) -> list[answers.Keyed]:
         """Apply rows ``x``, ``y`` (row i observing output ``outputs[i]`` alone where given),
         row i answering ``request_ids[i]`` (see the module's docstring); one answer per row, in
-        order; refusals are counted."""
+        order (its version, and whether its key was applied before); refusals are counted."""
         return await self._counted(h, self._apply_keyed(h, x, y, request_ids, outputs))
 
     async def _counted(self, h: HostedModel, work: Awaitable[T]) -> T:
@@ -168,16 +169,16 @@ class Updates:
         y: list[Label],
         request_ids: Sequence[str],
         outputs: list[int] | None,
-    ) -> list[UpdateResponse]:
+    ) -> list[answers.Keyed]:
         self._admit(h, x, y, outputs, "reward")
-        done: dict[int, UpdateResponse] = {}
+        done: dict[int, answers.Keyed] = {}
         fresh: dict[str, int] = {}  # request id -> its row, for the rows to apply
         pending: Pending[Belief] | None = None
         async with self._writing(h, request_ids):
             firsts = await self.store.get_responses(h.name, request_ids)
             for i, (rid, first) in enumerate(zip(request_ids, firsts, strict=True)):
                 if first is not None:
-                    done[i] = _duplicate(first)
+                    done[i] = answers.Keyed.first(first)
                 elif rid not in fresh:
                     fresh[rid] = i
             if fresh:
@@ -193,7 +194,7 @@ class Updates:
             self.snapshots.spawn(h)
         for i, rid in enumerate(request_ids):  # a repeat within the batch: its first row's answer
             if i not in done:
-                done[i] = done[fresh[rid]].model_copy(update={"duplicate": True})
+                done[i] = dataclasses.replace(done[fresh[rid]], duplicate=True)
         return [done[i] for i in range(len(request_ids))]
 
     async def _pend_keyed(
@@ -203,13 +204,18 @@ class Updates:
         y: list[Label],
         ids: Sequence[str],
         outputs: list[int] | None,
-    ) -> tuple[Pending[Belief], list[UpdateResponse]]:
+    ) -> tuple[Pending[Belief], list[answers.Keyed]]:
         """Compute new rows from the tip and hand them to the store as one record, with one
-        request record per row (each row's answer as it would have answered alone)."""
+        request record per row (each row's answer as it would have answered alone, encoded
+        straight from its floats: ``answers.update_json``)."""
         tip, new, infos, obs, kernel = await self._step(h, x, y, outputs)
-        each = [answers.update(tip.version + k + 1, [info]) for k, info in enumerate(infos)]
-        records = [(rid, a.model_dump_json().encode()) for rid, a in zip(ids, each, strict=True)]
+        versions = range(tip.version + 1, tip.version + 1 + len(infos))
+        records = [
+            (rid, answers.update_json(v, [info]))
+            for rid, v, info in zip(ids, versions, infos, strict=True)
+        ]
         record = LogEntry(x, y, None, kernel, outputs).to_bytes()
+        each = [answers.Keyed(v, False) for v in versions]
         return self._pend(h, tip, len(x), new, obs, record, records), each
 
     async def _step(
