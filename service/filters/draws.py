@@ -122,8 +122,13 @@ def _each(
     cov = f.algorithm.project(state, DenseJacobian(J.reshape(G, N * C, -1)))  # (G, NC, NC)
     if not all_finite(cov):
         return None
-    z = normals((G, n, N * C), generator, g)
-    eta = torch.baddbmm(g.reshape(G, 1, N * C), z, psd_sqrt(cov).mT).reshape(G, n, N, C)
+    # F z^T in float32, (G, NC, NC) @ (G, NC, n): one batched product with n as its wide
+    # dimension is 8x faster than z F^T (n, NC) per group, and 8x faster again than in float64
+    # (the draws are Monte Carlo; their float32 rounding is far below its error, as z's is)
+    z = torch.randn((G, N * C, n), generator=generator, dtype=torch.float32, device=g.device)
+    Fz = torch.bmm(psd_sqrt(cov).to(torch.float32), z)
+    zF = g.new_empty((G, n, N * C)).copy_(Fz.mT)  # contiguous rows: the arg-max runs along them
+    eta = (zF + g.reshape(G, 1, N * C)).reshape(G, n, N, C)
     if N > 1:
         first = _first_repeats(x)
         eta = eta.gather(2, first[:, None, :, None].expand(G, n, N, C))
