@@ -92,7 +92,7 @@ def decide(
     the generator's next normals)."""
     _candidates(f, X.shape[0])
     M = propensity_samples
-    if strategy == "thompson" and kernel is not None and X.shape[0] == 1:
+    if strategy == "thompson" and kernel is not None and kernel.samples == M and X.shape[0] == 1:
         z = normals((M, f.network.output_dim), generator, belief.mean)
         got = kernel(belief, X.to(belief.mean.dtype), z)
         if got is not None:

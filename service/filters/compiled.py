@@ -174,12 +174,16 @@ def compile_draws(f: OnlineFilter[S], state: S, directory: Path, samples: int) -
     return DrawKernel(key=key, fields=fields, samples=samples, run=run)
 
 
-class _Draws(torch.nn.Module, Generic[S]):
-    """The traced function of :class:`DrawKernel`, over flat tensors."""
+class _Traced(torch.nn.Module, Generic[S]):
+    """A function of filter ``f`` over flat tensors, the state's ``fields`` first, for export."""
 
     def __init__(self, f: OnlineFilter[S], state_type: type[S], fields: tuple[str, ...]) -> None:
         super().__init__()
         self.f, self.state_type, self.fields = f, state_type, fields
+
+
+class _Draws(_Traced[S]):
+    """The traced function of :class:`DrawKernel`."""
 
     def forward(self, *args: Tensor) -> Tensor:
         n = len(self.fields)
@@ -196,12 +200,8 @@ class _Draws(torch.nn.Module, Generic[S]):
         )
 
 
-class _Step(torch.nn.Module, Generic[S]):
-    """The traced function: ``OnlineFilter._update(predict(state), x, y)`` over flat tensors."""
-
-    def __init__(self, f: OnlineFilter[S], state_type: type[S], fields: tuple[str, ...]) -> None:
-        super().__init__()
-        self.f, self.state_type, self.fields = f, state_type, fields
+class _Step(_Traced[S]):
+    """The traced function: ``OnlineFilter._update(predict(state), x, y)``."""
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
         n = len(self.fields)

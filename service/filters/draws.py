@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "argmax_shares",
     "drawn",
+    "in_output_space",
     "normals",
     "output_space",
     "sample_outputs",
@@ -75,7 +76,7 @@ def sample_outputs(
         else:
             unique, inverse = torch.unique(x, dim=0, return_inverse=True)
         N, C = unique.shape[0], f.network.output_dim
-        if f.num_params >= N * C:  # fewer outputs than parameters
+        if in_output_space(f, N, linearized):  # fewer outputs than parameters
             mean, cov = output_space(f, state, unique)
             if all_finite(cov):  # else the parameter draw below says what is wrong
                 z = normals((n, N * C), generator, mean)
@@ -133,6 +134,13 @@ def _each(
         first = _first_repeats(x)
         eta = eta.gather(2, first[:, None, :, None].expand(G, n, N, C))
     return f.likelihood.mean(eta)
+
+
+def in_output_space(f: OnlineFilter[S], rows: int, linearized: bool) -> bool:
+    """Whether the draws of ``rows`` distinct rows are drawn in output space: a network linear
+    in its parameters, or ``linearized``, with no more outputs (rows x C) than parameters."""
+    linear = f.network.linear_in_params or linearized
+    return linear and f.num_params >= rows * f.network.output_dim
 
 
 def output_space(f: OnlineFilter[S], state: S, x: Tensor) -> tuple[Tensor, Tensor]:

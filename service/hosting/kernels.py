@@ -27,7 +27,7 @@ import functools
 import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -45,11 +45,22 @@ from service.filters.compiled import (
     kernel_key,
     output_kernels_key,
 )
+from service.filters.draws import in_output_space
 from service.hosting.hosted import HostedModel
 
 __all__ = ["Kernels"]
 
 T = TypeVar("T")
+
+
+class _Named(Protocol):
+    """A built kernel (or set), named in logs by its key."""
+
+    @property
+    def key(self) -> str: ...
+
+
+K = TypeVar("K", bound=_Named)
 
 log = logging.getLogger("postserve.hosting")
 
@@ -90,25 +101,18 @@ class Kernels:
     def start_draws(self, h: HostedModel) -> None:
         """Build ``h``'s compiled Thompson draws of one row in the background (once), when the
         setting is on and the model draws in output space (``DrawKernel``)."""
-        f = h.filter
-        drawn = f.network.linear_in_params or h.spec.thompson == "linearized"
+        drawn = in_output_space(h.filter, 1, h.spec.thompson == "linearized")
         if not self.enabled or h.draw_kernel_started or not drawn:
-            return
-        if f.num_params < f.network.output_dim:
             return
         h.draw_kernel_started = True
         self._spawn(self._build_draws(h))
 
     async def _build_draws(self, h: HostedModel) -> None:
-        build = functools.partial(compile_draws, samples=self.samples)
-        try:
-            kernel: DrawKernel[Belief] = await self._on_thread(build, h)
-        except Exception as exc:
-            log.warning("%s: no compiled Thompson draws, it decides eagerly: %s", h.name, exc)
-            return
-        if not h.deleted:
+        def install(kernel: DrawKernel[Belief]) -> None:
             h.draw_kernel = kernel
-            log.info("%s: decides one row with kernel %s", h.name, kernel.key)
+
+        build = functools.partial(compile_draws, samples=self.samples)
+        await self._build_into(h, build, install, "Thompson draws of one row", "decides eagerly")
 
     def _spawn(self, build: Coroutine[Any, Any, None]) -> None:
         """Run ``build`` as a task that ``stop`` cancels."""
@@ -117,14 +121,31 @@ class Kernels:
         task.add_done_callback(self._tasks.discard)
 
     async def _build_outputs(self, h: HostedModel) -> None:
+        def install(kernels: OutputKernels[Belief]) -> None:
+            h.output_kernels = kernels
+
+        await self._build_into(
+            h, compile_output_steps, install, "steps of single outputs", "they step eagerly"
+        )
+
+    async def _build_into(
+        self,
+        h: HostedModel,
+        build: Callable[[OnlineFilter[Belief], Belief, Path], K],
+        install: Callable[[K], None],
+        what: str,
+        otherwise: str,
+    ) -> None:
+        """``build`` on the compile thread, then ``install`` what it built unless the model was
+        deleted meanwhile; a failure is logged (the model goes on without it: ``otherwise``)."""
         try:
-            kernels = await self._compile_outputs(h)
-        except Exception as exc:
-            log.warning("%s: no compiled steps of single outputs: %s", h.name, exc)
+            built = await self._on_thread(build, h)
+        except Exception as exc:  # the compiler's own failures are many
+            log.warning("%s: no compiled %s, %s: %s", h.name, what, otherwise, exc)
             return
         if not h.deleted:
-            h.output_kernels = kernels
-            log.info("%s: rows of one output step with kernels %s", h.name, kernels.key)
+            install(built)
+            log.info("%s: compiled %s loaded (%s)", h.name, what, built.key)
 
     async def _compile_outputs(self, h: HostedModel) -> OutputKernels[Belief]:
         return await self._on_thread(compile_output_steps, h)
