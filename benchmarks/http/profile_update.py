@@ -14,6 +14,7 @@ call, medians over interleaved rounds:
 Then, with ``--cprofile``, a cProfile of N ASGI requests of the chosen case, top functions.
 
     python -m benchmarks.http.profile_update [--model mlp10k-lofi] [--n 2000] [--cprofile]
+        [--kernels DIR]
 """
 
 from __future__ import annotations
@@ -45,10 +46,14 @@ async def _time(fn: Callable[[], Awaitable[Any]], n: int) -> float:
     return statistics.median(out) * 1e6
 
 
-async def main_async(model: str, n: int, rounds: int, profile: str | None) -> None:
+async def main_async(
+    model: str, n: int, rounds: int, profile: str | None, kernels: str | None
+) -> None:
     os.environ.update(
         POSTSERVE_STORE="memory", POSTSERVE_THREADS="1", POSTSERVE_LOG_LEVEL="warning"
     )
+    if kernels is not None:
+        os.environ.update(POSTSERVE_COMPILE_STEPS="1", POSTSERVE_KERNEL_DIR=kernels)
     from benchmarks.http.app import app as factory
 
     app = factory()
@@ -62,6 +67,10 @@ async def main_async(model: str, n: int, rounds: int, profile: str | None) -> No
             r = await client.post("/v1/models", json={"name": model, **COMMON, **MODELS[model]})
             r.raise_for_status()
             h = engine.catalogue.get(model)
+            while kernels is not None and h.kernel is None:  # built in the background
+                if h.kernel_error is not None:
+                    raise SystemExit(f"no compiled step: {h.kernel_error}")
+                await asyncio.sleep(0.1)
             upd = UpdateRequest(x=[ROW], y=[0.5])
             pred0 = PredictRequest(x=[ROW])
             pred10 = PredictRequest(x=[ROW], num_samples=10, seed=1)
@@ -71,6 +80,9 @@ async def main_async(model: str, n: int, rounds: int, profile: str | None) -> No
 
             async def filt_update() -> None:
                 h.filter.run(h.current.state, x, y)
+
+            async def hosted_step() -> None:  # what the engine calls: the kernel where built
+                h.step(h.current.state, [ROW], [0.5], h.kernel)
 
             async def filt_predict() -> None:
                 f = h.filter
@@ -95,6 +107,7 @@ async def main_async(model: str, n: int, rounds: int, profile: str | None) -> No
 
             cases = {
                 "filter update (run, 1 row)": filt_update,
+                "hosted step (kernel if any, 1 row)": hosted_step,
                 "filter predict (predict + predictive)": filt_predict,
                 "engine.update": eng_update,
                 "engine.predict": eng_predict,
@@ -151,8 +164,11 @@ def main() -> None:
         default=None,
         help="profile one case (default 'asgi /update')",
     )
+    parser.add_argument(
+        "--kernels", default=None, help="step with the compiled kernel, kept in this directory"
+    )
     args = parser.parse_args()
-    asyncio.run(main_async(args.model, args.n, args.rounds, args.cprofile))
+    asyncio.run(main_async(args.model, args.n, args.rounds, args.cprofile, args.kernels))
 
 
 if __name__ == "__main__":

@@ -231,7 +231,9 @@ class Updates:
             if kernel is None:
                 self.catalogue.kernels.start_outputs(h)  # built in the background, once
         work = h.filter.state_bytes(tip.state) * len(x)
-        new, infos, obs = await self.compute.run(work, h.step, tip.state, x, y, kernel, outputs)
+        new, infos, obs = await self.compute.run(
+            work, h.step, tip.state, x, y, kernel, outputs, compiled=kernel is not None
+        )
         return tip, new, infos, obs, None if kernel is None else kernel.key
 
     def _pend(
