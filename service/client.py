@@ -81,8 +81,14 @@ class _Calls:
         return _Call("DELETE", f"/v1/models/{name}")
 
     @staticmethod
-    def update(name: str, x: Any, y: Any, request_id: str | None, outputs: Any) -> _Call:
-        body: dict[str, Any] = {"x": _rows(x), "y": _list(y)}
+    def update(
+        name: str, x: Any, y: Any, request_id: str | None, outputs: Any, dt: Any = None
+    ) -> _Call:
+        body: dict[str, Any] = {"y": _list(y)}
+        if x is not None:
+            body["x"] = _rows(x)
+        if dt is not None:
+            body["dt"] = [float(v) for v in _list(dt)]
         if request_id is not None:
             body["request_id"] = request_id
         if outputs is not None:
@@ -90,8 +96,14 @@ class _Calls:
         return _Call("POST", f"/v1/models/{name}/update", body)
 
     @staticmethod
-    def predict(name: str, x: Any, num_samples: int, seed: int | None, variance: bool) -> _Call:
-        body: dict[str, Any] = {"x": _rows(x), "num_samples": num_samples}
+    def predict(
+        name: str, x: Any, num_samples: int, seed: int | None, variance: bool, dt: Any = None
+    ) -> _Call:
+        body: dict[str, Any] = {"num_samples": num_samples}
+        if x is not None:
+            body["x"] = _rows(x)
+        if dt is not None:
+            body["dt"] = [float(v) for v in _list(dt)]
         if seed is not None:
             body["seed"] = seed
         if not variance:
@@ -213,11 +225,18 @@ class Client:
         _check(self._send(_Calls.delete(name)))
 
     def update(
-        self, name: str, x: Any, y: Any, request_id: str | None = None, outputs: Any = None
+        self,
+        name: str,
+        x: Any,
+        y: Any,
+        request_id: str | None = None,
+        outputs: Any = None,
+        dt: Any = None,
     ) -> UpdateResponse:
         """Apply rows ``x``, ``y``; with ``outputs`` (one index per row), row i's y observes
-        output ``outputs[i]`` alone."""
-        call = _Calls.update(name, x, y, request_id, outputs)
+        output ``outputs[i]`` alone. A state-space model takes ``x=None`` and ``dt``, each
+        row's time step (``docs/algorithms.md`` 3.11)."""
+        call = _Calls.update(name, x, y, request_id, outputs, dt)
         return _parse(self._send(call), UpdateResponse)
 
     def predict(
@@ -227,8 +246,9 @@ class Client:
         num_samples: int = 0,
         seed: int | None = None,
         variance: bool = True,
+        dt: Any = None,
     ) -> PredictResponse:
-        call = _Calls.predict(name, x, num_samples, seed, variance)
+        call = _Calls.predict(name, x, num_samples, seed, variance, dt)
         return _parse(self._send(call), PredictResponse)
 
     def snapshot(self, name: str) -> SnapshotResponse:
@@ -302,9 +322,15 @@ class AsyncClient:
         _check(await self._send(_Calls.delete(name)))
 
     async def update(
-        self, name: str, x: Any, y: Any, request_id: str | None = None, outputs: Any = None
+        self,
+        name: str,
+        x: Any,
+        y: Any,
+        request_id: str | None = None,
+        outputs: Any = None,
+        dt: Any = None,
     ) -> UpdateResponse:
-        call = _Calls.update(name, x, y, request_id, outputs)
+        call = _Calls.update(name, x, y, request_id, outputs, dt)
         return _parse(await self._send(call), UpdateResponse)
 
     async def predict(
@@ -314,8 +340,9 @@ class AsyncClient:
         num_samples: int = 0,
         seed: int | None = None,
         variance: bool = True,
+        dt: Any = None,
     ) -> PredictResponse:
-        call = _Calls.predict(name, x, num_samples, seed, variance)
+        call = _Calls.predict(name, x, num_samples, seed, variance, dt)
         return _parse(await self._send(call), PredictResponse)
 
     async def snapshot(self, name: str) -> SnapshotResponse:

@@ -156,12 +156,19 @@ class UpdateRequest(Strict):
     outputs unobserved (``docs/algorithms.md`` 3.8); its prediction in the answer is of that
     output."""
 
-    x: list[list[Number]] = Field(min_length=1)
+    x: list[list[Number]] | None = Field(
+        None, min_length=1, description="the input rows; absent for a state_space model"
+    )
     y: list[Number | list[Number]] = Field(min_length=1)
+    dt: list[Number] | None = Field(
+        None,
+        min_length=1,
+        description="a state_space model's time step before each row (default 1 each)",
+    )
     request_id: str | None = Field(None, min_length=1, max_length=200)
     outputs: list[Annotated[Integer, Field(ge=0)]] | None = Field(None, min_length=1)
 
-    _check_finite = field_validator("x", "y")(finite_field)
+    _check_finite = field_validator("x", "y", "dt")(finite_field)
 
 
 class PredictRequest(Strict):
@@ -169,12 +176,20 @@ class PredictRequest(Strict):
     the three variance lists of the answer are then empty, and for a gaussian likelihood the mean
     costs one forward pass (``docs/algorithms.md`` 4.1.3)."""
 
-    x: list[list[Number]] = Field(min_length=1)
+    x: list[list[Number]] | None = Field(
+        None, min_length=1, description="the input rows; absent for a state_space model"
+    )
+    dt: list[Number] | None = Field(
+        None,
+        min_length=1,
+        description="a state_space model: one predicted observation per entry, that long "
+        "after its latest update (default [1])",
+    )
     num_samples: Integer = Field(0, ge=0)
     seed: Integer | None = Field(None, ge=0, le=2**63 - 1)
     variance: bool = True
 
-    _check_finite = field_validator("x")(finite_field)
+    _check_finite = field_validator("x", "dt")(finite_field)
 
 
 EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"

@@ -36,6 +36,7 @@ from service.config import Settings
 from service.errors import InvalidInput, InvalidSpec
 from service.filters import Belief, OnlineFilter, jacobian_autodiff
 from service.filters.networks import DenseJacobian
+from service.filters.statespace import StateSpace
 from service.hosting import Engine
 from service.schemas import ModelSpec, PredictRequest, UpdateRequest
 from service.store import Backend, MemoryStore, SoleWriter
@@ -88,14 +89,30 @@ def _combos() -> list[tuple[str, str, str]]:
 
 
 COMBOS = _combos()
+
+
+def _first(network: str) -> tuple[str, str, str]:
+    return next(c for c in COMBOS if c[0] == network)
+
+
 IDS = ["-".join(c) for c in COMBOS]
 #: the point estimates (sgd, replay_sgd): no posterior to compare with a closed form
 POINTS = {c[2] for c in COMBOS if hasattr(build_filter(_spec(*c)).algorithm, "learn")}
 
 
 def _stream(f: OnlineFilter[Belief], T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T input rows and labels; a state-space model's rows are its time steps (> 0)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(T, f.network.input_dim, dtype=F64, generator=g), torch.tensor(LABELS[:T])
+    if isinstance(f.network, StateSpace):
+        x = 0.1 + 2 * torch.rand(T, 1, dtype=F64, generator=g)
+    else:
+        x = torch.randn(T, f.network.input_dim, dtype=F64, generator=g)
+    return x, torch.tensor(LABELS[:T])
+
+
+def _rows(f: OnlineFilter[Belief], rows: list[list[float]]) -> dict[str, Any]:
+    """The request fields that give ``rows``: ``x``, or a state-space model's ``dt``."""
+    return {"dt": [r[0] for r in rows]} if isinstance(f.network, StateSpace) else {"x": rows}
 
 
 def _tensors(state: Belief) -> dict[str, torch.Tensor]:
@@ -218,7 +235,9 @@ def test_first_step_from_the_prior_is_the_exact_posterior(algorithm: str) -> Non
 
 @pytest.mark.parametrize("network", NETWORKS.names())
 def test_network_jacobian_equals_autodiff(network: str) -> None:
-    f = build_filter(_spec(network, "categorical", "diagonal"))
+    # categorical, three outputs, where the network takes them; else its first model
+    combo = (network, "categorical", "diagonal")
+    f = build_filter(_spec(*(combo if combo in COMBOS else _first(network))))
     theta = f.network.init_mean(torch.Generator().manual_seed(5)) + 0.1
     x = torch.randn(4, f.network.input_dim, dtype=F64, generator=torch.Generator().manual_seed(6))
     g, J = f.network.jacobian(theta, x)
@@ -247,7 +266,7 @@ def test_a_restored_model_answers_as_the_one_that_wrote_it(
     f = build_filter(spec)
     x, y = _stream(f, 6, seed=7)
     rows, labels = x.tolist(), y.tolist()
-    query = PredictRequest(x=rows[:3], num_samples=4, seed=8)
+    query = PredictRequest(**_rows(f, rows[:3]), num_samples=4, seed=8)
 
     async def ready(engine: Engine) -> None:
         await engine.start()
@@ -259,9 +278,11 @@ def test_a_restored_model_answers_as_the_one_that_wrote_it(
         await ready(first)
         await first.create(spec)
         for i in range(3):
-            await first.update(spec.name, UpdateRequest(x=rows[i : i + 1], y=labels[i : i + 1]))
+            await first.update(
+                spec.name, UpdateRequest(**_rows(f, rows[i : i + 1]), y=labels[i : i + 1])
+            )
         await first.snapshot(spec.name)
-        await first.update(spec.name, UpdateRequest(x=rows[3:], y=labels[3:]))
+        await first.update(spec.name, UpdateRequest(**_rows(f, rows[3:]), y=labels[3:]))
         want = await first.predict(spec.name, query)
         want_cal = first.calibration(spec.name)
         state = first.catalogue.get(spec.name).current.state
@@ -297,11 +318,12 @@ def test_the_encoded_answer_is_the_response_model(
         while not engine.ready:
             await asyncio.sleep(0.005)
         await engine.create(spec)
-        await engine.update(spec.name, UpdateRequest(x=x.tolist(), y=y.tolist()))
+        rows = x.tolist()
+        await engine.update(spec.name, UpdateRequest(**_rows(f, rows), y=y.tolist()))
         for query in (
-            PredictRequest(x=x.tolist(), num_samples=3, seed=10),
-            PredictRequest(x=x.tolist()[:1]),
-            PredictRequest(x=x.tolist(), num_samples=2, seed=11, variance=False),
+            PredictRequest(**_rows(f, rows), num_samples=3, seed=10),
+            PredictRequest(**_rows(f, rows[:1])),
+            PredictRequest(**_rows(f, rows), num_samples=2, seed=11, variance=False),
         ):
             model = await engine.predict(spec.name, query)
             sent = json.loads(await engine.predict_json(spec.name, query))

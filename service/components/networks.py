@@ -1,5 +1,5 @@
-"""The network kinds: ``linear``, ``mlp`` (math in :mod:`service.filters.networks`) and ``cnn``
-(:mod:`service.filters.convnets`)."""
+"""The network kinds: ``linear``, ``mlp`` (math in :mod:`service.filters.networks`), ``cnn``
+(:mod:`service.filters.convnets`) and ``state_space`` (:mod:`service.filters.statespace`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, model_validator
 
 from service.components.registry import NetworkKind, Registry, TypedSpec
+from service.errors import InvalidSpec
 from service.filters import MLP, Linear
 from service.filters.convnets import CNN, LENET5, Conv, Dense, Layer, Pool
+from service.filters.statespace import Fixed, Kinematic, Matrix, StateSpace, Transition
 from service.validation import Integer, Strict
 
-__all__ = ["NETWORKS", "CNNSpec", "LinearSpec", "MLPSpec"]
+__all__ = ["NETWORKS", "CNNSpec", "LinearSpec", "MLPSpec", "StateSpaceSpec"]
 
 NETWORKS: Registry[NetworkKind[Any]] = Registry("network")
 
@@ -72,6 +74,68 @@ class CNNSpec(TypedSpec):
         return self
 
 
+class KinematicSpec(Strict):
+    """A kinematic transition over ``dims`` axes, parameterised by each row's time step."""
+
+    type: Literal["constant_velocity", "constant_acceleration"]
+    dims: Integer = Field(ge=1, le=1_000)
+
+
+class WhiteNoiseSpec(Strict):
+    """Continuous white noise of intensity ``q`` on a kinematic model's highest derivative."""
+
+    type: Literal["white_acceleration"]
+    q: float = Field(ge=0, allow_inf_nan=False)
+
+
+Rows = list[list[Annotated[float, Field(allow_inf_nan=False)]]]
+
+
+class StateSpaceSpec(TypedSpec):
+    """A linear-Gaussian state-space model (``docs/algorithms.md`` 3.11): a latent state of
+    ``state_dim`` numbers moved by ``transition`` (a matrix A, one step per unit of time, or a
+    kinematic family of the time step) with ``process_covariance`` (a matrix Q; a number: q I
+    for a matrix A, the white-noise intensity q for a kinematic family), seen through
+    ``observation_matrix`` H (m rows: the model's outputs, whose noise is the gaussian
+    likelihood's)."""
+
+    type: Literal["state_space"]
+    state_dim: Integer = Field(ge=1, le=1_000)
+    observation_matrix: Rows = Field(min_length=1, max_length=1_000)
+    transition: Rows | KinematicSpec
+    process_covariance: Rows | Annotated[float, Field(ge=0, allow_inf_nan=False)] | WhiteNoiseSpec
+    output_dim: Integer | None = Field(None, ge=1, description="the rows of H, when given")
+
+
+def _matrix(rows: list[list[float]]) -> Matrix:
+    return tuple(tuple(float(v) for v in row) for row in rows)
+
+
+def _transition(spec: StateSpaceSpec) -> Transition:
+    q = spec.process_covariance
+    if isinstance(spec.transition, KinematicSpec):
+        order = 1 if spec.transition.type == "constant_velocity" else 2
+        if isinstance(q, list):
+            return Kinematic(order, spec.transition.dims, q_matrix=_matrix(q))
+        return Kinematic(order, spec.transition.dims, q if isinstance(q, float) else q.q)
+    if isinstance(q, WhiteNoiseSpec):
+        raise InvalidSpec("white_acceleration noise needs a kinematic transition")
+    n = spec.state_dim
+    Q = _matrix(q) if isinstance(q, list) else tuple(
+        tuple(float(q) if i == j else 0.0 for j in range(n)) for i in range(n)
+    )  # fmt: skip
+    return Fixed(_matrix(spec.transition), Q)
+
+
+def _state_space(spec: StateSpaceSpec) -> StateSpace:
+    H = _matrix(spec.observation_matrix)
+    if spec.output_dim is not None and spec.output_dim != len(H):
+        raise InvalidSpec(
+            f"output_dim is {spec.output_dim} but observation_matrix has {len(H)} rows"
+        )
+    return StateSpace(spec.state_dim, H, _transition(spec))
+
+
 def _layer(spec: ConvLayer | PoolLayer | DenseLayer) -> Layer:
     if isinstance(spec, ConvLayer):
         return Conv(spec.channels, spec.kernel, spec.padding, spec.stride)
@@ -108,6 +172,18 @@ NETWORKS.register(
                 {"type": "dense", "units": 3},
             ],
             "activation": "tanh",
+        },
+    )
+)
+NETWORKS.register(
+    NetworkKind(
+        StateSpaceSpec,
+        _state_space,
+        {
+            "state_dim": 2,
+            "observation_matrix": [[1.0, 0.0]],
+            "transition": {"type": "constant_velocity", "dims": 1},
+            "process_covariance": 0.5,
         },
     )
 )

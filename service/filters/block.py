@@ -63,6 +63,7 @@ from service.filters.base import Predictive, StepInfo
 from service.filters.ekf import Kalman
 from service.filters.likelihoods import Gaussian
 from service.filters.linalg import Check, finite_check, identity, symmetrise
+from service.filters.statespace import StateSpace
 
 if TYPE_CHECKING:
     from service.filters.algorithm import S
@@ -99,6 +100,7 @@ def applies(f: OnlineFilter[S], rows: int, partial: bool = False) -> bool:
         and f.network.linear_in_params
         and f.dynamics.decay == 1.0
         and f.process_noise == 0.0
+        and not isinstance(f.network, StateSpace)  # its transition moves the state between rows
     )
 
 

@@ -49,6 +49,7 @@ from service.filters.algorithm import S
 from service.filters.base import Predictive, StepInfo, packed
 from service.filters.linalg import tracing
 from service.filters.online import OnlineFilter
+from service.filters.statespace import StateSpace
 
 __all__ = [
     "OUTPUT_KERNELS",
@@ -260,6 +261,8 @@ def compile_step(f: OnlineFilter[S], state: S, directory: Path) -> RowKernel[S]:
     """The compiled step of ``f`` at ``state``'s shapes, from ``directory`` when it holds one
     of the same key, else compiled now (seconds) and kept there. Raises whatever torch.export
     or the compiler raises for a step it cannot compile; the caller keeps the eager step."""
+    if isinstance(f.network, StateSpace):  # its transition is built on the host, per row
+        raise NotImplementedError("a state_space model steps eagerly (it is small)")
     state_type, fields = type(state), _fields(state)
     key = kernel_key(f, state)
     mean: Tensor = state.mean

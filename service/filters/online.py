@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Literal
+from typing import Generic, Literal, cast
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ from service.filters import draws
 from service.filters.algorithm import Algorithm, S
 from service.filters.base import Linearization, Predictive, StepInfo
 from service.filters.block import applies, run_block
+from service.filters.ekf import GaussState
 from service.filters.gradient import learned
 from service.filters.iterated import row_linearization, updated_prediction_check
 from service.filters.likelihoods import Likelihood
@@ -41,6 +42,7 @@ from service.filters.linalg import Check, all_finite, finite_check, input_check,
 from service.filters.networks import Network
 from service.filters.outputs import check_outputs, partial_targets, restricted
 from service.filters.priors import prior_variance
+from service.filters.statespace import StateSpace, check_state_space, propagate
 
 __all__ = ["Dynamics", "OnlineFilter", "Prior", "RowStep"]
 
@@ -113,6 +115,8 @@ class OnlineFilter(Generic[S]):
     def __post_init__(self) -> None:
         self.likelihood.check_output_dim(self.network.output_dim)
         self.algorithm.check_model(self.network, self.likelihood)
+        if isinstance(self.network, StateSpace):
+            check_state_space(self.algorithm.name, self.likelihood, self.dynamics == Dynamics())
         mean = self.prior.mean
         if mean is not None:
             if mean.shape != (self.network.num_params,):
@@ -146,8 +150,12 @@ class OnlineFilter(Generic[S]):
         variance = prior_variance(self.prior, self.network, self.likelihood)
         return self.algorithm.init(mean.to(dtype=dtype, device=device), variance)
 
-    def predict(self, state: S) -> S:
-        """p(theta_t | D_{1:t-1}) from p(theta_{t-1} | D_{1:t-1})."""
+    def predict(self, state: S, x: Tensor | None = None) -> S:
+        """p(theta_t | D_{1:t-1}) from p(theta_{t-1} | D_{1:t-1}); for a state-space network the
+        transition over the time step of the row x (1, 1) (one unit when None)."""
+        if isinstance(self.network, StateSpace):
+            A, Q = self.network.at(None if x is None else x[0, 0], state.mean)
+            return cast(S, propagate(cast(GaussState, state), A, Q))
         return self.algorithm.predict(state, self.dynamics.decay, self.process_noise)
 
     def update(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
@@ -195,7 +203,7 @@ class OnlineFilter(Generic[S]):
 
     def step(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo]:
         """predict, then update on one row."""
-        return self.update(self.predict(state), x, y)
+        return self.update(self.predict(state, x.reshape(1, -1)), x, y)
 
     def run(
         self,
@@ -270,7 +278,7 @@ class OnlineFilter(Generic[S]):
             if not pending:
                 pending.append(input_check("x", x))
             try:
-                state, info, checks = f._update(f.predict(state), x[i : i + 1], Y[i])
+                state, info, checks = f._update(f.predict(state, x[i : i + 1]), x[i : i + 1], Y[i])
             except StepRejected:
                 settle(pending)  # an earlier row's failure is the one to report
                 raise

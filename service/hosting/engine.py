@@ -34,7 +34,7 @@ from service.hosting.bandits import Bandits
 from service.hosting.catalogue import Catalogue
 from service.hosting.compute import Compute
 from service.hosting.kernels import Kernels
-from service.hosting.limits import Limits
+from service.hosting.limits import Limits, input_rows
 from service.hosting.predictions import Predictions
 from service.hosting.records import LogEntry
 from service.hosting.recovery import Recovery
@@ -156,8 +156,10 @@ class Engine:
     # -- data plane --------------------------------------------------------------------------
 
     async def update(self, name: str, req: UpdateRequest) -> UpdateResponse:
-        entry = LogEntry(req.x, list(req.y), req.request_id, outputs=req.outputs)
-        return await self.updates.apply_to(name, entry)
+        h = self.updates.hosted(name)
+        x = self.updates.counted_now(h, input_rows, h.filter.network, req.x, req.dt, len(req.y))
+        entry = LogEntry(x, list(req.y), req.request_id, outputs=req.outputs)
+        return await self.updates.apply(h, entry)
 
     def refused(self, name: str, code: str) -> None:
         """Count an update refused at the HTTP edge (its body did not validate)."""

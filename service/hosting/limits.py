@@ -9,8 +9,10 @@ from collections.abc import Sequence
 
 from service.config import Settings
 from service.errors import InvalidInput, LimitReached, TooLarge
+from service.filters.networks import Network
+from service.filters.statespace import StateSpace
 
-__all__ = ["Limits"]
+__all__ = ["Limits", "input_rows"]
 
 
 class Limits:
@@ -80,3 +82,33 @@ class Limits:
                 f"{self.settings.max_monitored_models} models already have monitor: true, the "
                 "limit (POSTSERVE_MAX_MONITORED_MODELS); create this one without it"
             )
+
+
+def input_rows(
+    network: Network,
+    x: list[list[float]] | None,
+    dt: list[float] | None,
+    n: int,
+    now: bool = False,
+) -> list[list[float]]:
+    """An update's input rows: ``x``, or for a state-space model (whose rows carry y and an
+    optional ``dt`` instead) [[dt_i]], dt_i 1 where not given (``service.filters.statespace``).
+    Raises InvalidInput for the wrong one, or dt of the wrong length or not > 0 (``now``, for a
+    prediction: >= 0, 0 the time of the latest update)."""
+    if not isinstance(network, StateSpace):
+        if dt is not None:
+            raise InvalidInput("dt is for state_space models; this model's rows carry x")
+        if x is None:
+            raise InvalidInput("x is required: one input row per label")
+        return x
+    if x is not None:
+        raise InvalidInput("a state_space model's rows carry y and optional dt, not x")
+    if dt is None:
+        return [[1.0]] * n
+    if len(dt) != n:
+        raise InvalidInput(f"dt has {len(dt)} entries but y has {n}")
+    if now and not all(d >= 0 for d in dt):  # a prediction: 0 is the latest update's time
+        raise InvalidInput("dt must be >= 0 (the time after the latest update)")
+    if not now and not all(d > 0 for d in dt):
+        raise InvalidInput("dt must be > 0 (the time since the previous observation)")
+    return [[float(d)] for d in dt]

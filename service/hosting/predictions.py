@@ -10,13 +10,15 @@ from __future__ import annotations
 import secrets
 
 import torch
+from torch import Tensor
 
 from service.errors import InvalidInput
-from service.filters import Belief
+from service.filters import Belief, OnlineFilter, Predictive
+from service.filters.statespace import StateSpace
 from service.hosting import answers
 from service.hosting.compute import Compute
 from service.hosting.hosted import HostedModel, Published
-from service.hosting.limits import Limits
+from service.hosting.limits import Limits, input_rows
 from service.schemas import PredictRequest, PredictResponse
 
 __all__ = ["Predictions", "predict", "predict_encoded"]
@@ -41,25 +43,49 @@ class Predictions:
 
     def _admit(self, h: HostedModel, req: PredictRequest) -> int:
         """Check the request against the limits; its work in state bytes x rows."""
-        self.limits.rows(req.x, h.filter.network.input_dim, "predict")
+        rows = _rows(h, req)
+        self.limits.rows(rows, h.filter.network.input_dim, "predict")
         self.limits.samples(req.num_samples)
-        self.limits.answer(len(req.x), req.num_samples, h.filter.network.output_dim)
-        return h.filter.state_bytes(h.current.state) * len(req.x) * (1 + req.num_samples)
+        self.limits.answer(len(rows), req.num_samples, h.filter.network.output_dim)
+        return h.filter.state_bytes(h.current.state) * len(rows) * (1 + req.num_samples)
+
+
+def _rows(h: HostedModel, req: PredictRequest) -> list[list[float]]:
+    """The request's input rows (a state-space model's: [[dt_i]], ``input_rows``)."""
+    dt = req.dt
+    if dt is None and req.x is None and isinstance(h.filter.network, StateSpace):
+        dt = [1.0]
+    return input_rows(h.filter.network, req.x, dt, len(dt or req.x or ()), now=True)
+
+
+def _ahead(f: OnlineFilter[Belief], state: Belief, x: Tensor) -> list[tuple[Belief, Tensor]]:
+    """The one-step-ahead belief p(theta_{t+1} | D_{1:t}) with the rows it predicts: all of x,
+    or for a state-space model each row's own, its dt after the latest update (0: the filtered
+    belief p(theta_t | D_{1:t}))."""
+    if isinstance(f.network, StateSpace):  # dt 0: the filtered state itself
+        dts = x[:, 0].tolist()
+        return [
+            (f.predict(state, x[i : i + 1]) if dt > 0 else state, x[i : i + 1])
+            for i, dt in enumerate(dts)
+        ]
+    return [(f.predict(state), x)]
 
 
 def _moments(h: HostedModel, current: Published[Belief], req: PredictRequest) -> answers.Moments:
     """The answer's numbers: the mean, the variances unless the request asked for the mean
     alone, the draws if it asked for any; refused unless all of them are finite."""
     f = h.filter
-    x = h.tensor(req.x)
-    ahead = f.predict(current.state)  # the one-step-ahead belief p(theta_{t+1} | D_{1:t})
-    pred = f.predictive(ahead, x) if req.variance else None
-    mean = pred.mean if pred is not None else f.predictive_mean(ahead, x)
+    parts = _ahead(f, current.state, h.tensor(_rows(h, req)))
+    preds = [f.predictive(ahead, x) for ahead, x in parts] if req.variance else None
+    pred = None if preds is None else preds[0] if len(preds) == 1 else _joined(preds)
+    means = [f.predictive_mean(ahead, x) for ahead, x in parts] if pred is None else []
+    mean = pred.mean if pred is not None else torch.cat(means)
     draws = None
     if req.num_samples:
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         gen = torch.Generator(device=h.device).manual_seed(seed)
-        draws = f.sample_outputs(ahead, x, req.num_samples, gen)
+        each = [f.sample_outputs(ahead, x, req.num_samples, gen) for ahead, x in parts]
+        draws = torch.cat(each, dim=1)  # (S, N, C)
     moments = answers.Moments.of(mean, pred, draws)  # one copy to the host, one host sync
     if not moments.finite():
         raise InvalidInput(
@@ -67,6 +93,15 @@ def _moments(h: HostedModel, current: Published[Belief], req: PredictRequest) ->
             f"model's {h.spec.dtype} arithmetic)"
         )
     return moments
+
+
+def _joined(preds: list[Predictive]) -> Predictive:
+    """The predictives of consecutive rows as one."""
+    return Predictive(
+        torch.cat([p.mean for p in preds]),
+        torch.cat([p.epistemic for p in preds]),
+        torch.cat([p.aleatoric for p in preds]),
+    )
 
 
 def predict(h: HostedModel, current: Published[Belief], req: PredictRequest) -> PredictResponse:

@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import TypeVar, TypeVarTuple
 
 from service.calibration import Observation
 from service.components import Label
@@ -62,6 +62,7 @@ from service.store import Lease, Store
 __all__ = ["Updates"]
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 class Updates:
@@ -111,14 +112,25 @@ class Updates:
                 self.counters.note_rejected(h, exc.code)
             raise
 
-    async def apply_to(self, name: str, entry: LogEntry) -> UpdateResponse:
-        """``apply`` to the model called ``name`` (an unknown name is counted as refused)."""
+    def hosted(self, name: str) -> HostedModel:
+        """The model called ``name`` (an unknown name is counted as a refused update)."""
         try:
-            h = self.catalogue.get(name)
+            return self.catalogue.get(name)
         except NotFound as exc:
             self.counters.note_rejected(None, exc.code)
             raise
-        return await self.apply(h, entry)
+
+    def counted_now(self, h: HostedModel, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        """``fn(*args)``, a refusal it raises counted against ``h``."""
+        try:
+            return fn(*args)
+        except PostserveError as exc:
+            self.counters.note_rejected(h, exc.code)
+            raise
+
+    async def apply_to(self, name: str, entry: LogEntry) -> UpdateResponse:
+        """``apply`` to the model called ``name`` (an unknown name is counted as refused)."""
+        return await self.apply(self.hosted(name), entry)
 
     def _admit(
         self,
