@@ -44,6 +44,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.influence import Influence
+
 __all__ = [
     "BINS",
     "LEVELS",
@@ -92,6 +94,7 @@ class Observation:
     z: Sequence[float] = ()
     probs: Sequence[float] = ()
     label: int | None = None
+    influence: Influence | None = None  # how much the row moved the model (service.influence)
 
 
 @dataclass

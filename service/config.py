@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     calibration_window: int = Field(
         1000, ge=10, description="observations in each model's calibration window"
     )
+    influence_window: int = Field(
+        10_000,
+        ge=10,
+        description="recent rows of each model whose most influential ones GET .../influence lists",
+    )
     max_monitored_models: int = Field(
         100, ge=0, description='models that may set "monitor": true (per-model Prometheus series)'
     )

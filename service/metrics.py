@@ -13,17 +13,24 @@ error codes of :mod:`service.errors`.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.calibration import BINS, LEVELS
 from service.hosting import Engine, EngineStats, ModelStats
+from service.influence import BUCKETS
 
 __all__ = ["EngineCollector", "RequestMetrics", "make_registry"]
 
@@ -176,6 +183,24 @@ def _model_series(monitored: list[ModelStats]) -> Iterator[Metric]:
         age.add_metric([m.name], m.snapshot_age_s)
         log_len.add_metric([m.name], m.unsnapshotted)
     yield from (info, version, applied, rejected, state, age, log_len)
+    yield _influence(monitored)
+
+
+def _influence(monitored: list[ModelStats]) -> Metric:
+    """The histogram of each monitored model's influence sizes (``service.influence``)."""
+    family = HistogramMetricFamily(
+        "postserve_model_influence",
+        "How much each observation moved the model: the Mahalanobis size of its mean step.",
+        labels=["model"],
+    )
+    for m in monitored:
+        if m.influence is None:
+            continue
+        counts, total = m.influence
+        bounds = [*(str(b) for b in BUCKETS), "+Inf"]
+        cumulative = list(itertools.accumulate(counts))
+        family.add_metric([m.name], list(zip(bounds, cumulative, strict=True)), total)
+    return family
 
 
 def _calibration_families() -> dict[str, GaugeMetricFamily]:

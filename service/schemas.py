@@ -37,6 +37,8 @@ __all__ = [
     "FilterSpec",
     "GaussianSpec",
     "Health",
+    "InfluenceResponse",
+    "InfluentialRow",
     "KalmanSpec",
     "LikelihoodSpec",
     "LinearSpec",
@@ -56,6 +58,7 @@ __all__ = [
     "RewardBatchResponse",
     "RewardRequest",
     "RewardResponse",
+    "RowInfluence",
     "RowPrediction",
     "SnapshotResponse",
     "UpdateRequest",
@@ -276,12 +279,22 @@ class RowPrediction(BaseModel):
     variance: list[float]
 
 
+class RowInfluence(BaseModel):
+    """How much a row moved the model (``docs/algorithms.md`` 4.5): ``size``, the Mahalanobis
+    size of the mean step under the updated precision; ``loo_shift``, per output, the row's
+    prediction after its update minus its leave-one-out prediction."""
+
+    size: float
+    loo_shift: list[float]
+
+
 class UpdateResponse(BaseModel):
     version: int
     applied: int
     duplicate: bool = False
     predictions: list[RowPrediction]
     log_likelihood: list[float]
+    influence: list[RowInfluence] = Field(default_factory=list)  # absent in old stored answers
 
 
 class PredictResponse(BaseModel):
@@ -326,6 +339,22 @@ class CalibrationPoint(BaseModel):
 
     version: int
     summary: CalibrationSummary
+
+
+class InfluentialRow(BaseModel):
+    version: int  # the model's version after the row
+    request_id: str | None  # the request it came in (a reward's: ``event:<event_id>``)
+    row: int  # its index in that request
+    influence: RowInfluence
+
+
+class InfluenceResponse(BaseModel):
+    """``GET /v1/models/{name}/influence``: the most influential of the recent rows."""
+
+    name: str
+    version: int
+    window: int  # the recent rows looked at (at most; ``POSTSERVE_INFLUENCE_WINDOW``)
+    items: list[InfluentialRow]  # largest ``influence.size`` first
 
 
 class CalibrationResponse(BaseModel):

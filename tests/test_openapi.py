@@ -42,7 +42,7 @@ ENV = {
 #: the operations in an order in which their examples work one after the other
 ORDER = [
     "create_model", "list_models", "get_model", "update", "predict", "decide", "reward",
-    "decide_batch", "reward_batch", "calibration", "snapshot", "healthz", "readyz",
+    "decide_batch", "reward_batch", "calibration", "influence", "snapshot", "healthz", "readyz",
     "delete_model",
 ]  # fmt: skip
 METHODS = {"get", "post", "put", "patch", "delete"}
@@ -135,12 +135,16 @@ def test_the_documented_examples_work_on_a_real_server(server: Server) -> None:
         ops = {op["operationId"]: (path, method, op) for path, method, op in _operations(doc)}
         for op_id in ORDER:
             path, method, op = ops[op_id]
+            query = {}
             for parameter in op.get("parameters", []):
-                path = path.replace("{" + parameter["name"] + "}", parameter["example"])
+                if parameter["in"] == "path":
+                    path = path.replace("{" + parameter["name"] + "}", parameter["example"])
+                else:
+                    query[parameter["name"]] = parameter["example"]
             media = op.get("requestBody", {}).get("content", {}).get("application/json", {})
             bodies = [e["value"] for e in media.get("examples", {}).values()] or [None]
             for body in bodies:
-                r = c.request(method, path, json=body)
+                r = c.request(method, path, json=body, params=query)
                 assert 200 <= r.status_code < 300, (op_id, body, r.status_code, r.text)
         models = [m["name"] for m in c.get("/v1/models").json()["models"]]
         assert models == [MODEL], models

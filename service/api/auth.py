@@ -1,6 +1,6 @@
 """API keys with scopes, sent as ``Authorization: Bearer KEY`` and compared in constant time.
 
-Scopes: ``read`` (predict, get, list, calibration), ``write`` (update, decide, reward and their batches), ``admin`` (create, delete, snapshot).
+Scopes: ``read`` (predict, get, list, calibration, influence), ``write`` (update, decide, reward and their batches), ``admin`` (create, delete, snapshot).
 A key holds exactly the scopes it is listed with (a key may be listed once per scope). With no
 keys configured every route is open, and the CLI binds 127.0.0.1 only.
 
@@ -36,6 +36,7 @@ RULES: list[tuple[str, re.Pattern[str], KeyScope]] = [
     ("POST", re.compile(rf"^{_MODEL}/reward(/batch)?$"), "write"),
     ("POST", re.compile(rf"^{_MODEL}/predict$"), "read"),
     ("GET", re.compile(rf"^{_MODEL}/calibration$"), "read"),
+    ("GET", re.compile(rf"^{_MODEL}/influence$"), "read"),
     ("POST", re.compile(rf"^{_MODEL}/snapshot$"), "admin"),
 ]
 

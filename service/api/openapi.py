@@ -186,6 +186,8 @@ def _document_names(doc: dict[str, Any], examples: dict[str, str]) -> None:
                 parameter["description"] = _NAME_DESCRIPTION
                 parameter["schema"] = {"type": "string", "pattern": NAME_PATTERN}
                 parameter["example"] = examples.get(operation.get("operationId", ""), default)
+            elif "examples" in parameter and "example" not in parameter:  # a query parameter's
+                parameter["example"] = next(iter(parameter.pop("examples").values()))["value"]
 
 
 def _link_created_model(doc: dict[str, Any], create: str) -> None:

@@ -270,6 +270,14 @@ OPERATIONS: dict[str, Operation] = {
         "reliability and ECE for classes) and their history by bucket.",
         ("not_found", "not_ready"),
     ),
+    "influence": Operation(
+        "Most influential observations",
+        "The `top` rows of the model's recent window (`POSTSERVE_INFLUENCE_WINDOW` rows) that "
+        "moved it most, largest first: each row's version, request and index in it, and its "
+        "influence as `/update` answered it (the Mahalanobis size of its mean step; its "
+        "leave-one-out shift of the prediction). Outliers, label errors and attacks rank high.",
+        ("invalid_input", "not_found", "not_ready"),
+    ),
     "snapshot": Operation(
         "Take a snapshot",
         "Writes a snapshot of the published state now (restarts replay the log after it).",
@@ -299,6 +307,7 @@ ANSWERS: dict[str, tuple[str, str]] = {
     "get_model": ("models", "The model's description."),
     "delete_model": ("models", "Deleted: no body."),
     "calibration": ("models", "The calibration window."),
+    "influence": ("models", "The most influential recent rows, largest first."),
     "snapshot": ("models", "The snapshot taken: its version and size in bytes."),
     "update": ("observations", "Applied (or, for a repeated request_id, its first answer)."),
     "predict": ("observations", "The predictive moments and samples, per row."),

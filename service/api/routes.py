@@ -5,9 +5,9 @@ Authentication happens before the routes, in :mod:`service.api.auth`."""
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute
 from service.api.errors import refusal
 from service.api.operations import describe
 from service.hosting import Engine
+from service.influence import KEEP as INFLUENCE_TOP
 from service.schemas import (
     CalibrationResponse,
     DecideBatchRequest,
@@ -26,6 +27,7 @@ from service.schemas import (
     DecideRequest,
     DecideResponse,
     Health,
+    InfluenceResponse,
     ModelInfo,
     ModelList,
     ModelSpec,
@@ -155,6 +157,27 @@ async def reward_batch(name: str, body: RewardBatchRequest, request: Request) ->
 )
 async def calibration(name: str, request: Request) -> Response:
     return _json(_engine(request).calibration(name))
+
+
+@router.get(
+    "/v1/models/{name}/influence",
+    response_model=InfluenceResponse,
+    **describe("influence"),
+)
+async def influence(
+    name: str,
+    request: Request,
+    top: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=INFLUENCE_TOP,
+            description="how many rows, largest first",
+            openapi_examples={"five": {"value": 5}},
+        ),
+    ] = 10,
+) -> Response:
+    return _json(_engine(request).influence(name, top))
 
 
 @router.post("/v1/models/{name}/snapshot", response_model=SnapshotResponse, **describe("snapshot"))

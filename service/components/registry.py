@@ -9,11 +9,11 @@ kind means: its math module, its spec class, one ``register`` call.
 
 >>> from service.components import NETWORKS
 >>> NETWORKS.names()
-('linear', 'mlp', 'cnn')
+('linear', 'mlp', 'cnn', 'state_space')
 >>> NETWORKS["conv"]
 Traceback (most recent call last):
 ...
-service.errors.InvalidSpec: unknown network type 'conv'; registered: linear, mlp, cnn
+service.errors.InvalidSpec: unknown network type 'conv'; registered: linear, mlp, cnn, state_space
 """
 
 from __future__ import annotations

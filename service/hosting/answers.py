@@ -13,19 +13,23 @@ import orjson
 import torch
 from torch import Tensor
 
-from service.calibration import LEVELS, Stats
+from service.calibration import LEVELS, Observation, Stats
 from service.components import LIKELIHOODS
 from service.filters import Predictive, RowReport
 from service.hosting.hosted import HostedModel
+from service.influence import Influence
 from service.policy import Decision
 from service.schemas import (
     CalibrationPoint,
     CalibrationResponse,
     CalibrationSummary,
+    InfluenceResponse,
+    InfluentialRow,
     ModelInfo,
     PredictResponse,
     ReliabilityBin,
     RewardResponse,
+    RowInfluence,
     RowPrediction,
     UpdateResponse,
 )
@@ -51,14 +55,22 @@ def summary(stats: Stats) -> CalibrationSummary:
     return CalibrationSummary(**stats.summary())
 
 
-def update(version: int, rows: list[RowReport]) -> UpdateResponse:
-    """``/update``: the version after the rows, each row's pre-update predictive and NLPD."""
+def update(version: int, rows: list[RowReport], obs: list[Observation]) -> UpdateResponse:
+    """``/update``: the version after the rows, each row's pre-update predictive and NLPD, and
+    how much it moved the model (``service.influence``)."""
     return UpdateResponse(
         version=version,
         applied=len(rows),
         predictions=[RowPrediction(mean=r.mean, variance=r.variance) for r in rows],
         log_likelihood=[r.log_likelihood for r in rows],
+        influence=[_influence(o.influence) for o in obs],
     )
+
+
+def _influence(i: Influence | None) -> RowInfluence:
+    if i is None:
+        raise TypeError("the likelihood kind's scorer gave no influence")
+    return RowInfluence(size=i.size, loo_shift=i.loo_shift)
 
 
 @dataclass(frozen=True)
@@ -175,9 +187,10 @@ class Keyed:
         return cls(version, True)
 
 
-def update_json(version: int, rows: list[RowReport]) -> bytes:
+def update_json(version: int, rows: list[RowReport], obs: list[Observation]) -> bytes:
     """:func:`update`'s answer as JSON, encoded by orjson from the rows' floats (the same fields,
     ``duplicate`` false, and numbers; no pydantic model built): a keyed row's request record."""
+    influence = [_influence(o.influence) for o in obs]
     return orjson.dumps(
         {
             "version": version,
@@ -185,6 +198,7 @@ def update_json(version: int, rows: list[RowReport]) -> bytes:
             "duplicate": False,
             "predictions": [{"mean": r.mean, "variance": r.variance} for r in rows],
             "log_likelihood": [r.log_likelihood for r in rows],
+            "influence": [{"size": i.size, "loo_shift": i.loo_shift} for i in influence],
         }
     )
 
@@ -241,4 +255,22 @@ def calibration(h: HostedModel) -> CalibrationResponse:
         pit_histogram=stats.pit_histogram,
         reliability=[ReliabilityBin(**b) for b in stats.reliability()] if classes else None,
         history=[CalibrationPoint(version=v, summary=summary(s)) for v, s in h.calibration.history],
+    )
+
+
+def influence(h: HostedModel, top: int) -> InfluenceResponse:
+    """``/influence``: the ``top`` most influential rows of ``h``'s window, largest first."""
+    return InfluenceResponse(
+        name=h.name,
+        version=h.current.version,
+        window=h.influence.window,
+        items=[
+            InfluentialRow(
+                version=r.version,
+                request_id=r.request_id,
+                row=r.row,
+                influence=_influence(r.influence),
+            )
+            for r in h.influence.top(top)
+        ],
     )

@@ -21,6 +21,7 @@ from service.hosting.hosted import Hosted, HostedModel, Published
 from service.hosting.kernels import Kernels
 from service.hosting.limits import Limits
 from service.hosting.recovery import Recovery
+from service.influence import InfluenceLog
 from service.schemas import ModelSpec
 from service.store import Store
 
@@ -96,6 +97,7 @@ class Catalogue:
             dtype=dtype,
             current=Published(0, f.init(dtype=dtype, device=device)),
             calibration=CalibrationTracker(self.settings.calibration_window),
+            influence=InfluenceLog(self.settings.influence_window),
             scorer=LIKELIHOODS[spec.likelihood.type].score,
         )
 

@@ -45,6 +45,7 @@ from service.schemas import (
     CalibrationResponse,
     DecideBatchRequest,
     DecideRequest,
+    InfluenceResponse,
     ModelInfo,
     ModelSpec,
     PredictRequest,
@@ -152,6 +153,9 @@ class Engine:
 
     def calibration(self, name: str) -> CalibrationResponse:
         return answers.calibration(self.catalogue.get(name))
+
+    def influence(self, name: str, top: int) -> InfluenceResponse:
+        return answers.influence(self.catalogue.get(name), top)
 
     # -- data plane --------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from service.errors import InvalidInput, NotOwner, PostserveError, StoreUnavaila
 from service.filters import Belief, OnlineFilter, RowReport, row_reports
 from service.filters.algorithm import S
 from service.filters.compiled import DrawKernel, OutputKernels, RowKernel
+from service.influence import InfluenceLog, Influential
 from service.schemas import ModelSpec
 
 __all__ = ["Counters", "Hosted", "HostedModel", "Pending", "Published"]
@@ -75,6 +76,7 @@ class Hosted(Generic[S]):
     current: Published[S]
     calibration: CalibrationTracker
     scorer: Scorer  # the likelihood kind's calibration extractor
+    influence: InfluenceLog = field(default_factory=InfluenceLog)
     snapshot_version: int = 0
     snapshot_time: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -129,7 +131,8 @@ class Hosted(Generic[S]):
         while self.pending and self.pending[0].version <= p.version:  # durable: publish in order
             q = self.pending.popleft()
             self.publish(q.version, q.state)
-            self.score(q.after, q.observations)  # with the publish: snapshots see both or neither
+            # with the publish: snapshots see both or neither
+            self.score(q.after, q.observations, q.request_ids)
 
     def pending_request(self, request_ids: Sequence[str]) -> bool:
         """Whether a pending update answers one of ``request_ids``."""
@@ -197,10 +200,22 @@ class Hosted(Generic[S]):
         rows = row_reports(infos)
         return new, rows, self.scorer(self.filter.likelihood, infos, rows, y)
 
-    def score(self, version: int, observations: list[Observation]) -> None:
-        """Add the observations applied after ``version`` to the calibration window."""
-        for i, o in enumerate(observations, start=1):
-            self.calibration.observe(o, version + i)
+    def score(
+        self, version: int, observations: list[Observation], request_ids: Sequence[str] = ()
+    ) -> None:
+        """Add the observations applied after ``version`` to the calibration window and the
+        influence log: row i answers ``request_ids[i]`` when there is one id per row (keyed
+        rows), else row i of the request ``request_ids[0]`` (if any)."""
+        keyed = len(request_ids) == len(observations)
+        for i, o in enumerate(observations):
+            self.calibration.observe(o, version + i + 1)
+            if o.influence is not None:
+                rid = request_ids[i] if keyed else request_ids[0] if request_ids else None
+                self.influence.add(
+                    Influential(
+                        o.influence.size, version + i + 1, rid, 0 if keyed else i, o.influence
+                    )
+                )
 
 
 #: A hosted model of whichever algorithm: the hosting layer knows only that its state is a belief.

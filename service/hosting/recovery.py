@@ -60,4 +60,4 @@ class Recovery:
                 h.step, state, entry.x, entry.y, kernel, entry.outputs
             )
             h.publish(rec.version, new)
-            h.score(version, obs)
+            h.score(version, obs, () if entry.request_id is None else (entry.request_id,))

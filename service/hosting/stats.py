@@ -56,6 +56,7 @@ class ModelStats:
     applied: int  # observations applied by this process since it started
     rejected: dict[str, int]  # update requests refused, by error code
     calibration: Stats | None  # the window's figures; None unless monitored
+    influence: tuple[list[int], float] | None = None  # sizes: counts per bucket, sum; monitored
 
     @property
     def unsnapshotted(self) -> int:
@@ -89,6 +90,7 @@ def _model(h: HostedModel, now: float) -> ModelStats:
         applied=h.applied,
         rejected=_refusals(dict(h.rejected)),
         calibration=h.calibration.stats() if h.spec.monitor else None,
+        influence=(list(h.influence.counts), h.influence.total) if h.spec.monitor else None,
     )
 
 

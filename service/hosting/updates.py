@@ -167,7 +167,7 @@ class Updates:
                 if first is not None:
                     return _duplicate(first)
             tip, new, infos, obs, kernel = await self._step(h, entry.x, entry.y, entry.outputs)
-            response = answers.update(tip.version + n, infos)
+            response = answers.update(tip.version + n, infos, obs)
             requests = [] if rid is None else [(rid, response.model_dump_json().encode())]
             record = LogEntry(entry.x, entry.y, rid, kernel, entry.outputs).to_bytes()
             pending = self._pend(h, tip, n, new, obs, record, requests)
@@ -223,8 +223,8 @@ class Updates:
         tip, new, infos, obs, kernel = await self._step(h, x, y, outputs)
         versions = range(tip.version + 1, tip.version + 1 + len(infos))
         records = [
-            (rid, answers.update_json(v, [info]))
-            for rid, v, info in zip(ids, versions, infos, strict=True)
+            (rid, answers.update_json(v, [info], [ob]))
+            for rid, v, info, ob in zip(ids, versions, infos, obs, strict=True)
         ]
         record = LogEntry(x, y, None, kernel, outputs).to_bytes()
         each = [answers.Keyed(v, False) for v in versions]
