@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.influence import Influence
+from service.influence import Mark
 
 __all__ = [
     "BINS",
@@ -94,7 +94,7 @@ class Observation:
     z: Sequence[float] = ()
     probs: Sequence[float] = ()
     label: int | None = None
-    influence: Influence | None = None  # how much the row moved the model (service.influence)
+    mark: Mark | None = None  # how much the row moved the model (service.influence)
 
 
 @dataclass

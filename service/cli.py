@@ -63,18 +63,20 @@ def report(
         None, envvar="POSTSERVE_API_KEY", help="a key with the read scope, if keys are on"
     ),
 ) -> None:
-    """Draw a model's calibration window (reliability or PIT, coverage over time) as a PNG."""
+    """Draw a model's calibration window (reliability or PIT, coverage over time) and its most
+    influential recent observations as a PNG."""
     from service.client import Client, PostserveHTTPError
     from service.report import draw_report
 
     try:
         with Client(url, api_key=api_key) as client:
             cal = client.calibration(name)
+            influence = client.influence(name, top=20)
     except PostserveHTTPError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     try:
-        draw_report(cal, out)
+        draw_report(cal, out, influence)
     except ImportError as exc:
         typer.echo(
             "error: the report needs matplotlib; in the repository run "

@@ -27,6 +27,7 @@ from service.schemas import (
     DecideBatchResponse,
     DecideRequest,
     DecideResponse,
+    InfluenceResponse,
     ModelInfo,
     ModelList,
     ModelSpec,
@@ -148,6 +149,10 @@ class _Calls:
     def calibration(name: str) -> _Call:
         return _Call("GET", f"/v1/models/{name}/calibration")
 
+    @staticmethod
+    def influence(name: str, top: int) -> _Call:
+        return _Call("GET", f"/v1/models/{name}/influence?top={int(top)}")
+
 
 def _list(v: Any) -> Any:
     return v.tolist() if hasattr(v, "tolist") else list(v)
@@ -257,6 +262,10 @@ class Client:
     def calibration(self, name: str) -> CalibrationResponse:
         return _parse(self._send(_Calls.calibration(name)), CalibrationResponse)
 
+    def influence(self, name: str, top: int = 10) -> InfluenceResponse:
+        """The ``top`` rows of the model's recent window that moved it most, largest first."""
+        return _parse(self._send(_Calls.influence(name, top)), InfluenceResponse)
+
     def decide(
         self,
         name: str,
@@ -350,6 +359,9 @@ class AsyncClient:
 
     async def calibration(self, name: str) -> CalibrationResponse:
         return _parse(await self._send(_Calls.calibration(name)), CalibrationResponse)
+
+    async def influence(self, name: str, top: int = 10) -> InfluenceResponse:
+        return _parse(await self._send(_Calls.influence(name, top)), InfluenceResponse)
 
     async def decide(
         self,

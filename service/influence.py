@@ -2,32 +2,37 @@
 figures of Nickl, Xu, Tailor, Moellenhoff & Khan (2023), from a row's prediction error and
 prediction variance, in plain floats.
 
-For one row with target t (C,), pre-update predictive mean mu, epistemic variance s and
-aleatoric variance r (each (C,), the moment-matched Gaussian of the likelihood; outputs taken as
-independent), the update conditions on t through the linear-Gaussian observation t = mu + N(0,
-s + r) in output space, and per output k:
+For one row with target t (C,) and a Gaussian predictive in output space (the likelihood's
+moment-matched one; outputs taken as independent), per output k, with e_k = t_k - mu_k:
 
-    loo_shift_k = s_k e_k / (s_k + r_k),      e_k = t_k - mu_k
+- from the belief *before* the row (epistemic s, aleatoric r; what ``/update`` answers)::
 
-the prediction at the row after its update minus the prediction without it (the leave-one-out
-prediction: the model refitted without the row is the belief before it); and
+      loo_shift_k = s_k e_k / (s_k + r_k)               size^2 = sum_k e_k^2 s_k / ((s_k + r_k) r_k)
 
-    size^2 = sum_k e_k^2 s_k / ((s_k + r_k) r_k) = delta^T P_+^{-1} delta
+- from a belief that *holds* the row (epistemic v, aleatoric r; what ``/influence`` ranks by, the
+  model as it is now)::
 
-the Mahalanobis size of the mean step delta under the updated precision P_+^{-1} (for one
-output: delta = P h e / (s + r), P_+^{-1} = P^{-1} + h h^T / r). Both are exact for a linear
-model with a gaussian likelihood and one output (``tests/test_influence.py`` refits in closed
-form); with several outputs they ignore the outputs' correlation, and through a link (bernoulli,
-categorical, poisson) they are the moment-matched Gaussian's. An outlier is a large error
-against a small prediction variance s + r, so its size is large.
+      loo_shift_k = v_k e_k / (r_k - v_k)               size^2 = sum_k e_k^2 v_k / (r_k - v_k)^2
 
-:class:`InfluenceLog` keeps, per model, the largest sizes of a sliding window of recent rows in
-``buckets`` buckets (each keeps its ``keep`` largest, so the window's top ``keep`` are exact),
-and a cumulative histogram of every size since start (for ``/metrics``).
+``loo_shift`` is the prediction at the row minus its leave-one-out prediction (the belief without
+the row), ``size`` the Mahalanobis length of the mean step the row makes, delta^T P^{-1} delta
+under the precision that holds it (delta = P h e / (s + r), or Sigma h e / (r - v): removing a
+row by Sherman-Morrison). The two are the same numbers at the moment of the update, and exact for
+a linear model with a gaussian likelihood and one output with static dynamics
+(``tests/test_influence.py`` refits in closed form); with several outputs they ignore the
+outputs' correlation, and through a link they are the moment-matched Gaussian's.
+
+A row's size at its update scales with how much the model could still move (size^2 = z^2 s / r,
+z the standardised error): the first rows of a fresh model move it most. Under the current
+belief every row is weighed by the same posterior, so outliers and label errors (large e) rank
+first. :class:`InfluenceLog` keeps, per model, the most surprising rows (largest z^2) of a
+sliding window, with their inputs, so that ``/influence`` can weigh them by the current belief;
+and a cumulative histogram of every size at update (for ``/metrics``).
 """
 
 from __future__ import annotations
 
+import array
 import bisect
 import heapq
 import math
@@ -35,19 +40,30 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["BUCKETS", "KEEP", "Influence", "InfluenceLog", "Influential", "influence"]
+__all__ = [
+    "BUCKETS",
+    "KEEP",
+    "Influence",
+    "InfluenceLog",
+    "Influential",
+    "Mark",
+    "current_influence",
+    "influence",
+    "mark",
+    "surprise",
+]
 
 #: Upper bounds of the histogram's buckets of ``size`` (then +Inf).
 BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 #: The most rows ``InfluenceLog.top`` gives (each bucket keeps this many).
 KEEP = 50
-#: The smallest aleatoric variance the figures divide by (a saturated class probability).
-_R_FLOOR = 1e-12
+#: The smallest variance the figures divide by (a saturated class probability).
+_FLOOR = 1e-12
 
 
 @dataclass(frozen=True)
 class Influence:
-    size: float  # the Mahalanobis size of the mean step under the updated precision
+    size: float  # the Mahalanobis size of the mean step
     loo_shift: list[float]  # per output: the prediction minus its leave-one-out prediction
 
 
@@ -57,31 +73,88 @@ def influence(
     epistemic: Sequence[float],
     aleatoric: Sequence[float],
 ) -> Influence:
-    """One row's figures (see the module's docstring), each argument (C,)."""
-    size2 = 0.0
-    shift = []
+    """A row's figures from the belief before it (see the module's docstring), each (C,)."""
+    size2, shift = 0.0, []
     for t, m, s, r in zip(target, mean, epistemic, aleatoric, strict=True):
-        e, r = t - m, max(r, _R_FLOOR)
+        e, r = t - m, max(r, _FLOOR)
         shift.append(s * e / (s + r))
         size2 += e * e * s / ((s + r) * r)
     return Influence(math.sqrt(size2), shift)
 
 
+def current_influence(
+    target: Sequence[float],
+    mean: Sequence[float],
+    epistemic: Sequence[float],
+    aleatoric: Sequence[float],
+) -> Influence:
+    """A row's figures from a belief that holds it (see the module's docstring), each (C,)."""
+    size2, shift = 0.0, []
+    for t, m, v, r in zip(target, mean, epistemic, aleatoric, strict=True):
+        e, gap = t - m, max(r - v, _FLOOR)
+        shift.append(v * e / gap)
+        size2 += e * e * v / (gap * gap)
+    return Influence(math.sqrt(size2), shift)
+
+
+def surprise(
+    target: Sequence[float],
+    mean: Sequence[float],
+    epistemic: Sequence[float],
+    aleatoric: Sequence[float],
+) -> float:
+    """z^2 = sum_k e_k^2 / (s_k + r_k) under the belief before the row."""
+    return sum(
+        (t - m) ** 2 / max(s + r, _FLOOR)
+        for t, m, s, r in zip(target, mean, epistemic, aleatoric, strict=True)
+    )
+
+
+@dataclass(frozen=True)
+class Mark:
+    """What a row leaves for the log: its figures at its update, its surprise (z^2), and what
+    re-weighing it takes (its input, its target, the one output it observed; None: all)."""
+
+    at_update: Influence
+    surprise: float
+    x: array.array[float]
+    target: tuple[float, ...]
+    output: int | None = None
+
+
+def mark(
+    x: Sequence[float],
+    target: Sequence[float],
+    mean: Sequence[float],
+    epistemic: Sequence[float],
+    aleatoric: Sequence[float],
+    output: int | None = None,
+) -> Mark:
+    """A row's :class:`Mark` from its predictive before the update (each (C,))."""
+    return Mark(
+        influence(target, mean, epistemic, aleatoric),
+        surprise(target, mean, epistemic, aleatoric),
+        array.array("d", x),
+        tuple(target),
+        output,
+    )
+
+
 @dataclass(frozen=True, order=True)
 class Influential:
-    """One row in the log: ordered by ``size``."""
+    """One row in the log, ordered by its surprise."""
 
-    size: float
+    surprise: float
     version: int  # the model's version after the row
     request_id: str | None = field(compare=False)
     row: int = field(compare=False)  # the row's index in its request
-    influence: Influence = field(compare=False)
+    mark: Mark = field(compare=False)
 
 
 class InfluenceLog:
-    """The largest sizes of the last ``window`` rows (between ``window - window // buckets`` and
-    ``window`` once full), and the histogram of all sizes. Memory: at most ``buckets * keep``
-    rows, whatever the traffic."""
+    """The ``keep`` most surprising rows of each of ``buckets`` buckets of the last ``window``
+    rows (between ``window - window // buckets`` and ``window`` once full), and the histogram of
+    every size at update. Memory: at most ``buckets * keep`` rows, whatever the traffic."""
 
     def __init__(self, window: int = 10_000, buckets: int = 10, keep: int = KEEP) -> None:
         if window < buckets or buckets < 1 or keep < 1:
@@ -90,12 +163,13 @@ class InfluenceLog:
         self._closed: deque[list[Influential]] = deque(maxlen=buckets - 1)
         self._open: list[Influential] = []  # a min-heap of at most ``keep``
         self._open_n = 0
-        self.counts = [0] * (len(BUCKETS) + 1)  # per bucket, the last +Inf
+        self.counts = [0] * (len(BUCKETS) + 1)  # per bucket of sizes, the last +Inf
         self.total = 0.0
 
     def add(self, row: Influential) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, row.size)] += 1
-        self.total += row.size
+        size = row.mark.at_update.size
+        self.counts[bisect.bisect_left(BUCKETS, size)] += 1
+        self.total += size
         if len(self._open) < self.keep:
             heapq.heappush(self._open, row)
         elif row > self._open[0]:
@@ -106,10 +180,9 @@ class InfluenceLog:
                 self._closed.append(self._open)
             self._open, self._open_n = [], 0
 
-    def top(self, k: int) -> list[Influential]:
-        """The window's ``k`` (at most ``keep``) largest, largest first (ties: newest first)."""
-        rows = [r for bucket in (*self._closed, self._open) for r in bucket]
-        return heapq.nlargest(min(k, self.keep), rows, key=lambda r: (r.size, r.version))
+    def candidates(self) -> list[Influential]:
+        """The rows kept of the window (a superset of its ``keep`` most surprising)."""
+        return [r for bucket in (*self._closed, self._open) for r in bucket]
 
     @property
     def count(self) -> int:

@@ -4,7 +4,9 @@ Gaussian and poisson models: the PIT histogram (flat when calibrated), the cover
 central intervals against their nominal level over time, and the NLL over time. Bernoulli and
 categorical models: the reliability diagram (on the diagonal when calibrated), ECE and Brier score
 over time, and log loss over time. "Over time" is the window's closed buckets, by model version.
-Bands are 95% binomial (normal-approximation) intervals around the nominal values.
+Bands are 95% binomial (normal-approximation) intervals around the nominal values. With the
+model's ``/influence`` answer, a fourth panel: the window's most influential rows (the size of
+each one's mean step, by version: outliers and label errors stand out).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from service.schemas import CalibrationResponse
+from service.schemas import CalibrationResponse, InfluenceResponse
 
 __all__ = ["draw_report"]
 
@@ -22,14 +24,20 @@ def _band(p: float, n: int) -> float:
     return 1.96 * math.sqrt(p * (1 - p) / n) if n else 0.0
 
 
-def draw_report(cal: CalibrationResponse, out: Path) -> None:
-    """Write the report for ``cal`` (a ``GET /v1/models/{name}/calibration`` answer) to ``out``."""
+def draw_report(
+    cal: CalibrationResponse, out: Path, influence: InfluenceResponse | None = None
+) -> None:
+    """Write the report for ``cal`` (a ``GET /v1/models/{name}/calibration`` answer) to ``out``,
+    with ``influence`` (a ``GET /v1/models/{name}/influence`` answer) where given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
+    n = 3 if influence is None else 4
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4.6), layout="constrained")
+    if influence is not None:
+        _influence(axes[3], influence)
     s = cal.summary
     versions = [p.version for p in cal.history]
     if cal.reliability is not None:
@@ -57,6 +65,17 @@ def draw_report(cal: CalibrationResponse, out: Path) -> None:
     )
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _influence(ax: Any, inf: InfluenceResponse) -> None:
+    """The window's most influential rows: each one's step size at its version."""
+    versions = [it.version for it in inf.items]
+    sizes = [it.influence.size for it in inf.items]
+    ax.bar(range(len(sizes)), sizes, color="tab:purple")
+    ax.set_xticks(range(len(sizes)), [str(v) for v in versions], rotation=90, fontsize=7)
+    ax.set_xlabel("version after the row")
+    ax.set_ylabel("Mahalanobis size of the mean step")
+    ax.set_title(f"Most influential of the last {inf.window} rows")
 
 
 def _fmt(v: float | None) -> str:

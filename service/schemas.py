@@ -304,6 +304,14 @@ class PredictResponse(BaseModel):
     epistemic_variance: list[list[float]]
     aleatoric_variance: list[list[float]]
     samples: list[list[list[float]]] = Field(default_factory=list)
+    state_mean: list[list[float]] = Field(
+        default_factory=list,
+        description="a state_space model: the latent state's mean at each dt (else empty)",
+    )
+    state_covariance: list[list[list[float]]] = Field(
+        default_factory=list,
+        description="a state_space model: the latent state's covariance at each dt (else empty)",
+    )
     point_estimate: bool = Field(
         False,
         description="the model's filter keeps a point estimate (sgd, replay_sgd), not a "
@@ -345,15 +353,17 @@ class InfluentialRow(BaseModel):
     version: int  # the model's version after the row
     request_id: str | None  # the request it came in (a reward's: ``event:<event_id>``)
     row: int  # its index in that request
-    influence: RowInfluence
+    influence: RowInfluence  # weighed by the model's belief now (see ``weighed_by``)
+    at_update: RowInfluence  # what ``/update`` answered for it
 
 
 class InfluenceResponse(BaseModel):
     """``GET /v1/models/{name}/influence``: the most influential of the recent rows."""
 
     name: str
-    version: int
+    version: int  # the belief that weighed them
     window: int  # the recent rows looked at (at most; ``POSTSERVE_INFLUENCE_WINDOW``)
+    weighed_by: Literal["current", "at_update"]  # at_update: dynamics or a point estimate
     items: list[InfluentialRow]  # largest ``influence.size`` first
 
 

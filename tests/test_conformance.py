@@ -35,6 +35,7 @@ from service.components.build import build_filter, decode_state, encode_state
 from service.config import Settings
 from service.errors import InvalidInput, InvalidSpec
 from service.filters import Belief, OnlineFilter, jacobian_autodiff
+from service.filters.gradient import point_estimate
 from service.filters.networks import DenseJacobian
 from service.filters.statespace import StateSpace
 from service.hosting import Engine
@@ -96,7 +97,7 @@ def _first(network: str) -> tuple[str, str, str]:
 
 
 IDS = ["-".join(c) for c in COMBOS]
-#: the point estimates (sgd, replay_sgd): no posterior to compare with a closed form
+#: the learners (sgd, replay_sgd, ivon): gradient steps, no closed form to compare one step with
 POINTS = {c[2] for c in COMBOS if hasattr(build_filter(_spec(*c)).algorithm, "learn")}
 
 
@@ -179,7 +180,7 @@ def test_belief_covariance_projection_and_samples_agree(
     D = f.num_params
     assert Sigma.shape == (D, D)
     torch.testing.assert_close(Sigma, Sigma.mT)
-    point = hasattr(f.algorithm, "learn")  # sgd, replay_sgd: a point, Sigma = 0
+    point = point_estimate(f.algorithm)  # sgd, replay_sgd: a point, Sigma = 0
     assert float(torch.linalg.eigvalsh(Sigma).min()) > 0 or (point and not Sigma.any())
     _, J = f.network.jacobian(state.mean, x)
     _, op = f.network.jacobian_operator(state.mean, x)

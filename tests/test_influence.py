@@ -7,13 +7,14 @@ histogram and ``GET /influence`` report them."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import pytest
 from sklearn.datasets import load_diabetes
 
-from service.influence import Influence, InfluenceLog, Influential, influence
+from service.influence import Influence, InfluenceLog, Influential, current_influence, mark
 from service.testing import MakeAppClient
 
 TOL = 1e-8
@@ -55,23 +56,29 @@ def test_leave_one_out_and_size_equal_the_closed_form_refit(app_client: MakeAppC
             assert abs(inf["loo_shift"][0] - (h @ after - h @ before)) < TOL
             step = after - before
             assert abs(inf["size"] - float(np.sqrt(step @ Lam @ step))) < TOL
-        top = c.get("/v1/models/m/influence", params={"top": 3}).json()
-        assert top["items"][0]["version"] == 8 and top["items"][0]["row"] == 0
-        sizes = [it["influence"]["size"] for it in top["items"]]
-        assert sizes == sorted(sizes, reverse=True) and len(sizes) == 3
+        # under the belief now (all 12 rows): each kept row's exact leave-one-out refit
+        got = c.get("/v1/models/m/influence", params={"top": 12}).json()
+        assert got["weighed_by"] == "current" and got["version"] == 12
+        m_all, Lam_all = _posterior(X, y, prior, noise)
+        assert got["items"][0]["version"] == 8  # the outlier, row 7
+        for it in got["items"]:
+            j = it["version"] - 1
+            keep = np.arange(len(y)) != j
+            m_loo, _ = _posterior(X[keep], y[keep], prior, noise)
+            h = np.append(X[j], 1.0)
+            assert abs(it["influence"]["loo_shift"][0] - (h @ m_all - h @ m_loo)) < TOL
+            step = m_all - m_loo
+            assert abs(it["influence"]["size"] - float(np.sqrt(step @ Lam_all @ step))) < TOL
+        sizes = [it["influence"]["size"] for it in got["items"]]
+        assert sizes == sorted(sizes, reverse=True) and len(sizes) == 12
 
 
-def _ranks_planted(
-    rows: list[tuple[list[float], float]], window: int, seed: int, c: Any, name: str
-) -> None:
-    """Plant outliers (y + 10 sd), 1% of the influence window, among its rows, stream everything
-    in batches of 20 rows, and check the planted rows are the window's top 1%. (A row's size
-    scales with the model's remaining uncertainty: the first rows of a fresh model move it more
-    than any later one, which is why the ranking is of recent rows.)"""
+def _ranks_planted(rows: list[tuple[list[float], float]], seed: int, c: Any, name: str) -> None:
+    """Plant outliers (y + 10 sd), 1% of the rows, anywhere in the stream, send everything in
+    batches of 20 rows, and check the planted rows are the top 1% of ``/influence``."""
     y = np.array([t for _, t in rows])
-    n_out = window // 100
-    recent = np.arange(len(rows) - int(0.85 * window), len(rows))  # in the window at the end
-    planted = {int(i) for i in np.random.default_rng(seed).choice(recent, n_out, replace=False)}
+    n_out = max(1, len(rows) // 100)
+    planted = {int(i) for i in np.random.default_rng(seed).choice(len(rows), n_out, False)}
     X = [x for x, _ in rows]
     ys = [t + 10 * float(y.std()) if i in planted else t for i, (_, t) in enumerate(rows)]
     for start in range(0, len(rows), 20):
@@ -87,10 +94,10 @@ def test_planted_outliers_rank_top_on_diabetes(app_client: MakeAppClient) -> Non
     X, y = load_diabetes(return_X_y=True)
     X = (X - X.mean(0)) / X.std(0)
     rows = list(zip(X.tolist(), ((y - y.mean()) / y.std()).tolist(), strict=True))
-    with app_client(influence_window=300) as c:
+    with app_client() as c:
         spec = _linear("diabetes", 10, 1.0, 0.5, monitor=True)
         assert c.post("/v1/models", json=spec).status_code == 201
-        _ranks_planted(rows, 300, seed=1, c=c, name="diabetes")
+        _ranks_planted(rows, seed=1, c=c, name="diabetes")
         metrics = c.get("/metrics").text
         assert 'postserve_model_influence_count{model="diabetes"} 442.0' in metrics
         assert 'postserve_model_influence_bucket{le="+Inf",model="diabetes"} 442.0' in metrics
@@ -103,20 +110,27 @@ def test_planted_outliers_rank_top_on_trump_approval(app_client: MakeAppClient) 
     X = np.array([[x[k] for k in keys] for x, _ in data])
     X = (X - X.mean(0)) / X.std(0)
     rows = list(zip(X.tolist(), [float(t) for _, t in data], strict=True))
-    with app_client(influence_window=800) as c:
+    with app_client() as c:
         assert c.post("/v1/models", json=_linear("trump", len(keys), 1.0, 1.0)).status_code == 201
-        _ranks_planted(rows, 800, seed=2, c=c, name="trump")
+        _ranks_planted(rows, seed=2, c=c, name="trump")
 
 
-def test_the_log_keeps_the_exact_top_of_its_window() -> None:
+def test_the_log_keeps_the_most_surprising_rows_of_its_window() -> None:
     log = InfluenceLog(window=100, buckets=10, keep=5)
     rng = np.random.default_rng(3)
-    sizes = rng.exponential(size=1000)
-    for v, s in enumerate(sizes, start=1):
-        log.add(Influential(float(s), v, None, 0, Influence(float(s), [0.0])))
-    # the window: the last 90 to 100 rows (nine closed buckets and the open one)
-    top = log.top(5)
-    window = sizes[-90:]  # 1000 rows: the open bucket has just closed, nine kept
-    assert [r.size for r in top] == sorted(window, reverse=True)[:5]
-    assert log.count == 1000 and abs(log.total - sizes.sum()) < 1e-9
-    assert influence([1.0], [0.0], [0.0], [1.0]) == Influence(0.0, [0.0])  # no epistemic: none
+    errors = rng.normal(size=1000)
+    for v, e in enumerate(errors, start=1):
+        m = mark([1.0], [e], [0.0], [0.5], [0.5])
+        log.add(Influential(m.surprise, v, None, 0, m))
+    # the window: nine closed buckets (the open one has just closed), each keeps its top 5
+    kept = {r.version for r in log.candidates()}
+    assert len(kept) == 45 and min(kept) > 910
+    for start in range(910, 1000, 10):
+        bucket = np.arange(start, start + 10)
+        top5 = bucket[np.argsort(-(errors[bucket] ** 2))[:5]] + 1
+        assert set(top5.tolist()) <= kept
+    assert log.count == 1000
+    one = mark([1.0], [2.0], [0.0], [1.0], [1.0])  # e = 2, s = r = 1
+    assert one.surprise == 2.0 and one.at_update == Influence(math.sqrt(2.0), [1.0])
+    # the same numbers from the belief that holds the row: v = s r / (s + r), e' = e r / (s + r)
+    assert current_influence([1.0], [0.0], [0.5], [1.0]) == one.at_update

@@ -249,6 +249,9 @@ def test_tracking_over_http_equals_the_numpy_filter_and_survives_a_restart(
             var = np.diag(H @ (A @ covs[-1] @ A.T + Q) @ H.T) + r
             np.testing.assert_allclose(ahead["mean"][k], mean, rtol=0, atol=TOL)
             np.testing.assert_allclose(ahead["variance"][k], var, rtol=0, atol=TOL)
+            np.testing.assert_allclose(ahead["state_mean"][k], A @ means[-1], rtol=0, atol=TOL)
+            P = A @ covs[-1] @ A.T + Q
+            np.testing.assert_allclose(ahead["state_covariance"][k], P, rtol=0, atol=TOL)
 
 
 def test_the_tracking_example_filters_better_than_the_sensor(tmp_path: Path) -> None:

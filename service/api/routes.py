@@ -177,7 +177,7 @@ async def influence(
         ),
     ] = 10,
 ) -> Response:
-    return _json(_engine(request).influence(name, top))
+    return _json(await _engine(request).influence(name, top))
 
 
 @router.post("/v1/models/{name}/snapshot", response_model=SnapshotResponse, **describe("snapshot"))

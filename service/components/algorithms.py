@@ -1,5 +1,5 @@
-"""The filter kinds: ``lofi``, ``ekf``, ``diagonal``, ``kalman`` and the point estimates ``sgd``,
-``replay_sgd`` (math in :mod:`service.filters`; the projected kinds are in
+"""The filter kinds: ``lofi``, ``ekf``, ``diagonal``, ``kalman``, the variational learner ``ivon``
+and the point estimates ``sgd``, ``replay_sgd`` (math in :mod:`service.filters`; the projected kinds are in
 :mod:`service.components.projected`).
 
 Each kind's ``numbers(spec, network)`` is the count of numbers its state holds for the network's
@@ -24,12 +24,14 @@ from service.filters import (
     Network,
 )
 from service.filters.gradient import SGD, PointState, ReplaySGD, ReplayState
+from service.filters.ivon import IVON, IVONState
 from service.validation import Integer
 
 __all__ = [
     "ALGORITHMS",
     "DiagonalSpec",
     "EKFSpec",
+    "IVONSpec",
     "KalmanSpec",
     "LoFiSpec",
     "ReplaySGDSpec",
@@ -73,6 +75,29 @@ class ReplaySGDSpec(TypedSpec):
     steps: Integer = Field(1, ge=1, le=1_000)
 
 
+class IVONSpec(TypedSpec):
+    """IVON (``service.filters.ivon``): a diagonal Gaussian moved by one natural-gradient step
+    per row, its Hessian estimated from ``mc_samples`` weight perturbations; ``ess`` is the
+    effective sample size lambda (the data the posterior stands for), the prior's variance
+    sets the weight decay delta = 1 / (lambda sigma_0^2)."""
+
+    type: Literal["ivon"]
+    learning_rate: float = Field(0.01, gt=0, le=1e3)
+    ess: float = Field(1000.0, gt=0, le=1e12)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)  # IVON's 0.99999 is for many epochs, not one pass
+    mc_samples: Integer = Field(1, ge=1, le=1_000)
+    seed: Integer = Field(0, ge=0, le=2**31 - 1)
+    hess_init: float = Field(1.0, ge=0, le=1e6)
+
+
+def _ivon(spec: IVONSpec, network: Network) -> IVON:
+    return IVON(
+        spec.learning_rate, spec.ess, spec.beta1, spec.beta2, spec.mc_samples, spec.seed,
+        spec.hess_init,
+    )  # fmt: skip
+
+
 def dense_numbers(spec: TypedSpec, network: Network) -> int:
     D = network.num_params
     return D * D + D
@@ -114,5 +139,14 @@ ALGORITHMS.register(
 ALGORITHMS.register(
     AlgorithmKind(
         ReplaySGDSpec, _replay, ReplayState, _replay_numbers, example={"learning_rate": 0.05}
+    )
+)
+ALGORITHMS.register(
+    AlgorithmKind(
+        IVONSpec,
+        _ivon,
+        IVONState,
+        lambda s, n: 4 * n.num_params + 1,
+        example={"learning_rate": 0.1, "ess": 50.0, "mc_samples": 2},
     )
 )

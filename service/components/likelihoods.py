@@ -27,7 +27,6 @@ from service.filters import (
     StepInfo,
 )
 from service.filters.likelihoods import ITERATIONS, MAX_ITERATIONS
-from service.influence import Influence, influence
 from service.validation import Integer
 
 __all__ = ["LIKELIHOODS", "BernoulliSpec", "CategoricalSpec", "GaussianSpec", "PoissonSpec"]
@@ -68,24 +67,13 @@ class PoissonSpec(TypedSpec):
     iterations: Iterations = ITERATIONS
 
 
-def _influence(r: RowReport, target: Sequence[float]) -> Influence:
-    return influence(target, r.mean, r.epistemic, r.aleatoric)
-
-
-def _one_hot(label: int, C: int) -> list[float]:
-    """A class label as the likelihood's target: [y] for bernoulli (C = 1), else one-hot."""
-    return [float(label)] if C == 1 else [float(k == label) for k in range(C)]
-
-
 def _score_classes(
     lik: Likelihood, infos: list[StepInfo], rows: list[RowReport], y: Sequence[Label]
 ) -> list[Observation]:
-    out = []
-    for r, label in zip(rows, y, strict=True):
-        k = int(label)  # type: ignore[arg-type]
-        inf = _influence(r, _one_hot(k, len(r.mean)))
-        out.append(Observation(nll=-r.log_likelihood, probs=r.mean, label=k, influence=inf))
-    return out
+    return [
+        Observation(nll=-r.log_likelihood, probs=r.mean, label=int(label))  # type: ignore[arg-type]
+        for r, label in zip(rows, y, strict=True)
+    ]
 
 
 def _score_gaussian(
@@ -98,7 +86,7 @@ def _score_gaussian(
         ys = label if isinstance(label, list) else [label]
         z = [(v - m) / math.sqrt(s2) for v, m, s2 in zip(ys, r.mean, var, strict=True)]
         pit = [(u, u) for u in (0.5 * math.erfc(-zi / math.sqrt(2.0)) for zi in z)]
-        out.append(Observation(nll=-r.log_likelihood, pit=pit, z=z, influence=_influence(r, ys)))
+        out.append(Observation(nll=-r.log_likelihood, pit=pit, z=z))
     return out
 
 
@@ -116,12 +104,8 @@ def _score_counts(
         raise TypeError(f"the {lik.name} likelihood has no predictive CDF")
     lo, hi = bounds[0].tolist(), bounds[1].tolist()
     return [
-        Observation(
-            nll=-r.log_likelihood,
-            pit=list(zip(a, b, strict=True)),
-            influence=_influence(r, [float(t)]),  # type: ignore[arg-type]
-        )
-        for r, a, b, t in zip(rows, lo, hi, y, strict=True)
+        Observation(nll=-r.log_likelihood, pit=list(zip(a, b, strict=True)))
+        for r, a, b in zip(rows, lo, hi, strict=True)
     ]
 
 

@@ -43,7 +43,26 @@ from service.filters.networks import Jacobian, Network
 if TYPE_CHECKING:
     from service.filters.online import OnlineFilter
 
-__all__ = ["SGD", "PointState", "ReplaySGD", "ReplayState", "learned", "loss_likelihood"]
+__all__ = [
+    "SGD",
+    "PointState",
+    "ReplaySGD",
+    "ReplayState",
+    "learned",
+    "loss_likelihood",
+    "point_estimate",
+    "variational",
+]
+
+
+def variational(algorithm: object) -> bool:
+    """Whether a learner (an algorithm with ``learn``) keeps a posterior (``ivon``)."""
+    return bool(getattr(algorithm, "variational", False))
+
+
+def point_estimate(algorithm: object) -> bool:
+    """Whether an algorithm keeps a point estimate (``sgd``, ``replay_sgd``): no covariance."""
+    return hasattr(algorithm, "learn") and not variational(algorithm)
 
 
 def loss_likelihood(likelihood: Likelihood) -> Likelihood:
@@ -153,12 +172,17 @@ def _full_row(network: Network, k: int | None, y: Tensor) -> tuple[Tensor, Tenso
 def learned(
     f: OnlineFilter[Any], state: Any, x: Tensor, y: Tensor
 ) -> tuple[Any, StepInfo, list[Check]]:
-    """``OnlineFilter._update`` for a point estimate: the row's report from theta before the
-    step (epistemic variance 0), the step, and its checks (the parameters and the updated
-    model's prediction of the row finite)."""
-    eta = f.network.apply(state.mean, x)
-    C = eta.shape[-1]
-    var_eta = eta.new_zeros((1, C, C))
+    """``OnlineFilter._update`` for a learner: the row's report from the belief before the
+    step (a point estimate's with epistemic variance 0; a variational learner's, ``ivon``, from
+    its Gaussian), the step, and its checks (the parameters and the updated model's prediction
+    of the row finite)."""
+    if variational(f.algorithm):  # a posterior: the predictive of its Gaussian
+        eta, J = f.network.jacobian_operator(state.mean, x)
+        var_eta = f.algorithm.project(state, J)
+    else:
+        eta = f.network.apply(state.mean, x)
+        C = eta.shape[-1]
+        var_eta = eta.new_zeros((1, C, C))
     pred = f.likelihood.predictive(eta, var_eta)
     loglik = f.likelihood.log_predictive(y.unsqueeze(0), eta, var_eta)[0]
     new = f.algorithm.learn(f.network, f.likelihood, state, x, y)  # type: ignore[attr-defined]

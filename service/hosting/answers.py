@@ -6,7 +6,7 @@ how those become answers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
@@ -17,6 +17,7 @@ from service.calibration import LEVELS, Observation, Stats
 from service.components import LIKELIHOODS
 from service.filters import Predictive, RowReport
 from service.hosting.hosted import HostedModel
+from service.hosting.influential import Ranked, reweighs
 from service.influence import Influence
 from service.policy import Decision
 from service.schemas import (
@@ -63,13 +64,17 @@ def update(version: int, rows: list[RowReport], obs: list[Observation]) -> Updat
         applied=len(rows),
         predictions=[RowPrediction(mean=r.mean, variance=r.variance) for r in rows],
         log_likelihood=[r.log_likelihood for r in rows],
-        influence=[_influence(o.influence) for o in obs],
+        influence=[_influence(o) for o in obs],
     )
 
 
-def _influence(i: Influence | None) -> RowInfluence:
-    if i is None:
-        raise TypeError("the likelihood kind's scorer gave no influence")
+def _influence(o: Observation) -> RowInfluence:
+    if o.mark is None:
+        raise TypeError("a stepped row has no influence mark")
+    return _figures(o.mark.at_update)
+
+
+def _figures(i: Influence) -> RowInfluence:
     return RowInfluence(size=i.size, loo_shift=i.loo_shift)
 
 
@@ -85,6 +90,9 @@ class Moments:
     aleatoric: np.ndarray
     samples: np.ndarray
     flat: np.ndarray
+    # a state-space model's latent state at each row's time: mean (N, n), covariance (N, n, n)
+    state_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    state_cov: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @staticmethod
     def of(mean: Tensor, pred: Predictive | None, draws: Tensor | None) -> Moments:
@@ -102,7 +110,8 @@ class Moments:
         return Moments(m, v, e, a, views[-1] if draws is not None else empty, flat)
 
     def finite(self) -> bool:
-        return bool(np.isfinite(self.flat).all())
+        parts = (self.flat, self.state_mean, self.state_cov)
+        return all(bool(np.isfinite(p).all()) for p in parts)
 
 
 def prediction(version: int, m: Moments, point: bool = False) -> PredictResponse:
@@ -116,6 +125,8 @@ def prediction(version: int, m: Moments, point: bool = False) -> PredictResponse
         epistemic_variance=m.epistemic.tolist(),
         aleatoric_variance=m.aleatoric.tolist(),
         samples=m.samples.tolist(),
+        state_mean=m.state_mean.tolist(),
+        state_covariance=m.state_cov.tolist(),
     )
 
 
@@ -145,6 +156,8 @@ def prediction_json(version: int, m: Moments, point: bool = False) -> bytes:
         (b"epistemic_variance", m.epistemic),
         (b"aleatoric_variance", m.aleatoric),
         (b"samples", m.samples),
+        (b"state_mean", m.state_mean),
+        (b"state_covariance", m.state_cov),
     ]
     body = b",".join(b'"' + k + b'":' + _array(v) for k, v in fields)
     tail = b',"point_estimate":' + (b"true" if point else b"false")
@@ -190,7 +203,7 @@ class Keyed:
 def update_json(version: int, rows: list[RowReport], obs: list[Observation]) -> bytes:
     """:func:`update`'s answer as JSON, encoded by orjson from the rows' floats (the same fields,
     ``duplicate`` false, and numbers; no pydantic model built): a keyed row's request record."""
-    influence = [_influence(o.influence) for o in obs]
+    influence = [_influence(o) for o in obs]
     return orjson.dumps(
         {
             "version": version,
@@ -258,19 +271,21 @@ def calibration(h: HostedModel) -> CalibrationResponse:
     )
 
 
-def influence(h: HostedModel, top: int) -> InfluenceResponse:
-    """``/influence``: the ``top`` most influential rows of ``h``'s window, largest first."""
+def influence(h: HostedModel, version: int, rows: Ranked) -> InfluenceResponse:
+    """``/influence``: ``rows`` (ranked at ``version``), largest first."""
     return InfluenceResponse(
         name=h.name,
-        version=h.current.version,
+        version=version,
         window=h.influence.window,
+        weighed_by="current" if reweighs(h.filter) else "at_update",
         items=[
             InfluentialRow(
                 version=r.version,
                 request_id=r.request_id,
                 row=r.row,
-                influence=_influence(r.influence),
+                influence=_figures(now),
+                at_update=_figures(r.mark.at_update),
             )
-            for r in h.influence.top(top)
+            for r, now in rows
         ],
     )

@@ -99,6 +99,7 @@ class Catalogue:
             calibration=CalibrationTracker(self.settings.calibration_window),
             influence=InfluenceLog(self.settings.influence_window),
             scorer=LIKELIHOODS[spec.likelihood.type].score,
+            classes=LIKELIHOODS[spec.likelihood.type].classes,
         )
 
     async def create(self, spec: ModelSpec) -> HostedModel:

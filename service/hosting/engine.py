@@ -154,8 +154,9 @@ class Engine:
     def calibration(self, name: str) -> CalibrationResponse:
         return answers.calibration(self.catalogue.get(name))
 
-    def influence(self, name: str, top: int) -> InfluenceResponse:
-        return answers.influence(self.catalogue.get(name), top)
+    async def influence(self, name: str, top: int) -> InfluenceResponse:
+        """The ``top`` most influential rows of the model's recent window, largest first."""
+        return await self.predictions.influence(self.catalogue.get(name), top)
 
     # -- data plane --------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ settled and the model caught up with the store before the next write.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from service.errors import InvalidInput, NotOwner, PostserveError, StoreUnavaila
 from service.filters import Belief, OnlineFilter, RowReport, row_reports
 from service.filters.algorithm import S
 from service.filters.compiled import DrawKernel, OutputKernels, RowKernel
-from service.influence import InfluenceLog, Influential
+from service.influence import InfluenceLog, Influential, mark
 from service.schemas import ModelSpec
 
 __all__ = ["Counters", "Hosted", "HostedModel", "Pending", "Published"]
@@ -76,6 +77,7 @@ class Hosted(Generic[S]):
     current: Published[S]
     calibration: CalibrationTracker
     scorer: Scorer  # the likelihood kind's calibration extractor
+    classes: bool = False  # whether its labels are classes (a target is then one-hot)
     influence: InfluenceLog = field(default_factory=InfluenceLog)
     snapshot_version: int = 0
     snapshot_time: float = field(default_factory=time.monotonic)
@@ -198,7 +200,25 @@ class Hosted(Generic[S]):
         steps = kernel.steps if isinstance(kernel, OutputKernels) else kernel
         new, infos = self.filter.run(state, X, Y, steps, outputs)
         rows = row_reports(infos)
-        return new, rows, self.scorer(self.filter.likelihood, infos, rows, y)
+        obs = self.scorer(self.filter.likelihood, infos, rows, y)
+        return new, rows, self._marked(obs, rows, x, y, outputs)
+
+    def _marked(
+        self,
+        obs: list[Observation],
+        rows: list[RowReport],
+        x: list[list[float]],
+        y: Sequence[Label],
+        outputs: list[int] | None,
+    ) -> list[Observation]:
+        """The observations with each row's influence (``service.influence``)."""
+        out = []
+        for i, (o, r, label) in enumerate(zip(obs, rows, y, strict=True)):
+            target = _target(label, len(r.mean), self.classes)
+            k = None if outputs is None else outputs[i]
+            m = mark(x[i], target, r.mean, r.epistemic, r.aleatoric, k)
+            out.append(dataclasses.replace(o, mark=m))
+        return out
 
     def score(
         self, version: int, observations: list[Observation], request_ids: Sequence[str] = ()
@@ -209,13 +229,10 @@ class Hosted(Generic[S]):
         keyed = len(request_ids) == len(observations)
         for i, o in enumerate(observations):
             self.calibration.observe(o, version + i + 1)
-            if o.influence is not None:
+            if o.mark is not None:
                 rid = request_ids[i] if keyed else request_ids[0] if request_ids else None
-                self.influence.add(
-                    Influential(
-                        o.influence.size, version + i + 1, rid, 0 if keyed else i, o.influence
-                    )
-                )
+                row = 0 if keyed else i
+                self.influence.add(Influential(o.mark.surprise, version + i + 1, rid, row, o.mark))
 
 
 #: A hosted model of whichever algorithm: the hosting layer knows only that its state is a belief.
@@ -238,3 +255,12 @@ class Counters:
         self.rejected[code] += 1
         if h is not None:
             h.rejected[code] += 1
+
+
+def _target(label: Label, C: int, classes: bool) -> list[float]:
+    """A label as the likelihood's target in output space: a class as [y] (bernoulli, C = 1) or
+    one-hot, else its numbers."""
+    if classes:
+        k = int(label)  # type: ignore[arg-type]
+        return [float(k)] if C == 1 else [float(j == k) for j in range(C)]
+    return [float(v) for v in label] if isinstance(label, list) else [float(label)]

@@ -7,19 +7,24 @@ across candidate rows correct.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from service.errors import InvalidInput
 from service.filters import Belief, OnlineFilter, Predictive
+from service.filters.ekf import GaussState
+from service.filters.gradient import point_estimate
 from service.filters.statespace import StateSpace
 from service.hosting import answers
 from service.hosting.compute import Compute
 from service.hosting.hosted import HostedModel, Published
+from service.hosting.influential import ranked
 from service.hosting.limits import Limits, input_rows
-from service.schemas import PredictRequest, PredictResponse
+from service.schemas import InfluenceResponse, PredictRequest, PredictResponse
 
 __all__ = ["Predictions", "predict", "predict_encoded"]
 
@@ -40,6 +45,14 @@ class Predictions:
         work = self._admit(h, req)
         current = h.current
         return await self.compute.run(work, predict_encoded, h, current, req)
+
+    async def influence(self, h: HostedModel, top: int) -> InfluenceResponse:
+        """``/influence``: the window's kept rows weighed by the published belief (one
+        predictive of them), the ``top`` largest first."""
+        current = h.current
+        work = h.filter.state_bytes(current.state) * len(h.influence.candidates())
+        rows = await self.compute.run(work, ranked, h, current, top)
+        return answers.influence(h, current.version, rows)
 
     def _admit(self, h: HostedModel, req: PredictRequest) -> int:
         """Check the request against the limits; its work in state bytes x rows."""
@@ -87,6 +100,13 @@ def _moments(h: HostedModel, current: Published[Belief], req: PredictRequest) ->
         each = [f.sample_outputs(ahead, x, req.num_samples, gen) for ahead, x in parts]
         draws = torch.cat(each, dim=1)  # (S, N, C)
     moments = answers.Moments.of(mean, pred, draws)  # one copy to the host, one host sync
+    if isinstance(f.network, StateSpace):  # the latent state at each row's time
+        beliefs = [cast(GaussState, ahead) for ahead, _ in parts]
+        moments = dataclasses.replace(
+            moments,
+            state_mean=torch.stack([b.mean for b in beliefs]).double().cpu().numpy(),
+            state_cov=torch.stack([b.cov for b in beliefs]).double().cpu().numpy(),
+        )
     if not moments.finite():
         raise InvalidInput(
             "the prediction for these inputs is not finite (values too large for the "
@@ -106,11 +126,11 @@ def _joined(preds: list[Predictive]) -> Predictive:
 
 def predict(h: HostedModel, current: Published[Belief], req: PredictRequest) -> PredictResponse:
     """The answer to ``req`` under ``current`` (pure but for the random seed it may draw)."""
-    point = hasattr(h.filter.algorithm, "learn")
+    point = point_estimate(h.filter.algorithm)
     return answers.prediction(current.version, _moments(h, current, req), point)
 
 
 def predict_encoded(h: HostedModel, current: Published[Belief], req: PredictRequest) -> bytes:
     """:func:`predict`'s answer as JSON bytes."""
-    point = hasattr(h.filter.algorithm, "learn")
+    point = point_estimate(h.filter.algorithm)
     return answers.prediction_json(current.version, _moments(h, current, req), point)
