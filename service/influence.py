@@ -129,12 +129,14 @@ def mark(
     epistemic: Sequence[float],
     aleatoric: Sequence[float],
     output: int | None = None,
+    typecode: str = "d",
 ) -> Mark:
-    """A row's :class:`Mark` from its predictive before the update (each (C,))."""
+    """A row's :class:`Mark` from its predictive before the update (each (C,)); its input kept
+    as an ``array`` of ``typecode`` ("f" for a model below float64: no number is lost)."""
     return Mark(
         influence(target, mean, epistemic, aleatoric),
         surprise(target, mean, epistemic, aleatoric),
-        array.array("d", x),
+        array.array(typecode, x),
         tuple(target),
         output,
     )

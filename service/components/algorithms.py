@@ -85,7 +85,7 @@ class IVONSpec(TypedSpec):
     learning_rate: float = Field(0.01, gt=0, le=1e3)
     ess: float = Field(1000.0, gt=0, le=1e12)
     beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)  # IVON's 0.99999 is for many epochs, not one pass
+    beta2: float = Field(0.99999, ge=0, lt=1)  # IVON's: h moves little in one pass
     mc_samples: Integer = Field(1, ge=1, le=1_000)
     seed: Integer = Field(0, ge=0, le=2**31 - 1)
     hess_init: float = Field(1.0, ge=0, le=1e6)

@@ -81,7 +81,7 @@ class IVON:
     learning_rate: float = 0.01
     ess: float = 1000.0
     beta1: float = 0.9
-    beta2: float = 0.999  # IVON's 0.99999 averages h over ~1e5 steps: many epochs, not one pass
+    beta2: float = 0.99999  # IVON's: averages h over ~1e5 steps, so it moves little in one pass
     mc_samples: int = 1
     seed: int = 0
     hess_init: float = 1.0  # h_0: the first steps' curvature (with h_0 = 0 they are prior-sized)

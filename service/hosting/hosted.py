@@ -213,10 +213,11 @@ class Hosted(Generic[S]):
     ) -> list[Observation]:
         """The observations with each row's influence (``service.influence``)."""
         out = []
+        typecode = "d" if self.dtype == torch.float64 else "f"
         for i, (o, r, label) in enumerate(zip(obs, rows, y, strict=True)):
             target = _target(label, len(r.mean), self.classes)
             k = None if outputs is None else outputs[i]
-            m = mark(x[i], target, r.mean, r.epistemic, r.aleatoric, k)
+            m = mark(x[i], target, r.mean, r.epistemic, r.aleatoric, k, typecode)
             out.append(dataclasses.replace(o, mark=m))
         return out
 
