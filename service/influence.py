@@ -88,13 +88,15 @@ def current_influence(
     epistemic: Sequence[float],
     aleatoric: Sequence[float],
 ) -> Influence:
-    """A row's figures from a belief that holds it (see the module's docstring), each (C,)."""
-    size2, shift = 0.0, []
+    """A row's figures from a belief that holds it (see the module's docstring), each (C,):
+    :func:`influence` of the belief without it, by Sherman-Morrison s = v r / (r - v), with the
+    error there e_- = e r / (r - v)."""
+    before_mean, before_var = [], []
     for t, m, v, r in zip(target, mean, epistemic, aleatoric, strict=True):
-        e, gap = t - m, max(r - v, _FLOOR)
-        shift.append(v * e / gap)
-        size2 += e * e * v / (gap * gap)
-    return Influence(math.sqrt(size2), shift)
+        gap = max(r - v, _FLOOR)
+        before_mean.append(t - (t - m) * r / gap)
+        before_var.append(v * r / gap)
+    return influence(target, before_mean, before_var, aleatoric)
 
 
 def surprise(
