@@ -99,7 +99,9 @@ def input_rows(
         if dt is not None:
             raise InvalidInput("dt is for state_space models; this model's rows carry x")
         if x is None:
-            raise InvalidInput("x is required: one input row per label")
+            raise InvalidInput(
+                "x is required: the input rows (this model is not a state_space one)"
+            )
         return x
     if x is not None:
         raise InvalidInput("a state_space model's rows carry y and optional dt, not x")

@@ -128,10 +128,6 @@ class Updates:
             self.counters.note_rejected(h, exc.code)
             raise
 
-    async def apply_to(self, name: str, entry: LogEntry) -> UpdateResponse:
-        """``apply`` to the model called ``name`` (an unknown name is counted as refused)."""
-        return await self.apply(self.hosted(name), entry)
-
     def _admit(
         self,
         h: HostedModel,
