@@ -107,7 +107,7 @@ def surprise(
 ) -> float:
     """z^2 = sum_k e_k^2 / (s_k + r_k) under the belief before the row."""
     return sum(
-        (t - m) ** 2 / max(s + r, _FLOOR)
+        (t - m) ** 2 / (s + max(r, _FLOOR))
         for t, m, s, r in zip(target, mean, epistemic, aleatoric, strict=True)
     )
 
@@ -134,13 +134,16 @@ def mark(
     typecode: str = "d",
 ) -> Mark:
     """A row's :class:`Mark` from its predictive before the update (each (C,)); its input kept
-    as an ``array`` of ``typecode`` ("f" for a model below float64: no number is lost)."""
+    as an ``array`` of ``typecode`` ("f" for a model below float64: no number is lost). One pass
+    over the outputs: :func:`influence` and :func:`surprise` together (on every row's path)."""
+    size2, z2, shift = 0.0, 0.0, []
+    for t, m, s, r in zip(target, mean, epistemic, aleatoric, strict=True):
+        e, r = t - m, max(r, _FLOOR)
+        shift.append(s * e / (s + r))
+        size2 += e * e * s / ((s + r) * r)
+        z2 += e * e / (s + r)
     return Mark(
-        influence(target, mean, epistemic, aleatoric),
-        surprise(target, mean, epistemic, aleatoric),
-        array.array(typecode, x),
-        tuple(target),
-        output,
+        Influence(math.sqrt(size2), shift), z2, array.array(typecode, x), tuple(target), output
     )
 
 

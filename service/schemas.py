@@ -274,11 +274,6 @@ class RewardBatchResponse(BaseModel):
     items: list[RewardResponse]
 
 
-class RowPrediction(BaseModel):
-    mean: list[float]
-    variance: list[float]
-
-
 class RowInfluence(BaseModel):
     """How much a row moved the model (``docs/algorithms.md`` 4.5): ``size``, the Mahalanobis
     size of the mean step under the updated precision; ``loo_shift``, per output, the row's
@@ -288,13 +283,21 @@ class RowInfluence(BaseModel):
     loo_shift: list[float]
 
 
+class RowPrediction(BaseModel):
+    """One row of an ``/update`` answer: its pre-update predictive, and how much it moved the
+    model (absent in answers stored by earlier versions)."""
+
+    mean: list[float]
+    variance: list[float]
+    influence: RowInfluence | None = None
+
+
 class UpdateResponse(BaseModel):
     version: int
     applied: int
     duplicate: bool = False
     predictions: list[RowPrediction]
     log_likelihood: list[float]
-    influence: list[RowInfluence] = Field(default_factory=list)  # absent in old stored answers
 
 
 class PredictResponse(BaseModel):

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_diabetes
 
-from service.influence import Influence, InfluenceLog, Influential, current_influence, mark
+from service.influence import (
+    Influence,
+    InfluenceLog,
+    Influential,
+    current_influence,
+    influence,
+    mark,
+    surprise,
+)
 from service.testing import MakeAppClient
 
 TOL = 1e-8
@@ -49,7 +57,8 @@ def test_leave_one_out_and_size_equal_the_closed_form_refit(app_client: MakeAppC
         assert c.post("/v1/models", json=_linear("m", 3, prior, noise)).status_code == 201
         for i in range(len(y)):
             got = c.post("/v1/models/m/update", json={"x": [X[i].tolist()], "y": [y[i]]}).json()
-            (inf,) = got["influence"]
+            (row,) = got["predictions"]
+            inf = row["influence"]
             before, _ = _posterior(X[:i], y[:i], prior, noise)
             after, Lam = _posterior(X[: i + 1], y[: i + 1], prior, noise)
             h = np.append(X[i], 1.0)
@@ -132,5 +141,7 @@ def test_the_log_keeps_the_most_surprising_rows_of_its_window() -> None:
     assert log.count == 1000
     one = mark([1.0], [2.0], [0.0], [1.0], [1.0])  # e = 2, s = r = 1
     assert one.surprise == 2.0 and one.at_update == Influence(math.sqrt(2.0), [1.0])
+    assert surprise([2.0], [0.0], [1.0], [1.0]) == one.surprise
+    assert influence([2.0], [0.0], [1.0], [1.0]) == one.at_update
     # the same numbers from the belief that holds the row: v = s r / (s + r), e' = e r / (s + r)
     assert current_influence([1.0], [0.0], [0.5], [1.0]) == one.at_update

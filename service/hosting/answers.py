@@ -62,9 +62,11 @@ def update(version: int, rows: list[RowReport], obs: list[Observation]) -> Updat
     return UpdateResponse(
         version=version,
         applied=len(rows),
-        predictions=[RowPrediction(mean=r.mean, variance=r.variance) for r in rows],
+        predictions=[
+            RowPrediction(mean=r.mean, variance=r.variance, influence=_influence(o))
+            for r, o in zip(rows, obs, strict=True)
+        ],
         log_likelihood=[r.log_likelihood for r in rows],
-        influence=[_influence(o) for o in obs],
     )
 
 
@@ -203,15 +205,18 @@ class Keyed:
 def update_json(version: int, rows: list[RowReport], obs: list[Observation]) -> bytes:
     """:func:`update`'s answer as JSON, encoded by orjson from the rows' floats (the same fields,
     ``duplicate`` false, and numbers; no pydantic model built): a keyed row's request record."""
-    influence = [_influence(o) for o in obs]
+    predictions = []
+    for r, o in zip(rows, obs, strict=True):
+        i = _influence(o)
+        influence = {"size": i.size, "loo_shift": i.loo_shift}
+        predictions.append({"mean": r.mean, "variance": r.variance, "influence": influence})
     return orjson.dumps(
         {
             "version": version,
             "applied": len(rows),
             "duplicate": False,
-            "predictions": [{"mean": r.mean, "variance": r.variance} for r in rows],
+            "predictions": predictions,
             "log_likelihood": [r.log_likelihood for r in rows],
-            "influence": [{"size": i.size, "loo_shift": i.loo_shift} for i in influence],
         }
     )
 

@@ -16,7 +16,6 @@ settled and the model caught up with the store before the next write.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -218,7 +217,7 @@ class Hosted(Generic[S]):
             target = _target(label, len(r.mean), self.classes)
             k = None if outputs is None else outputs[i]
             m = mark(x[i], target, r.mean, r.epistemic, r.aleatoric, k, typecode)
-            out.append(dataclasses.replace(o, mark=m))
+            out.append(Observation(o.nll, o.pit, o.z, o.probs, o.label, m))  # not replace: 3x
         return out
 
     def score(
