@@ -188,6 +188,12 @@ class PredictRequest(Strict):
         description="a state_space model: one predicted observation per entry, that long "
         "after its latest update (default [1])",
     )
+    steps_ahead: Integer | None = Field(
+        None,
+        ge=0,
+        description="a state_space model: the prediction this many time steps after its latest "
+        "update (the same as dt: [steps_ahead])",
+    )
     num_samples: Integer = Field(0, ge=0)
     seed: Integer | None = Field(None, ge=0, le=2**63 - 1)
     variance: bool = True

@@ -22,7 +22,7 @@ import torch
 from service.components.build import build_filter
 from service.errors import InvalidInput, InvalidSpec
 from service.schemas import ModelSpec
-from service.testing import running
+from service.testing import MakeAppClient, running
 
 F64 = torch.float64
 TOL = 1e-8
@@ -139,6 +139,44 @@ def test_a_fixed_transition_takes_whole_steps() -> None:
     assert abs(sum(float(i.log_likelihood) for i in infos) - sum(lls)) < TOL
     with pytest.raises(InvalidInput, match="whole number of steps"):
         f.run(state, torch.tensor([[1.5]], dtype=F64), torch.tensor([0.0], dtype=F64))
+
+
+def test_steps_ahead_of_a_fixed_transition_over_http(app_client: MakeAppClient) -> None:
+    """``steps_ahead`` k predicts H A^k m with H P_k H^T + R, P_k = A^k P A^kT + Q_k."""
+    A = np.array([[0.9, 0.2], [0.0, 0.8]])
+    Q = np.array([[0.1, 0.02], [0.02, 0.05]])
+    spec = {
+        "name": "ar",
+        "network": {
+            "type": "state_space",
+            "state_dim": 2,
+            "observation_matrix": [[1.0, 1.0]],
+            "transition": A.tolist(),
+            "process_covariance": Q.tolist(),
+        },
+        "likelihood": {"type": "gaussian", "noise_variance": 0.2},
+        "filter": {"type": "kalman"},
+        "dtype": "float64",
+    }
+    H = np.array([[1.0, 1.0]])
+    (m,), (P,), _ = _numpy_kalman(
+        np.zeros(2), np.eye(2), [(A, Q, np.array([0.4]))], H, 0.2 * np.eye(1)
+    )
+    with app_client() as c:
+        assert c.post("/v1/models", json=spec).status_code == 201
+        assert c.post("/v1/models/ar/update", json={"y": [0.4]}).status_code == 200
+        got = c.post("/v1/models/ar/predict", json={"steps_ahead": 3}).json()
+        Pk = P
+        for _ in range(3):
+            Pk = A @ Pk @ A.T + Q
+        A3 = np.linalg.matrix_power(A, 3)
+        np.testing.assert_allclose(got["mean"][0], H @ A3 @ m, rtol=0, atol=TOL)
+        np.testing.assert_allclose(got["variance"][0], (H @ Pk @ H.T)[0] + 0.2, rtol=0, atol=TOL)
+        assert got == c.post("/v1/models/ar/predict", json={"dt": [3]}).json()
+        both = c.post("/v1/models/ar/predict", json={"dt": [1], "steps_ahead": 2})
+        assert both.status_code == 422 and "not both" in both.text
+        frac = c.post("/v1/models/ar/predict", json={"dt": [0.5]})
+        assert frac.status_code == 422 and "whole number of steps" in frac.text
 
 
 def test_the_nile_local_level_equals_statsmodels() -> None:

@@ -66,6 +66,10 @@ class Predictions:
 def _rows(h: HostedModel, req: PredictRequest) -> list[list[float]]:
     """The request's input rows (a state-space model's: [[dt_i]], ``input_rows``)."""
     dt = req.dt
+    if req.steps_ahead is not None:
+        if dt is not None:
+            raise InvalidInput("give dt or steps_ahead, not both")
+        dt = [float(req.steps_ahead)]
     if dt is None and req.x is None and isinstance(h.filter.network, StateSpace):
         dt = [1.0]
     return input_rows(h.filter.network, req.x, dt, len(dt or req.x or ()), now=True)
