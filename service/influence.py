@@ -38,7 +38,7 @@ import heapq
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 __all__ = [
     "BUCKETS",
@@ -119,7 +119,7 @@ class Mark:
 
     at_update: Influence
     surprise: float
-    x: array.array[float]
+    x: Sequence[float]  # the request's row; an ``array`` once the log keeps it
     target: tuple[float, ...]
     output: int | None = None
 
@@ -131,56 +131,61 @@ def mark(
     epistemic: Sequence[float],
     aleatoric: Sequence[float],
     output: int | None = None,
-    typecode: str = "d",
 ) -> Mark:
-    """A row's :class:`Mark` from its predictive before the update (each (C,)); its input kept
-    as an ``array`` of ``typecode`` ("f" for a model below float64: no number is lost). One pass
-    over the outputs: :func:`influence` and :func:`surprise` together (on every row's path)."""
-    size2, z2, shift = 0.0, 0.0, []
-    for t, m, s, r in zip(target, mean, epistemic, aleatoric, strict=True):
-        e, r = t - m, max(r, _FLOOR)
-        shift.append(s * e / (s + r))
-        size2 += e * e * s / ((s + r) * r)
-        z2 += e * e / (s + r)
+    """A row's :class:`Mark` from its predictive before the update (each (C,))."""
     return Mark(
-        Influence(math.sqrt(size2), shift), z2, array.array(typecode, x), tuple(target), output
+        influence(target, mean, epistemic, aleatoric),
+        surprise(target, mean, epistemic, aleatoric),
+        x,
+        tuple(target),
+        output,
     )
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Influential:
-    """One row in the log, ordered by its surprise."""
+    """One row in the log: where it came from, and its mark."""
 
-    surprise: float
     version: int  # the model's version after the row
-    request_id: str | None = field(compare=False)
-    row: int = field(compare=False)  # the row's index in its request
-    mark: Mark = field(compare=False)
+    request_id: str | None
+    row: int  # the row's index in its request
+    mark: Mark
 
 
 class InfluenceLog:
     """The ``keep`` most surprising rows of each of ``buckets`` buckets of the last ``window``
     rows (between ``window - window // buckets`` and ``window`` once full), and the histogram of
-    every size at update. Memory: at most ``buckets * keep`` rows, whatever the traffic."""
+    every size at update. Memory: at most ``buckets * keep`` rows, whatever the traffic; a kept
+    row's input is copied into an ``array`` of ``typecode`` ("f" for a model below float64: no
+    number is lost), the others are never copied."""
 
-    def __init__(self, window: int = 10_000, buckets: int = 10, keep: int = KEEP) -> None:
+    def __init__(
+        self, window: int = 10_000, buckets: int = 10, keep: int = KEEP, typecode: str = "d"
+    ) -> None:
         if window < buckets or buckets < 1 or keep < 1:
             raise ValueError(f"window ({window}) must be at least buckets ({buckets}) >= 1")
         self.window, self.keep, self.bucket_size = window, keep, window // buckets
-        self._closed: deque[list[Influential]] = deque(maxlen=buckets - 1)
-        self._open: list[Influential] = []  # a min-heap of at most ``keep``
+        self.typecode = typecode
+        # each bucket a min-heap of (surprise, version, row): versions are unique, so rows are
+        # never compared
+        self._closed: deque[list[tuple[float, int, Influential]]] = deque(maxlen=buckets - 1)
+        self._open: list[tuple[float, int, Influential]] = []
         self._open_n = 0
         self.counts = [0] * (len(BUCKETS) + 1)  # per bucket of sizes, the last +Inf
         self.total = 0.0
 
     def add(self, row: Influential) -> None:
-        size = row.mark.at_update.size
-        self.counts[bisect.bisect_left(BUCKETS, size)] += 1
-        self.total += size
-        if len(self._open) < self.keep:
-            heapq.heappush(self._open, row)
-        elif row > self._open[0]:
-            heapq.heapreplace(self._open, row)
+        m = row.mark
+        self.counts[bisect.bisect_left(BUCKETS, m.at_update.size)] += 1
+        self.total += m.at_update.size
+        full = len(self._open) >= self.keep
+        if not full or m.surprise > self._open[0][0]:
+            kept = replace(row, mark=replace(m, x=array.array(self.typecode, m.x)))
+            entry = (m.surprise, row.version, kept)
+            if full:
+                heapq.heapreplace(self._open, entry)
+            else:
+                heapq.heappush(self._open, entry)
         self._open_n += 1
         if self._open_n >= self.bucket_size:
             if self._closed.maxlen:
@@ -189,7 +194,7 @@ class InfluenceLog:
 
     def candidates(self) -> list[Influential]:
         """The rows kept of the window (a superset of its ``keep`` most surprising)."""
-        return [r for bucket in (*self._closed, self._open) for r in bucket]
+        return [r for bucket in (*self._closed, self._open) for _, _, r in bucket]
 
     @property
     def count(self) -> int:

@@ -130,7 +130,7 @@ def test_the_log_keeps_the_most_surprising_rows_of_its_window() -> None:
     errors = rng.normal(size=1000)
     for v, e in enumerate(errors, start=1):
         m = mark([1.0], [e], [0.0], [0.5], [0.5])
-        log.add(Influential(m.surprise, v, None, 0, m))
+        log.add(Influential(v, None, 0, m))
     # the window: nine closed buckets (the open one has just closed), each keeps its top 5
     kept = {r.version for r in log.candidates()}
     assert len(kept) == 45 and min(kept) > 910

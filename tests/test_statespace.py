@@ -107,25 +107,28 @@ def test_tracking_equals_a_numpy_kalman_filter() -> None:
         assert abs(float(info.log_likelihood) - lls[t]) < TOL
 
 
+#: a fixed (A, Q) with both states seen through their sum (test_a_fixed..., test_steps_ahead...)
+AR_A = [[0.9, 0.2], [0.0, 0.8]]
+AR_Q = [[0.1, 0.02], [0.02, 0.05]]
+AR_SPEC: dict[str, Any] = {
+    "name": "ar",
+    "network": {
+        "type": "state_space",
+        "state_dim": 2,
+        "observation_matrix": [[1.0, 1.0]],
+        "transition": AR_A,
+        "process_covariance": AR_Q,
+    },
+    "likelihood": {"type": "gaussian", "noise_variance": 0.2},
+    "filter": {"type": "kalman"},
+    "dtype": "float64",
+}
+
+
 def test_a_fixed_transition_takes_whole_steps() -> None:
     """dt = k steps of a fixed (A, Q) equals k predicts with no update between."""
-    A = [[0.9, 0.2], [0.0, 0.8]]
-    Q = [[0.1, 0.02], [0.02, 0.05]]
-    spec = {
-        "name": "ar",
-        "network": {
-            "type": "state_space",
-            "state_dim": 2,
-            "observation_matrix": [[1.0, 1.0]],
-            "transition": A,
-            "process_covariance": Q,
-        },
-        "likelihood": {"type": "gaussian", "noise_variance": 0.2},
-        "filter": {"type": "kalman"},
-        "dtype": "float64",
-    }
-    f = build_filter(ModelSpec.model_validate(spec))
-    An, Qn, H = np.array(A), np.array(Q), np.array([[1.0, 1.0]])
+    f = build_filter(ModelSpec.model_validate(AR_SPEC))
+    An, Qn, H = np.array(AR_A), np.array(AR_Q), np.array([[1.0, 1.0]])
     three = (An @ An @ An, Qn + An @ Qn @ An.T + An @ An @ Qn @ An.T @ An.T)
     steps = [(An, Qn, np.array([0.4])), (*three, np.array([-0.3]))]
     means, covs, lls = _numpy_kalman(np.zeros(2), np.eye(2), steps, H, np.array([[0.2]]))
@@ -143,27 +146,13 @@ def test_a_fixed_transition_takes_whole_steps() -> None:
 
 def test_steps_ahead_of_a_fixed_transition_over_http(app_client: MakeAppClient) -> None:
     """``steps_ahead`` k predicts H A^k m with H P_k H^T + R, P_k = A^k P A^kT + Q_k."""
-    A = np.array([[0.9, 0.2], [0.0, 0.8]])
-    Q = np.array([[0.1, 0.02], [0.02, 0.05]])
-    spec = {
-        "name": "ar",
-        "network": {
-            "type": "state_space",
-            "state_dim": 2,
-            "observation_matrix": [[1.0, 1.0]],
-            "transition": A.tolist(),
-            "process_covariance": Q.tolist(),
-        },
-        "likelihood": {"type": "gaussian", "noise_variance": 0.2},
-        "filter": {"type": "kalman"},
-        "dtype": "float64",
-    }
+    A, Q = np.array(AR_A), np.array(AR_Q)
     H = np.array([[1.0, 1.0]])
     (m,), (P,), _ = _numpy_kalman(
         np.zeros(2), np.eye(2), [(A, Q, np.array([0.4]))], H, 0.2 * np.eye(1)
     )
     with app_client() as c:
-        assert c.post("/v1/models", json=spec).status_code == 201
+        assert c.post("/v1/models", json=AR_SPEC).status_code == 201
         assert c.post("/v1/models/ar/update", json={"y": [0.4]}).status_code == 200
         got = c.post("/v1/models/ar/predict", json={"steps_ahead": 3}).json()
         Pk = P

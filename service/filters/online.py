@@ -170,7 +170,7 @@ class OnlineFilter(Generic[S]):
     def _update(self, state: S, x: Tensor, y: Tensor) -> tuple[S, StepInfo, list[Check]]:
         """``update`` on a validated row x (1, I) and target y (C,) of the state's dtype, with
         the step's checks not yet settled (the caller settles them, see ``run``)."""
-        if hasattr(self.algorithm, "learn"):  # a point estimate (sgd, replay_sgd)
+        if hasattr(self.algorithm, "learn"):  # a learner (sgd, replay_sgd, ivon)
             return learned(self, state, x, y)
         eta, J = self.network.jacobian(state.mean, x)
         lin = row_linearization(self, state, eta[0], J, y)

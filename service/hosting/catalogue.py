@@ -97,7 +97,9 @@ class Catalogue:
             dtype=dtype,
             current=Published(0, f.init(dtype=dtype, device=device)),
             calibration=CalibrationTracker(self.settings.calibration_window),
-            influence=InfluenceLog(self.settings.influence_window),
+            influence=InfluenceLog(
+                self.settings.influence_window, typecode="d" if dtype == torch.float64 else "f"
+            ),
             scorer=LIKELIHOODS[spec.likelihood.type].score,
             classes=LIKELIHOODS[spec.likelihood.type].classes,
         )

@@ -212,11 +212,10 @@ class Hosted(Generic[S]):
     ) -> list[Observation]:
         """The observations with each row's influence (``service.influence``)."""
         out = []
-        typecode = "d" if self.dtype == torch.float64 else "f"
         for i, (o, r, label) in enumerate(zip(obs, rows, y, strict=True)):
             target = _target(label, len(r.mean), self.classes)
             k = None if outputs is None else outputs[i]
-            m = mark(x[i], target, r.mean, r.epistemic, r.aleatoric, k, typecode)
+            m = mark(x[i], target, r.mean, r.epistemic, r.aleatoric, k)
             out.append(Observation(o.nll, o.pit, o.z, o.probs, o.label, m))  # not replace: 3x
         return out
 
@@ -232,7 +231,7 @@ class Hosted(Generic[S]):
             if o.mark is not None:
                 rid = request_ids[i] if keyed else request_ids[0] if request_ids else None
                 row = 0 if keyed else i
-                self.influence.add(Influential(o.mark.surprise, version + i + 1, rid, row, o.mark))
+                self.influence.add(Influential(version + i + 1, rid, row, o.mark))
 
 
 #: A hosted model of whichever algorithm: the hosting layer knows only that its state is a belief.

@@ -10,13 +10,9 @@ estimate, a row's figures at its update are what there is, and they rank instead
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-from torch import Tensor
-
 from service.filters import Belief, OnlineFilter
 from service.filters.gradient import point_estimate
+from service.filters.observed import observed_moments
 from service.filters.online import Dynamics
 from service.filters.statespace import StateSpace
 from service.hosting.hosted import HostedModel, Published
@@ -34,26 +30,6 @@ def reweighs(f: OnlineFilter[Belief]) -> bool:
         and not isinstance(f.network, StateSpace)
         and not point_estimate(f.algorithm)
     )
-
-
-def observed_moments(
-    f: OnlineFilter[Belief], state: Belief, X: Tensor, outputs: Sequence[int | None]
-) -> list[tuple[list[float], list[float], list[float]]]:
-    """Per row of X (N, I), the moments of the Gaussian observation model the filter conditions
-    on (``Likelihood.linearize`` at the belief's mean): yhat, the epistemic diag(H Sigma H^T)
-    and the noise diag(R), each (C,), or of output ``outputs[i]`` alone where given."""
-    eta, J = f.network.jacobian_operator(state.mean, X)
-    var_eta = f.algorithm.project(state, J)  # (N, C, C)
-    out = []
-    for i, k in enumerate(outputs):
-        lik, e, v = f.likelihood, eta[i], var_eta[i]
-        if k is not None:  # the one output it observed
-            lik, e, v = lik.restrict(k), e[k : k + 1], v[k : k + 1, k : k + 1]
-        lin = lik.linearize(e, e.new_zeros((e.shape[0], 0)))
-        HSH = v if lin.V is None else lin.V @ v @ lin.V.mT
-        out.append((lin.yhat, HSH.diagonal(), lin.R.diagonal()))
-    flat = torch.stack([torch.stack(parts) for parts in out]).tolist()  # (N, 3, C)
-    return [(m, s, r) for m, s, r in flat]
 
 
 def ranked(h: HostedModel, current: Published[Belief], top: int) -> Ranked:
