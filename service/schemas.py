@@ -416,6 +416,12 @@ class ModelInfo(BaseModel):
         "alone) draws: eagerly, or by its compiled kernel, built in the background at the "
         "first such decision (POSTSERVE_COMPILE_STEPS; models drawn in output space)",
     )
+    predict_step: Literal["eager", "compiled"] = Field(
+        "eager",
+        description="how `/predict` of one row computes its mean and variances: eagerly, or "
+        "by its compiled kernel, built in the background at the first such prediction "
+        "(POSTSERVE_COMPILE_STEPS; not for state_space models)",
+    )
     calibration: CalibrationSummary = Field(default_factory=CalibrationSummary)
 
 

@@ -384,3 +384,62 @@ def test_a_server_steps_rows_of_one_output_compiled_and_replays_them_after_sigki
     with httpx.Client(base_url=server.url, timeout=30) as c:
         info = c.get("/v1/models/arms").json()
         assert (info["version"], info["output_step"]) == (23, "compiled")
+
+
+# -- the predictive of one row -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["kalman", "lofi"])
+def test_the_compiled_predictive_is_the_eager_predictive_to_rounding(
+    name: str, tmp_path: Path
+) -> None:
+    f, dtype, tol = {
+        "kalman": (KALMAN, torch.float64, 1e-12),
+        "lofi": (LOFI, torch.float32, 1e-5),
+    }[name]
+    x, y = _rows(f, 40, 21, binary=name == "lofi")
+    state, _ = f.run(f.init(dtype=dtype), x, y, None)
+    kernel = compiled.compile_predictive(f, state, tmp_path)
+    assert kernel.key == compiled.predictive_kernel_key(f, state) != kernel_key(f, state)
+    for row in torch.randn(6, f.network.input_dim, generator=torch.Generator().manual_seed(4)):
+        row = row[None].to(dtype)
+        p = f.predictive(f.predict(state), row)
+        want = torch.cat([p.mean, p.variance, p.epistemic, p.aleatoric]).reshape(-1).double()
+        got = kernel(state, row)
+        assert got.dtype == torch.float64 and got.shape == (4 * f.network.output_dim,)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        assert float(p.epistemic.min()) > 0  # a posterior that still has something to learn
+
+
+def test_a_server_predicts_one_row_through_its_compiled_predictive(
+    make_server: MakeServer,
+) -> None:
+    server = make_server(env={"POSTSERVE_COMPILE_STEPS": "1"})
+    g = torch.Generator().manual_seed(6)
+    body = {
+        "x": torch.randn(20, 3, generator=g).tolist(),
+        "y": torch.randn(20, generator=g).tolist(),
+    }
+    one = {"x": [[0.3, -1.0, 2.0]]}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert c.post("/v1/models", json=MULTI_SPEC).status_code == 201
+        assert (
+            c.post("/v1/models/arms/update", json=body | {"outputs": [0] * 20}).status_code == 200
+        )
+        assert c.get("/v1/models/arms").json()["predict_step"] == "eager"
+        eager = c.post("/v1/models/arms/predict", json=one).json()  # asks for the kernel
+        deadline = time.monotonic() + 300
+        while c.get("/v1/models/arms").json()["predict_step"] != "compiled":
+            assert time.monotonic() < deadline, "the compiled predictive was not loaded"
+            time.sleep(0.2)
+        fast = c.post("/v1/models/arms/predict", json=one).json()
+        assert fast["version"] == eager["version"] == 20
+        for field in ("mean", "variance", "epistemic_variance", "aleatoric_variance"):
+            assert fast[field][0] == pytest.approx(eager[field][0], rel=1e-5, abs=1e-7), field
+        assert fast["epistemic_variance"][0][1] > fast["epistemic_variance"][0][0]  # unobserved
+        # beyond float32: the kernel's answer is not finite, so the eager one answers (a 422)
+        r = c.post("/v1/models/arms/predict", json={"x": [[1e39, 0.0, 0.0]]})
+        assert r.status_code == 422 and "beyond the float32 range" in r.json()["error"]["message"]
+        # samples and several rows are the eager path's, as before
+        r = c.post("/v1/models/arms/predict", json=one | {"num_samples": 3, "seed": 1})
+        assert r.status_code == 200 and len(r.json()["samples"]) == 3

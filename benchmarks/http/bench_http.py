@@ -179,12 +179,14 @@ def _geomean(a: float, b: float) -> float:
 
 
 def _wait_compiled(client: httpx.Client, names: list[str], timeout: float = 900.0) -> None:
-    """Wait until every model steps with its compiled kernel (``POSTSERVE_COMPILE_STEPS``)."""
+    """Wait until every model steps and predicts one row with its compiled kernels
+    (``POSTSERVE_COMPILE_STEPS``; the first one-row /predict asks for the predictive's)."""
     deadline = time.monotonic() + timeout
     for name in names:
+        client.post(f"/v1/models/{name}/predict", json={"x": [ROW]}).raise_for_status()
         while True:
             info = client.get(f"/v1/models/{name}").json()
-            if info["step"] == "compiled":
+            if info["step"] == info["predict_step"] == "compiled":
                 break
             if info["step_error"] is not None or time.monotonic() > deadline:
                 sys.exit(f"{name}: no compiled step: {info['step_error']}")

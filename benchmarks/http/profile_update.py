@@ -71,6 +71,10 @@ async def main_async(
                 if h.kernel_error is not None:
                     raise SystemExit(f"no compiled step: {h.kernel_error}")
                 await asyncio.sleep(0.1)
+            if kernels is not None:  # the first one-row /predict asks for its kernel
+                await engine.predict(model, PredictRequest(x=[ROW]))
+                while h.predict_kernel is None:
+                    await asyncio.sleep(0.1)
             upd = UpdateRequest(x=[ROW], y=[0.5])
             pred0 = PredictRequest(x=[ROW])
             pred10 = PredictRequest(x=[ROW], num_samples=10, seed=1)

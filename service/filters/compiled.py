@@ -55,13 +55,16 @@ __all__ = [
     "OUTPUT_KERNELS",
     "DrawKernel",
     "OutputKernels",
+    "PredictKernel",
     "RowKernel",
     "compile_draws",
     "compile_output_steps",
+    "compile_predictive",
     "compile_step",
     "draw_kernel_key",
     "kernel_key",
     "output_kernels_key",
+    "predictive_kernel_key",
 ]
 
 log = logging.getLogger("postserve.filters")
@@ -175,6 +178,48 @@ def compile_draws(f: OnlineFilter[S], state: S, directory: Path, samples: int) -
     return DrawKernel(key=key, fields=fields, samples=samples, run=run)
 
 
+@dataclass(frozen=True)
+class PredictKernel(Generic[S]):
+    """The compiled linearised predictive of one row, one step ahead (``/predict`` of one row;
+    ``docs/algorithms.md`` 6.5)::
+
+        kernel(state fields..., x (1, I)) -> (mean, variance, epistemic, aleatoric) (4 C,) float64
+
+    ``OnlineFilter.linearized(predict(state), x)`` traced, packed in the order
+    ``answers.Moments`` keeps them. It changes no state and nothing replays it; its answers
+    differ from the eager ones by rounding only. It checks nothing: the caller takes its answer
+    only if all of it is finite, and otherwise asks the eager predictive, which raises the
+    exact error."""
+
+    key: str
+    fields: tuple[str, ...]
+    run: Callable[..., Sequence[Tensor]]
+
+    def __call__(self, state: S, x: Tensor) -> Tensor:
+        """The packed moments (4 C,) of row x (1, I) under ``state`` (before the dynamics)."""
+        (out,) = self.run(*(getattr(state, k) for k in self.fields), x)
+        return out
+
+
+def predictive_kernel_key(f: OnlineFilter[S], state: S) -> str:
+    """The key of :func:`compile_predictive`'s kernel (the step's key: the same dependencies)."""
+    return "predictive-" + hashlib.sha256(kernel_key(f, state).encode()).hexdigest()[:24]
+
+
+def compile_predictive(f: OnlineFilter[S], state: S, directory: Path) -> PredictKernel[S]:
+    """The :class:`PredictKernel` of ``f`` at ``state``'s shapes, kept under ``directory`` as
+    :func:`compile_step`'s. Not for a state-space model (its transition depends on each row)."""
+    if isinstance(f.network, StateSpace):
+        raise NotImplementedError("a state_space model predicts eagerly (it is small)")
+    fields = _fields(state)
+    key = predictive_kernel_key(f, state)
+    mean: Tensor = state.mean
+    args = (*(getattr(state, k) for k in fields), mean.new_zeros((1, f.network.input_dim)))
+    what = f"the predictive of {type(f.algorithm).__name__}"
+    run = _package(_Predictive(f, type(state), fields), args, directory / f"{key}.pt2", what)
+    return PredictKernel(key=key, fields=fields, run=run)
+
+
 class _Traced(torch.nn.Module, Generic[S]):
     """A function of filter ``f`` over flat tensors, the state's ``fields`` first, for export."""
 
@@ -199,6 +244,16 @@ class _Draws(_Traced[S]):
         return torch.cat(
             [ok.to(f64).reshape(1), winners[0, :1].to(f64), drawn[0].to(f64), shares[0]]
         )
+
+
+class _Predictive(_Traced[S]):
+    """The traced function of :class:`PredictKernel`."""
+
+    def forward(self, *args: Tensor) -> Tensor:
+        n = len(self.fields)
+        p = self.f.linearized(self.f.predict(self.state_type(*args[:n])), args[n])
+        parts = [p.mean, p.variance, p.epistemic, p.aleatoric]
+        return torch.cat([t.reshape(-1) for t in parts]).to(torch.float64)
 
 
 class _Step(_Traced[S]):

@@ -287,6 +287,13 @@ class OnlineFilter(Generic[S]):
         settle(pending)  # one host sync for the whole request
         return state, infos
 
+    def linearized(self, state: S, x: Tensor) -> Predictive:
+        """The linearised predictive of checked rows x (N, I) in one pass: eta = g(m, x) and
+        J Sigma J^T (the algorithm's projection of the network's Jacobian) through the
+        likelihood's moments (``docs/algorithms.md`` 4.1)."""
+        eta, J = self.network.jacobian_operator(state.mean, x)
+        return self.likelihood.predictive(eta, self.algorithm.project(state, J))
+
     def encode(self, y: Tensor) -> Tensor:
         """Validated sufficient statistics (N, C) of raw targets (class indices become one-hot)."""
         return self.likelihood.encode(y, self.network.output_dim)
@@ -316,10 +323,7 @@ class OnlineFilter(Generic[S]):
         if method != "linearized":
             raise InvalidInput(f"unknown predictive method {method!r}; use 'linearized' or 'mc'")
         rows = self._chunk_rows()
-        parts = []
-        for start in range(0, x.shape[0], rows):
-            eta, J = self.network.jacobian_operator(theta, x[start : start + rows])
-            parts.append(self.likelihood.predictive(eta, self.algorithm.project(state, J)))
+        parts = [self.linearized(state, x[at : at + rows]) for at in range(0, x.shape[0], rows)]
         if len(parts) == 1:
             return parts[0]
         return Predictive(

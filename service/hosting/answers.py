@@ -111,6 +111,14 @@ class Moments:
         m, v, e, a = views[:4] if pred is not None else (views[0], empty, empty, empty)
         return Moments(m, v, e, a, views[-1] if draws is not None else empty, flat)
 
+    @staticmethod
+    def packed(flat: Tensor) -> Moments:
+        """The moments of one row from a :class:`~service.filters.compiled.PredictKernel`'s
+        answer: mean, variance, epistemic and aleatoric (4 C,), float64, in that order."""
+        a = flat.cpu().numpy()
+        m, v, e, al = (part.reshape(1, -1) for part in np.split(a, 4))
+        return Moments(m, v, e, al, a[:0], a)
+
     def finite(self) -> bool:
         parts = (self.flat, self.state_mean, self.state_cov)
         return all(bool(np.isfinite(p).all()) for p in parts)
@@ -254,6 +262,7 @@ def model_info(h: HostedModel) -> ModelInfo:
         step="eager" if h.kernel is None else "compiled",
         output_step="eager" if h.output_kernels is None else "compiled",
         decide_step="eager" if h.draw_kernel is None else "compiled",
+        predict_step="eager" if h.predict_kernel is None else "compiled",
         step_error=h.kernel_error,
         calibration=summary(h.calibration.stats()),
     )

@@ -82,7 +82,7 @@ class Engine:
             settings, self.store, self.lease, self.catalogue, limits, compute, recovery,
             self.snapshots,
         )  # fmt: skip
-        self.predictions = Predictions(limits, compute)
+        self.predictions = Predictions(limits, compute, self.catalogue.kernels)
         self.bandits = Bandits(settings, self.store, self.catalogue, limits, compute, self.updates)
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -31,7 +31,7 @@ from service.components.registry import Scorer
 from service.errors import InvalidInput, NotOwner, PostserveError, StoreUnavailable, VersionConflict
 from service.filters import Belief, OnlineFilter, RowReport, row_reports
 from service.filters.algorithm import S
-from service.filters.compiled import DrawKernel, OutputKernels, RowKernel
+from service.filters.compiled import DrawKernel, OutputKernels, PredictKernel, RowKernel
 from service.influence import InfluenceLog, Influential, mark
 from service.schemas import ModelSpec
 
@@ -94,6 +94,8 @@ class Hosted(Generic[S]):
     output_kernels_started: bool = False  # their build began (at the first such row)
     draw_kernel: DrawKernel[S] | None = None  # compiled Thompson draws of one row, once built
     draw_kernel_started: bool = False  # its build began (at the first such decision)
+    predict_kernel: PredictKernel[S] | None = None  # compiled predictive of one row, once built
+    predict_kernel_started: bool = False  # its build began (at the first one-row /predict)
 
     @property
     def name(self) -> str:

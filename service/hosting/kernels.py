@@ -17,7 +17,9 @@ in records by the set's key, and replayed the same way.
 
 A Thompson decision among the outputs of one row (``/decide`` with a context alone, on a model
 drawn in output space) is made by a compiled kernel too (``compile_draws``), built in the
-background at the first such decision; decisions are not replayed, so no record names it.
+background at the first such decision; decisions are not replayed, so no record names it. So is
+the linearised predictive of one row (``/predict`` of one row: ``compile_predictive``), built at
+the first such prediction.
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ from service.filters.compiled import (
     OUTPUT_KERNELS,
     DrawKernel,
     OutputKernels,
+    PredictKernel,
     RowKernel,
     compile_draws,
     compile_output_steps,
+    compile_predictive,
     compile_step,
     kernel_key,
     output_kernels_key,
 )
 from service.filters.draws import in_output_space
+from service.filters.statespace import StateSpace
 from service.hosting.hosted import HostedModel
 
 __all__ = ["Kernels"]
@@ -113,6 +118,20 @@ class Kernels:
 
         build = functools.partial(compile_draws, samples=self.samples)
         await self._build_into(h, build, install, "Thompson draws of one row", "decides eagerly")
+
+    def start_predictive(self, h: HostedModel) -> None:
+        """Build ``h``'s compiled predictive of one row in the background (once), when the
+        setting is on (``PredictKernel``; not for a state-space model)."""
+        if not self.enabled or h.predict_kernel_started or isinstance(h.filter.network, StateSpace):
+            return
+        h.predict_kernel_started = True
+
+        def install(kernel: PredictKernel[Belief]) -> None:
+            h.predict_kernel = kernel
+
+        self._spawn(
+            self._build_into(h, compile_predictive, install, "predictive of one row", "eagerly")
+        )
 
     def _spawn(self, build: Coroutine[Any, Any, None]) -> None:
         """Run ``build`` as a task that ``stop`` cancels."""

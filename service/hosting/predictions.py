@@ -23,6 +23,7 @@ from service.hosting import answers
 from service.hosting.compute import Compute
 from service.hosting.hosted import HostedModel, Published
 from service.hosting.influential import ranked
+from service.hosting.kernels import Kernels
 from service.hosting.limits import Limits, input_rows
 from service.schemas import InfluenceResponse, PredictRequest, PredictResponse
 
@@ -30,8 +31,8 @@ __all__ = ["Predictions", "predict", "predict_encoded"]
 
 
 class Predictions:
-    def __init__(self, limits: Limits, compute: Compute) -> None:
-        self.limits, self.compute = limits, compute
+    def __init__(self, limits: Limits, compute: Compute, kernels: Kernels) -> None:
+        self.limits, self.compute, self.kernels = limits, compute, kernels
 
     async def predict(self, h: HostedModel, req: PredictRequest) -> PredictResponse:
         """The answer as a response model."""
@@ -58,6 +59,8 @@ class Predictions:
         """Check the request against the limits; its work in state bytes x rows."""
         rows = _rows(h, req)
         self.limits.rows(rows, h.filter.network.input_dim, "predict")
+        if len(rows) == 1 and h.predict_kernel is None:
+            self.kernels.start_predictive(h)  # built in the background, once
         self.limits.samples(req.num_samples)
         self.limits.answer(len(rows), req.num_samples, h.filter.network.output_dim)
         return h.filter.state_bytes(h.current.state) * len(rows) * (1 + req.num_samples)
@@ -92,7 +95,13 @@ def _moments(h: HostedModel, current: Published[Belief], req: PredictRequest) ->
     """The answer's numbers: the mean, the variances unless the request asked for the mean
     alone, the draws if it asked for any; refused unless all of them are finite."""
     f = h.filter
-    parts = _ahead(f, current.state, h.tensor(_rows(h, req)))
+    rows = _rows(h, req)
+    kernel = h.predict_kernel
+    if kernel is not None and len(rows) == 1 and req.variance and not req.num_samples:
+        moments = answers.Moments.packed(kernel(current.state, h.tensor(rows)))
+        if moments.finite():  # else the eager predictive, which says what is wrong
+            return moments
+    parts = _ahead(f, current.state, h.tensor(rows))
     preds = [f.predictive(ahead, x) for ahead, x in parts] if req.variance else None
     pred = None if preds is None else preds[0] if len(preds) == 1 else _joined(preds)
     means = [f.predictive_mean(ahead, x) for ahead, x in parts] if pred is None else []
