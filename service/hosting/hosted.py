@@ -119,7 +119,10 @@ class Hosted(Generic[S]):
     def pend(self, p: Pending[S]) -> None:
         """Queue ``p`` behind the other pending updates; it publishes itself once committed."""
         self.pending.append(p)
-        p.commit.add_done_callback(lambda _: self._committed(p))
+        if p.commit.done():  # committed already (``eager.started``): published now
+            self._committed(p)
+        else:
+            p.commit.add_done_callback(lambda _: self._committed(p))
 
     def _committed(self, p: Pending[S]) -> None:
         """``p``'s commit finished (a done callback: it runs before anyone awaiting it)."""

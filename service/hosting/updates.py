@@ -51,6 +51,7 @@ from service.filters.outputs import check_outputs
 from service.hosting import answers
 from service.hosting.catalogue import Catalogue
 from service.hosting.compute import Compute
+from service.hosting.eager import started
 from service.hosting.hosted import Counters, HostedModel, Pending, Published
 from service.hosting.limits import Limits
 from service.hosting.records import LogEntry
@@ -259,10 +260,11 @@ class Updates:
         version = tip.version + n
         append = self.store.append(h.name, version, record, requests=requests, after=tip.version)
         ids = tuple(rid for rid, _ in requests)
-        pending = Pending(tip.version, version, new, obs, ids, asyncio.ensure_future(append))
-        # The task's first step queues the record in the store before the next holder of the
-        # lock resumes, so the store sees the model's records in version order (and with
-        # ``after``, a record out of order would be refused, never written after a gap).
+        pending = Pending(tip.version, version, new, obs, ids, started(append))
+        # Started now: the append queues the record in the store (or writes it) before the next
+        # holder of the lock resumes, so the store sees the model's records in version order
+        # (and with ``after``, a record out of order would be refused, never written after a
+        # gap). An append that finished at once is published by ``pend`` itself.
         h.pend(pending)
         return pending
 
@@ -270,7 +272,10 @@ class Updates:
         """Wait (without the lock) for ``pending``'s commit: published once durable, or the
         error it failed with."""
         try:
-            await asyncio.shield(pending.commit)  # a cancelled request leaves the commit be
+            if pending.commit.done():  # no turn of the event loop
+                pending.commit.result()
+            else:
+                await asyncio.shield(pending.commit)  # a cancelled request leaves it be
         except PostserveError as exc:
             raise h.chain_error(pending, exc) from exc
         self.counters.note_applied(h, n)
