@@ -113,7 +113,7 @@ async def delete_model(name: str, request: Request) -> Response:
 
 @updates.post("/v1/models/{name}/update", response_model=UpdateResponse, **describe("update"))
 async def update(name: str, body: UpdateRequest, request: Request) -> Response:
-    return _json(await _engine(request).update(name, body))
+    return _raw(await _engine(request).update_json(name, body))
 
 
 @router.post("/v1/models/{name}/predict", response_model=PredictResponse, **describe("predict"))

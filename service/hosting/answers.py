@@ -31,7 +31,6 @@ from service.schemas import (
     ReliabilityBin,
     RewardResponse,
     RowInfluence,
-    RowPrediction,
     UpdateResponse,
 )
 
@@ -47,27 +46,12 @@ __all__ = [
     "reward",
     "rewards_json",
     "summary",
-    "update",
     "update_json",
 ]
 
 
 def summary(stats: Stats) -> CalibrationSummary:
     return CalibrationSummary(**stats.summary())
-
-
-def update(version: int, rows: list[RowReport], obs: list[Observation]) -> UpdateResponse:
-    """``/update``: the version after the rows, each row's pre-update predictive and NLPD, and
-    how much it moved the model (``service.influence``)."""
-    return UpdateResponse(
-        version=version,
-        applied=len(rows),
-        predictions=[
-            RowPrediction(mean=r.mean, variance=r.variance, influence=_influence(o))
-            for r, o in zip(rows, obs, strict=True)
-        ],
-        log_likelihood=[r.log_likelihood for r in rows],
-    )
 
 
 def _influence(o: Observation) -> RowInfluence:
@@ -211,8 +195,10 @@ class Keyed:
 
 
 def update_json(version: int, rows: list[RowReport], obs: list[Observation]) -> bytes:
-    """:func:`update`'s answer as JSON, encoded by orjson from the rows' floats (the same fields,
-    ``duplicate`` false, and numbers; no pydantic model built): a keyed row's request record."""
+    """``/update``'s answer (an ``UpdateResponse``) as JSON, encoded by orjson from the rows'
+    floats: the version after the rows, each row's pre-update predictive and NLPD, and how much
+    it moved the model (``service.influence``); ``duplicate`` false. The route's answer and a
+    request record (a keyed row's, each its own)."""
     predictions = []
     for r, o in zip(rows, obs, strict=True):
         i = _influence(o)

@@ -161,10 +161,14 @@ class Engine:
     # -- data plane --------------------------------------------------------------------------
 
     async def update(self, name: str, req: UpdateRequest) -> UpdateResponse:
+        return UpdateResponse.model_validate_json(await self.update_json(name, req))
+
+    async def update_json(self, name: str, req: UpdateRequest) -> bytes:
+        """``update``'s answer as JSON (for the HTTP route: encoded once, by orjson)."""
         h = self.updates.hosted(name)
         x = self.updates.counted_now(h, input_rows, h.filter.network, req.x, req.dt, len(req.y))
         entry = LogEntry(x, list(req.y), req.request_id, outputs=req.outputs)
-        return await self.updates.apply(h, entry)
+        return await self.updates.apply_json(h, entry)
 
     def refused(self, name: str, code: str) -> None:
         """Count an update refused at the HTTP edge (its body did not validate)."""

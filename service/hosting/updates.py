@@ -41,6 +41,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar, TypeVarTuple
 
+import orjson
+
 from service.calibration import Observation
 from service.components import Label
 from service.config import Settings
@@ -90,6 +92,11 @@ class Updates:
 
     async def apply(self, h: HostedModel, entry: LogEntry) -> UpdateResponse:
         """Apply one log entry to ``h`` by the protocol above; refusals are counted."""
+        return UpdateResponse.model_validate_json(await self.apply_json(h, entry))
+
+    async def apply_json(self, h: HostedModel, entry: LogEntry) -> bytes:
+        """:meth:`apply`'s answer as JSON (``answers.update_json``: no response model built),
+        the bytes a ``request_id``'s record keeps."""
         return await self._counted(h, self._apply(h, entry))
 
     async def apply_keyed(
@@ -155,7 +162,7 @@ class Updates:
                 await self.recovery.resync(h)
             yield
 
-    async def _apply(self, h: HostedModel, entry: LogEntry) -> UpdateResponse:
+    async def _apply(self, h: HostedModel, entry: LogEntry) -> bytes:
         self._admit(h, entry.x, entry.y, entry.outputs, "update")
         n, rid = len(entry.x), entry.request_id
         async with self._writing(h, [] if rid is None else [rid]):
@@ -164,8 +171,8 @@ class Updates:
                 if first is not None:
                     return _duplicate(first)
             tip, new, infos, obs, kernel = await self._step(h, entry.x, entry.y, entry.outputs)
-            response = answers.update(tip.version + n, infos, obs)
-            requests = [] if rid is None else [(rid, response.model_dump_json().encode())]
+            response = answers.update_json(tip.version + n, infos, obs)
+            requests = [] if rid is None else [(rid, response)]
             record = LogEntry(entry.x, entry.y, rid, kernel, entry.outputs).to_bytes()
             pending = self._pend(h, tip, n, new, obs, record, requests)
         await self._durable(h, pending, n)
@@ -283,5 +290,8 @@ class Updates:
             self.snapshots.spawn(h)
 
 
-def _duplicate(first: bytes) -> UpdateResponse:
-    return UpdateResponse.model_validate_json(first).model_copy(update={"duplicate": True})
+def _duplicate(first: bytes) -> bytes:
+    """A repeated ``request_id``'s answer: its first, marked ``duplicate``."""
+    answer = orjson.loads(first)
+    answer["duplicate"] = True
+    return orjson.dumps(answer)
