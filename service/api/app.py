@@ -14,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.api import docs, errors
+from service.api import docs, errors, oip
 from service.api.auth import Authenticate, Keyring
 from service.api.dataplane import DataPlane, hot_routes
 from service.api.openapi import DESCRIPTION, document
@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
     app.state.settings = settings
     app.state.registry = registry
     app.include_router(router)
+    app.include_router(oip.router)
     docs.install(app)
     errors.install(app)
     app.openapi = document(  # type: ignore[method-assign]

@@ -7,7 +7,9 @@ keys configured every route is open, and the CLI binds 127.0.0.1 only.
 Authentication is an ASGI middleware over the table :data:`RULES`, so a request without a valid
 key is refused (401/403) before its body is read or parsed. ``/healthz``, ``/readyz`` and
 ``/metrics`` are open (metrics name only models created with ``"monitor": true``);
-any other ``/v1`` path needs a valid key of some scope.
+any other ``/v1`` path needs a valid key of some scope. The Open Inference Protocol's routes
+(``/v2``) follow the same rules: its health routes are open, metadata and ``infer`` need
+``read``, and its refusals are the protocol's ``{"error": "<message>"}``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import hmac
 import re
 
+import orjson
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import response_for
@@ -38,7 +42,22 @@ RULES: list[tuple[str, re.Pattern[str], KeyScope]] = [
     ("GET", re.compile(rf"^{_MODEL}/calibration$"), "read"),
     ("GET", re.compile(rf"^{_MODEL}/influence$"), "read"),
     ("POST", re.compile(rf"^{_MODEL}/snapshot$"), "admin"),
+    # the Open Inference Protocol (``service.api.oip``): metadata and infer read
+    ("GET", re.compile(r"^/v2/?$"), "read"),
+    ("GET", re.compile(r"^/v2/models/[^/]+(/ready)?/?$"), "read"),
+    ("POST", re.compile(r"^/v2/models/[^/]+/infer$"), "read"),
 ]
+#: open, as ``/healthz`` and ``/readyz``: the protocol's liveness and readiness
+OPEN = re.compile(r"^/v2/health/(live|ready)$")
+
+
+def _oip(response: Response) -> Response:
+    """A refusal in the Open Inference Protocol's form, headers (``WWW-Authenticate``) kept."""
+    message = orjson.loads(response.body)["error"]["message"]
+    out = Response(orjson.dumps({"error": message}), response.status_code)
+    out.headers.update({k: v for k, v in response.headers.items() if k == "www-authenticate"})
+    out.headers["content-type"] = "application/json"
+    return out
 
 
 class Keyring:
@@ -66,7 +85,9 @@ def needed_scope(method: str, path: str) -> KeyScope | bool | None:
     for rule_method, pattern, scope in RULES:
         if rule_method == method and pattern.match(path):
             return scope
-    return True if path.startswith("/v1/") or path == "/v1" else None
+    if OPEN.match(path):
+        return None
+    return True if path.startswith(("/v1/", "/v2/")) or path in ("/v1", "/v2") else None
 
 
 class Authenticate:
@@ -95,5 +116,8 @@ class Authenticate:
             )
         else:
             await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith("/v2"):  # the protocol's error: {"error": "<message>"}
+            await _oip(response)(scope, receive, send)
             return
         await response(scope, receive, send)
