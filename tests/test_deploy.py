@@ -126,3 +126,32 @@ def test_kubernetes_probes_and_ports_are_the_servers() -> None:
     ingress = next(d for d in docs if d["kind"] == "Ingress")
     annotations = ingress["metadata"].get("annotations", {})
     assert "upstream-hash-by" in " ".join(annotations), annotations
+
+
+def test_kubernetes_manifests_validate_strictly_against_the_current_schema() -> None:
+    """Every manifest against the Kubernetes OpenAPI schema that ``kubernetes-validate`` ships
+    (its latest version; strict: no property the schema does not know), and the kustomization
+    lists every manifest. A manifest with a typo'd field or a wrongly typed one fails."""
+    import kubernetes_validate as kv
+
+    version = kv.latest_version()
+    docs = _manifests()
+    checked = set()
+    for doc in docs:
+        if doc["kind"] == "Kustomization":
+            continue
+        kv.validate(doc, version, strict=True)
+        checked.add(doc["kind"])
+    assert {"StatefulSet", "Service", "Ingress", "ConfigMap", "Secret", "Namespace"} <= checked
+    (kustomization,) = (d for d in docs if d["kind"] == "Kustomization")
+    manifests = {p.name for p in (DEPLOY / "kubernetes").glob("*.yaml")}
+    assert set(kustomization["resources"]) == manifests - {"kustomization.yaml"}
+    workload = next(d for d in docs if d["kind"] == "StatefulSet")
+    typo = yaml.safe_load(yaml.safe_dump(workload))
+    typo["spec"]["template"]["spec"]["containerz"] = typo["spec"]["template"]["spec"]["containers"]
+    with pytest.raises(kv.ValidationError):
+        kv.validate(typo, version, strict=True)
+    wrong = yaml.safe_load(yaml.safe_dump(workload))
+    wrong["spec"]["replicas"] = "three"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(wrong, version, strict=True)
