@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import httpx
 from pydantic import BaseModel
@@ -70,8 +71,9 @@ class _Calls:
         return _Call("POST", "/v1/models", body)
 
     @staticmethod
-    def list() -> _Call:
-        return _Call("GET", "/v1/models")
+    def list(limit: int | None = None, after: str | None = None) -> _Call:
+        query = {k: v for k, v in (("limit", limit), ("after", after)) if v is not None}
+        return _Call("GET", "/v1/models" + (f"?{urlencode(query)}" if query else ""))
 
     @staticmethod
     def get(name: str) -> _Call:
@@ -220,8 +222,10 @@ class Client:
     def create_model(self, spec: ModelSpec | dict[str, Any]) -> ModelInfo:
         return _parse(self._send(_Calls.create(spec)), ModelInfo)
 
-    def list_models(self) -> list[ModelInfo]:
-        return _parse(self._send(_Calls.list()), ModelList).models
+    def list_models(self, limit: int | None = None, after: str | None = None) -> list[ModelInfo]:
+        """The models by name: all, or (``limit``) a page of those after ``after``; the next
+        page follows the last name of this one."""
+        return _parse(self._send(_Calls.list(limit, after)), ModelList).models
 
     def get_model(self, name: str) -> ModelInfo:
         return _parse(self._send(_Calls.get(name)), ModelInfo)
@@ -321,8 +325,10 @@ class AsyncClient:
     async def create_model(self, spec: ModelSpec | dict[str, Any]) -> ModelInfo:
         return _parse(await self._send(_Calls.create(spec)), ModelInfo)
 
-    async def list_models(self) -> list[ModelInfo]:
-        return _parse(await self._send(_Calls.list()), ModelList).models
+    async def list_models(
+        self, limit: int | None = None, after: str | None = None
+    ) -> list[ModelInfo]:
+        return _parse(await self._send(_Calls.list(limit, after)), ModelList).models
 
     async def get_model(self, name: str) -> ModelInfo:
         return _parse(await self._send(_Calls.get(name)), ModelInfo)

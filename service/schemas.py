@@ -427,6 +427,11 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+    next_after: str | None = Field(
+        None,
+        description="with `limit`: the name to pass as `after` for the next page (null: this "
+        "page is the last)",
+    )
 
 
 class SnapshotResponse(BaseModel):

@@ -29,7 +29,7 @@ from service.schemas import (
     SnapshotResponse,
     UpdateResponse,
 )
-from service.testing import MakeAppClient, MakeServer, Server, running
+from service.testing import MakeAppClient, MakeServer, Server, linear_spec, running
 from service.testing.load import LOAD_SPEC, check_acknowledged_survived, updates_until_killed
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -619,3 +619,39 @@ def test_async_client_typed_results_and_errors(server: Server) -> None:
             assert gone.value.status == 404
 
     asyncio.run(main())
+
+
+def test_the_model_list_pages_by_name(make_server: MakeServer) -> None:
+    server = make_server()
+    names = [f"page-{i}" for i in (3, 0, 4, 1, 2)]
+    with Client(server.url) as c, httpx.Client(base_url=server.url, timeout=30) as raw:
+        for name in names:
+            c.create_model(linear_spec(name, 2))
+        everything = raw.get("/v1/models").json()
+        assert [m["name"] for m in everything["models"]] == sorted(names)
+        assert everything["next_after"] is None
+        pages, after = [], None
+        while True:
+            query = {"limit": 2} | ({} if after is None else {"after": after})
+            page = raw.get("/v1/models", params=query).json()
+            pages.append([m["name"] for m in page["models"]])
+            after = page["next_after"]
+            if after is None:
+                break
+            assert after == pages[-1][-1]
+        assert pages == [["page-0", "page-1"], ["page-2", "page-3"], ["page-4"]]
+        # the client's pages follow the last name of the one before; past the end: none
+        assert [m.name for m in c.list_models(limit=3, after="page-1")] == [
+            "page-2", "page-3", "page-4"
+        ]  # fmt: skip
+        assert c.list_models(limit=2, after="page-4") == []
+        assert [m.name for m in c.list_models(after="page-0a")] == [
+            "page-1",
+            "page-2",
+            "page-3",
+            "page-4",
+        ]
+        for bad in ({"limit": 0}, {"limit": 10_001}, {"limit": "two"}):
+            r = raw.get("/v1/models", params=bad)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input", bad
+            assert "limit" in r.json()["error"]["message"]

@@ -111,8 +111,9 @@ OPERATIONS: dict[str, Operation] = {
     ),
     "list_models": Operation(
         "List the models",
-        "Every hosted model's description, by name.",
-        ("not_ready",),
+        "Every hosted model's description, by name; with `limit`, one page of them, and "
+        "`next_after`, the name to pass as `after` for the next page (null on the last).",
+        (("invalid_input", "query.limit: Input should be greater than or equal to 1"), "not_ready"),
     ),
     "get_model": Operation(
         "Describe a model",

@@ -86,6 +86,9 @@ class CountsRefusals(APIRoute):
         return counted
 
 
+#: the largest page of ``GET /v1/models``
+MAX_PAGE = 10_000
+
 router = APIRouter()
 updates = APIRouter(route_class=CountsRefusals)
 
@@ -96,8 +99,28 @@ async def create_model(spec: ModelSpec, request: Request) -> Response:
 
 
 @router.get("/v1/models", response_model=ModelList, **describe("list_models"))
-async def list_models(request: Request) -> Response:
-    return _json(ModelList(models=_engine(request).list_models()))
+async def list_models(
+    request: Request,
+    limit: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=MAX_PAGE,
+            description="at most this many models, by name (default: all of them)",
+            openapi_examples={"a page": {"value": 100}},
+        ),
+    ] = None,
+    after: Annotated[
+        str | None,
+        Query(
+            max_length=128,
+            description="the models whose names sort after this one (the previous page's "
+            "`next_after`)",
+            openapi_examples={"next page": {"value": "ctr-home"}},
+        ),
+    ] = None,
+) -> Response:
+    return _json(_engine(request).list_models(limit, after))
 
 
 @router.get("/v1/models/{name}", response_model=ModelInfo, **describe("get_model"))

@@ -21,6 +21,7 @@ No service re-enters another's public entry point: a reward goes to the update p
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import gc
 import logging
@@ -47,6 +48,7 @@ from service.schemas import (
     DecideRequest,
     InfluenceResponse,
     ModelInfo,
+    ModelList,
     ModelSpec,
     PredictRequest,
     PredictResponse,
@@ -145,8 +147,15 @@ class Engine:
     def info(self, name: str) -> ModelInfo:
         return answers.model_info(self.catalogue.get(name))
 
-    def list_models(self) -> list[ModelInfo]:
-        return [answers.model_info(self.catalogue.get(n)) for n in self.catalogue.names()]
+    def list_models(self, limit: int | None = None, after: str | None = None) -> ModelList:
+        """The models by name: all of them, or the first ``limit`` after ``after`` (a page)
+        with the name to continue after, if there are more."""
+        names = self.catalogue.names()
+        start = 0 if after is None else bisect.bisect_right(names, after)
+        end = len(names) if limit is None else min(len(names), start + limit)
+        models = [answers.model_info(self.catalogue.get(n)) for n in names[start:end]]
+        more = end < len(names) and limit is not None
+        return ModelList(models=models, next_after=names[end - 1] if more and models else None)
 
     async def delete(self, name: str) -> None:
         await self.catalogue.delete(name)
