@@ -285,7 +285,7 @@ def test_a_restored_model_answers_as_the_one_that_wrote_it(
         await first.snapshot(spec.name)
         await first.update(spec.name, UpdateRequest(**_rows(f, rows[3:]), y=labels[3:]))
         want = await first.predict(spec.name, query)
-        want_cal = first.calibration(spec.name)
+        want_cal = await first.calibration(spec.name)
         state = first.catalogue.get(spec.name).current.state
         first.catalogue.ready = False  # a crash: no final snapshot, the log is replayed
         second = Engine(settings, Backend(store, SoleWriter()))
@@ -295,7 +295,7 @@ def test_a_restored_model_answers_as_the_one_that_wrote_it(
         for k, v in _tensors(state).items():
             assert torch.equal(v, getattr(h.current.state, k)), f"restored {k} differs"
         assert await second.predict(spec.name, query) == want
-        assert second.calibration(spec.name) == want_cal
+        assert await second.calibration(spec.name) == want_cal
         await second.stop()
 
     asyncio.run(scenario())

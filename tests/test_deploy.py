@@ -8,6 +8,7 @@ the service itself: the probes and ports they name are routes and ports the serv
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -155,3 +156,40 @@ def test_kubernetes_manifests_validate_strictly_against_the_current_schema() -> 
     wrong["spec"]["replicas"] = "three"
     with pytest.raises(kv.ValidationError):
         kv.validate(wrong, version, strict=True)
+
+
+def _map_block(text: str) -> str:
+    block = re.search(r"map \$request_uri \$postserve_model \{.*?\n\s*\}", text, re.S)
+    assert block is not None, "no map of $postserve_model"
+    return " ".join(block.group(0).split())
+
+
+def test_plain_nginx_routes_by_the_ingress_rule() -> None:
+    """deploy/nginx/postserve.conf (run by tests/test_cluster.py) and the ingress hash the same
+    key, built by the same map; the key is the model's name for every model route."""
+    plain = (DEPLOY / "nginx" / "postserve.conf").read_text()
+    docs = _manifests()
+    snippet = next(d["data"]["http-snippet"] for d in docs if "http-snippet" in d.get("data", {}))
+    assert _map_block(plain) == _map_block(snippet)
+    assert re.search(r"^\s*hash \$postserve_model consistent;", plain, re.M)
+    ingress = next(d for d in docs if d["kind"] == "Ingress")
+    assert (
+        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"]
+        == "$postserve_model"
+    )
+    pattern = re.search(r'"~(\^/v\[12\]/models/.*?)"', plain)
+    assert pattern is not None
+    key = re.compile(pattern.group(1).replace("(?<", "(?P<"))
+    for uri, name in [
+        ("/v1/models/ctr-home/update", "ctr-home"),
+        ("/v1/models/a.b_c-1", "a.b_c-1"),
+        ("/v2/models/ctr-home/infer", "ctr-home"),
+        ("/v1/models/m7?x=1", "m7"),
+        ("/v1/models", None),
+        ("/v1/models?limit=2", None),
+        ("/v3/models/m7/update", None),
+    ]:
+        match = key.match(uri)
+        assert (match and match.group("postserve_model_name")) == name or (
+            match is None and name is None
+        ), uri

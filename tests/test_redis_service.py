@@ -396,3 +396,41 @@ def test_password_urls_work_and_a_wrong_password_is_unavailable(tmp_path: Path) 
         asyncio.run(main())
     finally:
         redis.stop()
+
+
+def test_a_model_another_replica_created_later_is_hosted_on_first_use(tmp_path: Path) -> None:
+    """b started before the model existed: its first request for it finds the model in Redis and
+    hosts it at the latest state (snapshot + stream); unknown names stay 404."""
+    redis = RedisServer(tmp_path / "redis").start()
+    env = _env(redis, POSTSERVE_REDIS_LEASE_MS="1000", POSTSERVE_SNAPSHOT_EVERY="3")
+    a, b = Server(tmp_path / "a", env), Server(tmp_path / "b", env)
+    try:
+        a.start()
+        b.start()
+        assert _post(a.url, "/v1/models", {"name": "m", **SPEC}).status_code == 201
+        for i in range(5):  # a snapshot at 3, then two records in the stream
+            x, y = _row(i)
+            assert _post(a.url, "/v1/models/m/update", {"x": [x], "y": [y]}).status_code == 200
+        want = _post(a.url, "/v1/models/m/predict", PROBE).json()
+        got = _post(b.url, "/v1/models/m/predict", PROBE)
+        assert got.status_code == 200, got.text
+        assert got.json() == want and want["version"] == 5
+        assert "hosting m (created by another replica) at version 5" in b.log_text()
+        with httpx.Client(base_url=b.url, timeout=5) as c:
+            assert c.get("/v1/models/m").json()["version"] == 5
+            assert c.get("/v1/models/nope").status_code == 404
+            assert _post(b.url, "/v1/models/nope/predict", PROBE).status_code == 404
+        r = _post(b.url, "/v1/models", {"name": "m", **SPEC})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "already_exists", r.text
+        a.kill()
+        x, y = _row(5)
+        deadline = time.monotonic() + 10
+        while (r := _post(b.url, "/v1/models/m/update", {"x": [x], "y": [y]})).status_code == 409:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+        assert r.status_code == 200 and r.json()["version"] == 6, r.text
+        _check_against_fresh_replay(b, 6)
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()

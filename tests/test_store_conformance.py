@@ -136,11 +136,14 @@ def test_catalogue(kind: str, tmp_path: Path) -> None:
         assert not await s.create_model("a", b"other")
         assert await s.create_model("b", b"{}")
         assert await s.list_models() == {"a": NOT_UTF8, "b": b"{}"}
+        assert await s.get_model("a") == NOT_UTF8 and await s.get_model("b") == b"{}"
+        assert await s.get_model("c") is None
         await s.append("a", 1, b"r1", "req", b"resp")
         await s.put_snapshot("a", Snapshot(1, b"t", b"m"))
         assert await s.delete_model("a")
         assert not await s.delete_model("a")
         assert await s.list_models() == {"b": b"{}"}
+        assert await s.get_model("a") is None
         assert await s.read_log("a") == []
         assert await s.get_snapshot("a") is None
         assert await s.get_response("a", "req") is None

@@ -122,7 +122,7 @@ def test_nothing_is_published_before_its_commit() -> None:
         assert store.waiting == [1, 2, 3, 4, 5]  # in version order
         h = engine.catalogue.get("m")
         assert h.version == 0 and len(h.pending) == 5
-        assert engine.info("m").version == 0
+        assert (await engine.info("m")).version == 0
         assert await _answer(engine) == before  # predictions see the published state only
         store.gate.set()
         answers = await asyncio.gather(*tasks)
@@ -201,7 +201,7 @@ def test_a_delete_waits_for_the_pending_commits() -> None:
         assert (await update).version == 1  # it was durable before the delete removed it
         assert await store.read_log("m") == []  # nothing landed after the delete
         await engine.create(SPEC)
-        assert engine.info("m").version == 0
+        assert (await engine.info("m")).version == 0
 
     _run(store, body)
 
@@ -238,11 +238,11 @@ def test_concurrent_updates_of_one_model_share_sqlite_commits_and_restore(tmp_pa
         answers = await asyncio.gather(*(engine.update("m", _update(i)) for i in range(40)))
         assert sorted(a.version for a in answers) == list(range(1, 41))
         assert store.commits - before <= 10  # 40 updates of one model, a few commits
-        assert engine.info("m").version == 40
+        assert (await engine.info("m")).version == 40
         seen["answer"] = await _answer(engine)
 
     async def restored(engine: Engine) -> None:
-        assert engine.info("m").version == 40
+        assert (await engine.info("m")).version == 40
         assert await _answer(engine) == seen["answer"]
 
     _run(SQLiteStore(path), body)

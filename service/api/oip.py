@@ -128,7 +128,7 @@ async def server_ready(request: Request) -> Response:
 @router.get("/models/{name}")
 async def model_metadata(name: str, request: Request) -> Response:
     try:
-        h = _engine(request).catalogue.get(name)
+        h = await _engine(request).catalogue.fetch(name)
     except PostserveError as exc:
         return _refused(exc)
     network = h.filter.network
@@ -151,7 +151,7 @@ async def model_metadata(name: str, request: Request) -> Response:
 async def model_ready(name: str, request: Request) -> Response:
     engine = _engine(request)
     try:
-        engine.catalogue.get(name)
+        await engine.catalogue.fetch(name)
     except PostserveError as exc:
         return _refused(exc)
     return _json({"name": name, "ready": engine.ready})
@@ -164,7 +164,7 @@ async def infer(name: str, request: Request) -> Response:
         return _error(400, "binary tensor data is not supported: send the tensors as JSON")
     try:
         body = InferenceRequest.model_validate_json(await request.body())
-        h = engine.catalogue.get(name)
+        h = await engine.catalogue.fetch(name)
         state_space = isinstance(h.filter.network, StateSpace)
         rows = _rows(body, h.filter.network.input_dim, state_space)
         wanted = _wanted(body)

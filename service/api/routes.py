@@ -125,7 +125,7 @@ async def list_models(
 
 @router.get("/v1/models/{name}", response_model=ModelInfo, **describe("get_model"))
 async def get_model(name: str, request: Request) -> Response:
-    return _json(_engine(request).info(name))
+    return _json(await _engine(request).info(name))
 
 
 @router.delete("/v1/models/{name}", status_code=204, **describe("delete_model"))
@@ -179,7 +179,7 @@ async def reward_batch(name: str, body: RewardBatchRequest, request: Request) ->
     **describe("calibration"),
 )
 async def calibration(name: str, request: Request) -> Response:
-    return _json(_engine(request).calibration(name))
+    return _json(await _engine(request).calibration(name))
 
 
 @router.get(

@@ -1,11 +1,15 @@
 """The catalogue: which models this process hosts, and how a spec becomes a hosted model.
 
 Create and delete go through the store's catalogue first (the store decides who wins a race
-between replicas); restore at start rebuilds every model the store lists.
+between replicas); restore at start rebuilds every model the store lists. When replicas share
+the store (Redis), a name this replica does not host is looked up there (``fetch``): a model
+another replica created after this one restored is hosted here at the store's latest the first
+time traffic for it arrives (its replica died, or the ingress moved it on a scale-up).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import torch
@@ -39,12 +43,17 @@ class Catalogue:
         compute: Compute,
         recovery: Recovery,
         kernels: Kernels,
+        *,
+        shared: bool = False,
     ) -> None:
         self.settings, self.store, self.limits = settings, store, limits
         self.compute, self.recovery, self.kernels = compute, recovery, kernels
+        self.shared = shared  # other replicas create and write models in the same store
         self.models: dict[str, HostedModel] = {}
         self.ready = False
         self._reserved = 0  # bytes of states being created
+        self._busy: set[str] = set()  # names being created or deleted here
+        self._looking: dict[str, asyncio.Future[HostedModel]] = {}  # names being looked up
 
     def get(self, name: str) -> HostedModel:
         if not self.ready:
@@ -52,6 +61,37 @@ class Catalogue:
         hosted = self.models.get(name)
         if hosted is None:
             raise NotFound(f"no model named {name!r}")
+        return hosted
+
+    async def fetch(self, name: str) -> HostedModel:
+        """``get``; or, when replicas share the store, a model another replica created after
+        this one restored, hosted now at the store's latest (concurrent requests for it wait for
+        one lookup). NotFound if the store has no such model either."""
+        hosted = self.models.get(name)
+        if hosted is not None and self.ready:
+            return hosted
+        if not self.shared or not self.ready or name in self._busy:
+            return self.get(name)
+        looking = self._looking.get(name)
+        if looking is None:
+            looking = self._looking[name] = asyncio.ensure_future(self._adopt(name))
+            looking.add_done_callback(lambda _: self._looking.pop(name, None))
+        return await asyncio.shield(looking)
+
+    async def _adopt(self, name: str) -> HostedModel:
+        raw = await self.store.get_model(name)
+        if raw is None or name in self._busy:
+            return self.get(name)  # NotFound, or hosted meanwhile
+        if name in self.models:
+            return self.models[name]
+        hosted = await self.compute.offload(self.host, ModelSpec.model_validate_json(raw))
+        async with hosted.lock:
+            await self.recovery.catch_up(hosted)
+        if name in self.models or name in self._busy:  # created or deleted here meanwhile
+            return self.get(name)
+        self.models[name] = hosted
+        self.kernels.start(hosted)
+        log.info("hosting %s (created by another replica) at version %d", name, hosted.version)
         return hosted
 
     def find(self, name: str) -> HostedModel | None:
@@ -114,12 +154,14 @@ class Catalogue:
         f, need = self.plan(spec)
         self.limits.budget(self.state_bytes() + self._reserved, need)
         self._reserved += need  # held until hosted, so that two creates cannot both fit
+        self._busy.add(spec.name)
         try:
             hosted = await self.compute.offload(self.host, spec, f)
             if not await self.store.create_model(spec.name, spec.model_dump_json().encode()):
                 raise AlreadyExists(f"a model named {spec.name!r} exists")
         finally:
             self._reserved -= need
+            self._busy.discard(spec.name)
         self.models[spec.name] = hosted
         self.kernels.start(hosted)
         return hosted
@@ -130,11 +172,15 @@ class Catalogue:
 
     async def delete(self, name: str) -> None:
         hosted = self.get(name)
-        async with hosted.lock:
-            hosted.deleted = True
-            self.models.pop(name, None)
-            await hosted.settle()  # no pending record may land after the delete
-            await self.store.delete_model(name)
+        self._busy.add(name)
+        try:
+            async with hosted.lock:
+                hosted.deleted = True
+                self.models.pop(name, None)
+                await hosted.settle()  # no pending record may land after the delete
+                await self.store.delete_model(name)
+        finally:
+            self._busy.discard(name)
 
     async def restore(self) -> None:
         """Host every model the store lists that is not hosted yet, at the store's latest."""

@@ -76,7 +76,9 @@ class Engine:
         compute = Compute(settings.compute_threads)
         self.kernels = Kernels(settings)
         recovery = Recovery(self.store, compute, self.kernels)
-        self.catalogue = Catalogue(settings, self.store, limits, compute, recovery, self.kernels)
+        self.catalogue = Catalogue(
+            settings, self.store, limits, compute, recovery, self.kernels, shared=self.lease.shared
+        )
         self.snapshots = Snapshots(
             settings, self.store, self.lease, self.catalogue, compute, recovery
         )
@@ -144,8 +146,8 @@ class Engine:
     async def create(self, spec: ModelSpec) -> ModelInfo:
         return answers.model_info(await self.catalogue.create(spec))
 
-    def info(self, name: str) -> ModelInfo:
-        return answers.model_info(self.catalogue.get(name))
+    async def info(self, name: str) -> ModelInfo:
+        return answers.model_info(await self.catalogue.fetch(name))
 
     def list_models(self, limit: int | None = None, after: str | None = None) -> ModelList:
         """The models by name: all of them, or the first ``limit`` after ``after`` (a page)
@@ -160,12 +162,12 @@ class Engine:
     async def delete(self, name: str) -> None:
         await self.catalogue.delete(name)
 
-    def calibration(self, name: str) -> CalibrationResponse:
-        return answers.calibration(self.catalogue.get(name))
+    async def calibration(self, name: str) -> CalibrationResponse:
+        return answers.calibration(await self.catalogue.fetch(name))
 
     async def influence(self, name: str, top: int) -> InfluenceResponse:
         """The ``top`` most influential rows of the model's recent window, largest first."""
-        return await self.predictions.influence(self.catalogue.get(name), top)
+        return await self.predictions.influence(await self.catalogue.fetch(name), top)
 
     # -- data plane --------------------------------------------------------------------------
 
@@ -174,7 +176,7 @@ class Engine:
 
     async def update_json(self, name: str, req: UpdateRequest) -> bytes:
         """``update``'s answer as JSON (for the HTTP route: encoded once, by orjson)."""
-        h = self.updates.hosted(name)
+        h = await self.updates.hosted(name)
         x = self.updates.counted_now(h, input_rows, h.filter.network, req.x, req.dt, len(req.y))
         entry = LogEntry(x, list(req.y), req.request_id, outputs=req.outputs)
         return await self.updates.apply_json(h, entry)
@@ -184,28 +186,28 @@ class Engine:
         self.updates.refused(name, code)
 
     async def predict(self, name: str, req: PredictRequest) -> PredictResponse:
-        return await self.predictions.predict(self.catalogue.get(name), req)
+        return await self.predictions.predict(await self.catalogue.fetch(name), req)
 
     async def predict_json(self, name: str, req: PredictRequest) -> bytes:
         """``predict``'s answer as JSON bytes (what the HTTP route sends)."""
-        return await self.predictions.predict_json(self.catalogue.get(name), req)
+        return await self.predictions.predict_json(await self.catalogue.fetch(name), req)
 
     async def decide_json(self, name: str, req: DecideRequest) -> bytes:
         """``/decide``'s answer (a ``DecideResponse``) as JSON bytes."""
-        return await self.bandits.decide(self.catalogue.get(name), req)
+        return await self.bandits.decide(await self.catalogue.fetch(name), req)
 
     async def reward(self, name: str, req: RewardRequest) -> RewardResponse:
-        return await self.bandits.reward(self.catalogue.get(name), req)
+        return await self.bandits.reward(await self.catalogue.fetch(name), req)
 
     async def decide_batch_json(self, name: str, req: DecideBatchRequest) -> bytes:
         """``/decide/batch``'s answer (a ``DecideBatchResponse``) as JSON bytes."""
-        return await self.bandits.decide_batch(self.catalogue.get(name), req)
+        return await self.bandits.decide_batch(await self.catalogue.fetch(name), req)
 
     async def reward_batch_json(self, name: str, req: RewardBatchRequest) -> bytes:
         """``/reward/batch``'s answer (a ``RewardBatchResponse``) as JSON bytes."""
-        return await self.bandits.reward_batch(self.catalogue.get(name), req)
+        return await self.bandits.reward_batch(await self.catalogue.fetch(name), req)
 
     async def snapshot(self, name: str) -> SnapshotResponse:
-        h = self.catalogue.get(name)
+        h = await self.catalogue.fetch(name)
         size = await self.snapshots.now(h)
         return SnapshotResponse(name=name, version=h.snapshot_version, bytes=size)

@@ -120,10 +120,10 @@ class Updates:
                 self.counters.note_rejected(h, exc.code)
             raise
 
-    def hosted(self, name: str) -> HostedModel:
+    async def hosted(self, name: str) -> HostedModel:
         """The model called ``name`` (an unknown name is counted as a refused update)."""
         try:
-            return self.catalogue.get(name)
+            return await self.catalogue.fetch(name)
         except NotFound as exc:
             self.counters.note_rejected(None, exc.code)
             raise

@@ -82,6 +82,10 @@ class Store(Protocol):
 
     async def list_models(self) -> dict[str, bytes]: ...
 
+    async def get_model(self, name: str) -> bytes | None:
+        """The spec ``name`` was created with; None if there is no such model."""
+        ...
+
     async def append(
         self,
         name: str,

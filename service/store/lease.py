@@ -17,6 +17,9 @@ __all__ = ["Lease", "SoleWriter"]
 
 
 class Lease(Protocol):
+    #: whether other replicas share the store (and create and write models in it)
+    shared: bool
+
     async def acquire(self, name: str) -> bool:
         """Make sure this process may write ``name``.
 
@@ -37,6 +40,8 @@ class SoleWriter:
     ``acquire`` always answers False (the right is always held, there is nothing to catch up
     with) and never raises; ``release`` does nothing.
     """
+
+    shared = False
 
     async def acquire(self, name: str) -> bool:
         return False

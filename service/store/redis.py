@@ -215,6 +215,10 @@ class RedisStore:
         raw = await self._do(self.r.hgetall(self._k("models")))
         return {k.decode(): bytes(v) for k, v in raw.items()}
 
+    async def get_model(self, name: str) -> bytes | None:
+        raw = await self._do(self.r.hget(self._k("models"), name))
+        return None if raw is None else bytes(raw)
+
     # -- log ---------------------------------------------------------------------------------
 
     async def append(

@@ -92,6 +92,8 @@ class RedisLease:
     into StoreUnavailable (and letting a refused command's ResponseError through).
     """
 
+    shared = True  # replicas share the store
+
     def __init__(
         self,
         client: Callable[[], aioredis.Redis],

@@ -153,6 +153,13 @@ class SQLiteStore:
         rows = await self._run(lambda db: db.execute("SELECT name, spec FROM models").fetchall())
         return {name: bytes(spec) for name, spec in rows}
 
+    async def get_model(self, name: str) -> bytes | None:
+        def go(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute("SELECT spec FROM models WHERE name = ?", (name,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._run(go)
+
     async def append(
         self,
         name: str,

@@ -127,11 +127,12 @@ class Server:
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout: float = READY_TIMEOUT_S) -> str:
-        """Start the server and wait (at most ``timeout`` s) for /readyz; returns the base URL."""
+    def start(self, timeout: float = READY_TIMEOUT_S, port: int | None = None) -> str:
+        """Start the server and wait (at most ``timeout`` s) for /readyz; returns the base URL.
+        ``port``: listen there (a replica coming back at its address) instead of a free port."""
         assert self.proc is None, "already running"
         for attempt in range(3):
-            self.port = free_port()
+            self.port = free_port() if port is None else port
             self.starts += 1
             self.log_path = self.workdir / f"server-{self.starts}.log"
             self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in _reap)
@@ -148,7 +149,7 @@ class Server:
                 return self.url
             log = self.log_text()
             self.kill()
-            if "address already in use" in log.lower() and attempt < 2:
+            if "address already in use" in log.lower() and attempt < 2 and port is None:
                 continue  # somebody took the port between free_port() and the bind: try another
             raise AssertionError(
                 f"the server did not become ready within {timeout} s; its log:\n{log}"
