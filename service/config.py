@@ -92,6 +92,19 @@ class Settings(BaseSettings):
         description="compile each model's step (AOTInductor, needs a C++ compiler) in the "
         "background after it is created or restored; it steps eagerly until then",
     )
+    batch_steps: bool = Field(
+        False,
+        description="step concurrent one-row updates of different models of one shape together "
+        "(exact Kalman models: one batched step over their stacked states)",
+    )
+    batch_window_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="how long a batch waits for more models' rows after its first; 0: the rows "
+        "that arrive in the same turn of the event loop",
+    )
+    batch_max: int = Field(1024, ge=1, le=65536, description="rows in one batched step at most")
     kernel_dir: Path | None = Field(
         None, description="where compiled steps are kept; unset: DATA_DIR/kernels"
     )

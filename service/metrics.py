@@ -123,6 +123,18 @@ def _totals(stats: EngineStats) -> Iterator[Metric]:
     for reason, n in sorted(stats.rejected.items()):
         rejected.add_metric([reason], n)
     yield rejected
+    batched: tuple[tuple[str, str, int], ...] = (
+        (
+            "postserve_batched_steps",
+            "Batched steps of one-row updates of several models (POSTSERVE_BATCH_STEPS).",
+            stats.batched_steps,
+        ),
+        ("postserve_batched_rows", "Rows stepped in batched steps.", stats.batched_rows),
+    )
+    for counted, doc, n in batched:
+        counter = CounterMetricFamily(counted, doc)
+        counter.add_metric([], n)
+        yield counter
     for name, doc, value in (
         ("postserve_models", "Models hosted.", len(models)),
         ("postserve_models_monitored", 'Models with "monitor": true.', len(stats.monitored)),

@@ -52,6 +52,7 @@ class Catalogue:
         self.models: dict[str, HostedModel] = {}
         self.ready = False
         self._reserved = 0  # bytes of states being created
+        self._bytes = 0  # of every hosted model's state (their shapes never change)
         self._busy: set[str] = set()  # names being created or deleted here
         self._looking: dict[str, asyncio.Future[HostedModel]] = {}  # names being looked up
 
@@ -89,8 +90,7 @@ class Catalogue:
             await self.recovery.catch_up(hosted)
         if name in self.models or name in self._busy:  # created or deleted here meanwhile
             return self.get(name)
-        self.models[name] = hosted
-        self.kernels.start(hosted)
+        self._add(hosted)
         log.info("hosting %s (created by another replica) at version %d", name, hosted.version)
         return hosted
 
@@ -162,13 +162,18 @@ class Catalogue:
         finally:
             self._reserved -= need
             self._busy.discard(spec.name)
-        self.models[spec.name] = hosted
-        self.kernels.start(hosted)
+        self._add(hosted)
         return hosted
 
     def state_bytes(self) -> int:
-        """Bytes of every hosted model's state."""
-        return sum(h.filter.state_bytes(h.current.state) for h in self.models.values())
+        """Bytes of every hosted model's state (kept as models come and go: a sum over 10,000
+        models at each create made creating them quadratic)."""
+        return self._bytes
+
+    def _add(self, hosted: HostedModel) -> None:
+        self.models[hosted.name] = hosted
+        self._bytes += hosted.filter.state_bytes(hosted.current.state)
+        self.kernels.start(hosted)
 
     async def delete(self, name: str) -> None:
         hosted = self.get(name)
@@ -176,7 +181,8 @@ class Catalogue:
         try:
             async with hosted.lock:
                 hosted.deleted = True
-                self.models.pop(name, None)
+                if self.models.pop(name, None) is not None:
+                    self._bytes -= hosted.filter.state_bytes(hosted.current.state)
                 await hosted.settle()  # no pending record may land after the delete
                 await self.store.delete_model(name)
         finally:
@@ -188,6 +194,5 @@ class Catalogue:
             if name not in self.models:
                 hosted = self.host(ModelSpec.model_validate_json(raw))
                 await self.recovery.catch_up(hosted)
-                self.models[name] = hosted
-                self.kernels.start(hosted)
+                self._add(hosted)
                 log.info("restored %s at version %d", name, hosted.version)

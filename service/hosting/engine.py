@@ -32,6 +32,7 @@ from service.config import Settings
 from service.errors import StoreUnavailable
 from service.hosting import answers
 from service.hosting.bandits import Bandits
+from service.hosting.batching import Coalescer
 from service.hosting.catalogue import Catalogue
 from service.hosting.compute import Compute
 from service.hosting.kernels import Kernels
@@ -82,9 +83,10 @@ class Engine:
         self.snapshots = Snapshots(
             settings, self.store, self.lease, self.catalogue, compute, recovery
         )
+        self.coalescer = Coalescer(settings, compute) if settings.batch_steps else None
         self.updates = Updates(
             settings, self.store, self.lease, self.catalogue, limits, compute, recovery,
-            self.snapshots,
+            self.snapshots, self.coalescer,
         )  # fmt: skip
         self.predictions = Predictions(limits, compute, self.catalogue.kernels)
         self.bandits = Bandits(settings, self.store, self.catalogue, limits, compute, self.updates)
@@ -130,6 +132,8 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.kernels.stop()
+        if self.coalescer is not None:
+            await self.coalescer.stop()
         await self.snapshots.drain()
         await self.store.close()
 
@@ -139,7 +143,9 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """Counters and per-model figures, for metrics."""
-        return collect(self.ready, self.updates.counters, self.catalogue.all())
+        c = self.coalescer
+        batched = (0, 0) if c is None else (c.batches, c.rows)
+        return collect(self.ready, self.updates.counters, self.catalogue.all(), batched)
 
     # -- catalogue ---------------------------------------------------------------------------
 

@@ -29,9 +29,11 @@ from service.calibration import CalibrationTracker, Observation
 from service.components import Label
 from service.components.registry import Scorer
 from service.errors import InvalidInput, NotOwner, PostserveError, StoreUnavailable, VersionConflict
-from service.filters import Belief, OnlineFilter, RowReport, row_reports
+from service.filters import Belief, OnlineFilter, RowReport, StepInfo, row_reports
 from service.filters.algorithm import S
 from service.filters.compiled import DrawKernel, OutputKernels, PredictKernel, RowKernel
+from service.filters.likelihoods import Gaussian
+from service.filters.online import RowStep
 from service.influence import InfluenceLog, Influential, mark
 from service.schemas import ModelSpec
 
@@ -96,6 +98,7 @@ class Hosted(Generic[S]):
     draw_kernel_started: bool = False  # its build began (at the first such decision)
     predict_kernel: PredictKernel[S] | None = None  # compiled predictive of one row, once built
     predict_kernel_started: bool = False  # its build began (at the first one-row /predict)
+    batch_key: str | None = None  # its batched step's key, once it has been batched
 
     @property
     def name(self) -> str:
@@ -184,12 +187,21 @@ class Hosted(Generic[S]):
         t = torch.from_numpy(np.array(rows, dtype=np.float64))
         return t.to(dtype=self.dtype, device=self.device)
 
+    def row(self, x: list[list[float]], y: Sequence[Label]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One admitted row as a step takes it: x (1, I) and the encoded target (C,), of the
+        model's dtype (raises InvalidInput for a label the likelihood refuses)."""
+        try:
+            Y = self.filter.encode(self.tensor(y))
+        except (ValueError, TypeError) as exc:
+            raise InvalidInput(f"y rows must all have the same shape: {exc}") from exc
+        return self.tensor(x), Y[0].to(dtype=self.dtype, device=self.device)
+
     def step(
         self,
         state: S,
         x: list[list[float]],
         y: Sequence[Label],
-        kernel: RowKernel[S] | OutputKernels[S] | None = None,
+        kernel: RowStep[S] | OutputKernels[S] | None = None,
         outputs: list[int] | None = None,
     ) -> tuple[S, list[RowReport], list[Observation]]:
         """One filtering step per row from ``state`` (pure), by ``kernel`` where it can, row i
@@ -203,9 +215,29 @@ class Hosted(Generic[S]):
             raise InvalidInput(f"y rows must all have the same shape: {exc}") from exc
         steps = kernel.steps if isinstance(kernel, OutputKernels) else kernel
         new, infos = self.filter.run(state, X, Y, steps, outputs)
+        return new, *self.reported(infos, x, y, outputs)
+
+    def reported(
+        self,
+        infos: list[StepInfo],
+        x: list[list[float]],
+        y: Sequence[Label],
+        outputs: list[int] | None = None,
+    ) -> tuple[list[RowReport], list[Observation]]:
+        """The rows' reports on the host and what calibration scores of each, marked with its
+        influence: what ``step`` answers beside the new state."""
         rows = row_reports(infos)
         obs = self.scorer(self.filter.likelihood, infos, rows, y)
-        return new, rows, self._marked(obs, rows, x, y, outputs)
+        return rows, self._marked(obs, rows, x, y, outputs)
+
+    def reported_gaussian(
+        self, rows: list[RowReport], x: list[list[float]], y: Sequence[Label]
+    ) -> list[Observation]:
+        """``reported`` from the rows' reports alone, for a gaussian likelihood (a batched step's:
+        ``service.filters.batched``), whose calibration scores read the rows' floats only."""
+        assert isinstance(self.filter.likelihood, Gaussian)
+        obs = self.scorer(self.filter.likelihood, [], rows, y)
+        return self._marked(obs, rows, x, y, None)
 
     def _marked(
         self,

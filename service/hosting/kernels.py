@@ -36,6 +36,7 @@ import anyio.to_thread
 
 from service.config import Settings
 from service.filters import Belief, OnlineFilter
+from service.filters.batched import BATCHED, batched_key, batched_step, row_kernel
 from service.filters.compiled import (
     OUTPUT_KERNELS,
     DrawKernel,
@@ -78,6 +79,7 @@ class Kernels:
         self._limiter = anyio.CapacityLimiter(1)  # one compile at a time: each takes the cores
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned: set[tuple[str, str]] = set()  # (model, kernel) replayed without it
+        self._batched: dict[str, RowKernel[Belief]] = {}  # batched steps, for replays
 
     def start(self, h: HostedModel) -> None:
         """Build ``h``'s compiled step in the background, when the setting is on."""
@@ -193,6 +195,8 @@ class Kernels:
         this process can build it."""
         if key is None:
             return None
+        if key.startswith(BATCHED):  # stepped with other models: the same step, a batch of one
+            return self._batched_for_replay(h, key)
         if key.startswith(OUTPUT_KERNELS):
             return await self._outputs_for_replay(h, key)
         if h.kernel is None and self.enabled and kernel_key(h.filter, h.current.state) == key:
@@ -206,6 +210,17 @@ class Kernels:
             return h.kernel
         self._warn(h, key, h.kernel)
         return h.kernel
+
+    def _batched_for_replay(self, h: HostedModel, key: str) -> RowKernel[Belief] | None:
+        state = h.current.state
+        if batched_key(h.filter, state) != key:  # another torch, CPU or filter code: eagerly
+            if (h.name, key) not in self._warned:
+                self._warn(h, key, None)
+            return None
+        kernel = self._batched.get(key)
+        if kernel is None:
+            kernel = self._batched[key] = row_kernel(batched_step(h.filter, state))
+        return kernel
 
     async def _outputs_for_replay(self, h: HostedModel, key: str) -> OutputKernels[Belief] | None:
         state = h.current.state

@@ -70,6 +70,8 @@ class EngineStats:
     applied: int  # observations applied, all models, since start
     rejected: dict[str, int]  # update requests refused, by error code, all models
     models: list[ModelStats]  # sorted by name
+    batched_steps: int = 0  # cross-model batched steps run (POSTSERVE_BATCH_STEPS)
+    batched_rows: int = 0  # rows they stepped
 
     @property
     def monitored(self) -> list[ModelStats]:
@@ -94,11 +96,16 @@ def _model(h: HostedModel, now: float) -> ModelStats:
     )
 
 
-def collect(ready: bool, counters: Counters, models: list[HostedModel]) -> EngineStats:
+def collect(
+    ready: bool, counters: Counters, models: list[HostedModel], batched: tuple[int, int] = (0, 0)
+) -> EngineStats:
+    """The snapshot; ``batched``: (batched steps, rows they stepped)."""
     now = time.monotonic()
     return EngineStats(
         ready=ready,
         applied=counters.applied,
         rejected=_refusals(dict(counters.rejected)),
         models=sorted((_model(h, now) for h in models), key=lambda m: m.name),
+        batched_steps=batched[0],
+        batched_rows=batched[1],
     )

@@ -48,9 +48,11 @@ from service.components import Label
 from service.config import Settings
 from service.errors import InvalidInput, NotFound, NotReady, PostserveError
 from service.filters import Belief, RowReport
+from service.filters.batched import batchable
 from service.filters.compiled import OutputKernels, RowKernel
 from service.filters.outputs import check_outputs
 from service.hosting import answers
+from service.hosting.batching import Coalescer
 from service.hosting.catalogue import Catalogue
 from service.hosting.compute import Compute
 from service.hosting.eager import started
@@ -79,10 +81,12 @@ class Updates:
         compute: Compute,
         recovery: Recovery,
         snapshots: Snapshots,
+        coalescer: Coalescer | None = None,
     ) -> None:
         self.settings, self.store, self.lease = settings, store, lease
         self.catalogue, self.limits, self.compute = catalogue, limits, compute
         self.recovery, self.snapshots = recovery, snapshots
+        self.coalescer = coalescer  # POSTSERVE_BATCH_STEPS: one-row steps batched across models
         self.counters = Counters()
 
     def refused(self, name: str, code: str) -> None:
@@ -240,6 +244,9 @@ class Updates:
         """The tip, the state after rows ``x``, ``y`` from it (not yet visible), and the key of
         the compiled step that computed it (None: the eager step), for its log record."""
         tip = h.tip
+        batched = self.coalescer is not None and len(x) == 1 and outputs is None
+        if batched and batchable(h.filter):
+            return await self._batched(h, tip, x, y)
         # read once: a kernel built meanwhile waits for the next request
         kernel: RowKernel[Belief] | OutputKernels[Belief] | None = h.kernel
         if outputs is not None and h.filter.network.output_dim > 1:
@@ -251,6 +258,19 @@ class Updates:
             work, h.step, tip.state, x, y, kernel, outputs, compiled=kernel is not None
         )
         return tip, new, infos, obs, None if kernel is None else kernel.key
+
+    async def _batched(
+        self, h: HostedModel, tip: Published[Belief], x: list[list[float]], y: Sequence[Label]
+    ) -> tuple[Published[Belief], Belief, list[RowReport], list[Observation], str | None]:
+        """``_step`` of one row through the coalescer (``service.hosting.batching``): stepped
+        with other models' rows of the same window; eagerly if its checks failed there."""
+        assert self.coalescer is not None
+        X, Y = h.row(x, y)
+        done = await self.coalescer.step(h, tip.state, X, Y)
+        if done is None:  # the eager step retries, or raises the exact error
+            return tip, *h.step(tip.state, x, y), None
+        rows = [done.report]
+        return tip, done.state, rows, h.reported_gaussian(rows, x, y), h.batch_key
 
     def _pend(
         self,
