@@ -434,3 +434,29 @@ def test_a_model_another_replica_created_later_is_hosted_on_first_use(tmp_path: 
         a.stop()
         b.stop()
         redis.stop()
+
+
+def test_a_model_deleted_on_one_replica_is_not_written_again_by_another(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis").start()
+    env = _env(redis, POSTSERVE_REDIS_LEASE_MS="600", POSTSERVE_REDIS_LEASE_IDLE_S="0.5")
+    a, b = Server(tmp_path / "a", env), Server(tmp_path / "b", env)
+    try:
+        a.start()
+        b.start()
+        assert _post(a.url, "/v1/models", {"name": "m", **SPEC}).status_code == 201
+        x, y = _row(0)
+        assert _post(b.url, "/v1/models/m/update", {"x": [x], "y": [y]}).status_code == 200
+        time.sleep(1.5)  # b's idle lease is released
+        with httpx.Client(base_url=a.url, timeout=5) as c:
+            assert c.delete("/v1/models/m").status_code == 204
+        assert _post(b.url, "/v1/models/m/predict", PROBE).status_code == 200  # still hosted
+        r = _post(b.url, "/v1/models/m/update", {"x": [x], "y": [y]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+        assert _post(b.url, "/v1/models/m/predict", PROBE).status_code == 404  # dropped
+        assert "m was deleted by another replica" in b.log_text()
+        keys = redis_sync.Redis.from_url(redis.url).keys("*")
+        assert not [k for k in keys if b":log:m" in k or b":snap:m" in k], keys
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import NotOwner, StoreUnavailable, VersionConflict
+from service.errors import NotFound, NotOwner, StoreUnavailable, VersionConflict
 from service.store import (
     Backend,
     Lease,
@@ -923,6 +923,9 @@ def test_redis_delete_forgets_the_lease_and_close_releases_it(redis_url: str) ->
         assert await a.delete_model("m")
         with pytest.raises(NotOwner):
             a.lease.holder("m")
+        with pytest.raises(NotFound):  # no lease on a model the catalogue no longer has
+            await b.lease.acquire("m")
+        assert await b.create_model("m", b"{}")
         assert await b.lease.acquire("m")  # the lease key went with the model
         await a.lease.close()  # stops renewing, releases "n"
         assert await b.lease.acquire("n")

@@ -175,6 +175,14 @@ class Catalogue:
         self._bytes += hosted.filter.state_bytes(hosted.current.state)
         self.kernels.start(hosted)
 
+    def drop(self, hosted: HostedModel) -> None:
+        """Stop hosting a model the store no longer has (another replica deleted it)."""
+        hosted.deleted = True
+        if self.models.get(hosted.name) is hosted:
+            del self.models[hosted.name]
+            self._bytes -= hosted.filter.state_bytes(hosted.current.state)
+            log.info("%s was deleted by another replica; no longer hosted here", hosted.name)
+
     async def delete(self, name: str) -> None:
         hosted = self.get(name)
         self._busy.add(name)

@@ -161,7 +161,11 @@ class Updates:
         async with h.lock:
             if h.deleted:
                 raise NotFound(f"no model named {h.name!r}")
-            newly = await self.lease.acquire(h.name)  # newly the writer: catch up first
+            try:
+                newly = await self.lease.acquire(h.name)  # newly the writer: catch up first
+            except NotFound:  # deleted by another replica since this one hosted it
+                self.catalogue.drop(h)
+                raise
             if newly or h.stale or h.pending_request(request_ids):
                 await self.recovery.resync(h)
             yield

@@ -38,18 +38,24 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
-from service.errors import NotOwner, StoreUnavailable
+from service.errors import NotFound, NotOwner, StoreUnavailable
 
 __all__ = ["RedisLease"]
 
 log = logging.getLogger("postserve.store.redis")
 
 # KEYS[1] - lease key
+# KEYS[2] - the catalogue hash
 # ARGV[1] - the new lease value, ``{replica}:{token}`` (token fresh from the fence counter)
 # ARGV[2] - this replica's id
 # ARGV[3] - lease duration in milliseconds
-# return 1 if the lease was taken (it was free, or held by this same replica id), otherwise 0
+# ARGV[4] - the model's name
+# return 1 if the lease was taken (it was free, or held by this same replica id), 0 if another
+# replica holds it, -1 if the model is not in the catalogue (deleted, by another replica maybe)
 _TAKE = """
+if redis.call('HEXISTS', KEYS[2], ARGV[4]) == 0 then
+  return -1
+end
 local cur = redis.call('GET', KEYS[1])
 if cur == false or string.sub(cur, 1, string.len(ARGV[2]) + 1) == ARGV[2] .. ':' then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
@@ -141,7 +147,8 @@ class RedisLease:
         """Make sure this replica holds ``name``'s lease.
 
         True when it was newly taken (the caller's state may be behind the log and must catch up
-        first), False when already held; raises NotOwner if another replica holds it.
+        first), False when already held; raises NotOwner if another replica holds it, NotFound
+        if the model is no longer in the catalogue (another replica deleted it).
         """
         self._used[name] = time.monotonic()
         held = self._held.get(name)
@@ -155,7 +162,14 @@ class RedisLease:
             self._held.pop(name, None)
         token = await self._do(self._client().incr(self._k("fence", name)))
         value = f"{self.replica}:{token}"
-        got = await self._on_lease(self._take, name, value, self.replica, self._lease_ms)
+        if self._take is None:
+            raise StoreUnavailable("the redis store is not open")
+        keys = [self._k("lease", name), self._k("models")]
+        got = await self._do(
+            self._take(keys=keys, args=[value, self.replica, self._lease_ms, name])
+        )
+        if got == -1:
+            raise NotFound(f"no model named {name!r} (it was deleted)")
         if not got:
             owner = await self._do(self._client().get(self._k("lease", name)))
             who = owner.decode().rsplit(":", 1)[0] if owner else "another replica"
