@@ -59,6 +59,8 @@ __all__ = [
 
 #: the prefix of a batched step's key (a log record's ``kernel``)
 BATCHED = "batched-"
+#: models in one pass of the mapped step (a batch is stepped in chunks of this many)
+CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,16 @@ class BatchedStep(Generic[S]):
         """Row ``x[i]`` (1, I) with encoded target ``y[i]`` (C,) of model i from ``states[i]``
         (before the dynamics), for each i: its new state and its row's report, or ``None`` when
         one of its checks failed (the caller steps it eagerly). The reports come to the host in
-        one copy; a model's own tensors are only its state's (views of the batch's)."""
+        one copy; a model's own tensors are only its state's (views of the batch's). Stepped
+        ``CHUNK`` models at a time: past a few hundred small states a pass falls out of the
+        CPU's caches (1,000 Kalman Linear(16) models: 90k updates/s in one pass, 113k in
+        chunks of 256); a model's bits do not depend on its chunk (see the module's docstring)."""
+        results: list[Result[S]] = []
+        for i in range(0, len(states), CHUNK):
+            results += self._chunk(states[i : i + CHUNK], x[i : i + CHUNK], y[i : i + CHUNK])
+        return results
+
+    def _chunk(self, states: Sequence[S], x: Tensor, y: Tensor) -> list[Result[S]]:
         args = [torch.stack([getattr(s, k) for s in states]) for k in self.fields]
         with tracing():
             out = self.run(*args, x, y)
