@@ -12,6 +12,7 @@ import json
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -398,16 +399,29 @@ def test_password_urls_work_and_a_wrong_password_is_unavailable(tmp_path: Path) 
         redis.stop()
 
 
-def test_a_model_another_replica_created_later_is_hosted_on_first_use(tmp_path: Path) -> None:
-    """b started before the model existed: its first request for it finds the model in Redis and
-    hosts it at the latest state (snapshot + stream); unknown names stay 404."""
+@contextlib.contextmanager
+def _created_after_both_started(
+    tmp_path: Path, **env: str
+) -> Iterator[tuple[Server, Server, RedisServer]]:
+    """Replicas a and b on one Redis, then model m created on a (b has not restored it)."""
     redis = RedisServer(tmp_path / "redis").start()
-    env = _env(redis, POSTSERVE_REDIS_LEASE_MS="1000", POSTSERVE_SNAPSHOT_EVERY="3")
-    a, b = Server(tmp_path / "a", env), Server(tmp_path / "b", env)
+    a, b = Server(tmp_path / "a", _env(redis, **env)), Server(tmp_path / "b", _env(redis, **env))
     try:
         a.start()
         b.start()
         assert _post(a.url, "/v1/models", {"name": "m", **SPEC}).status_code == 201
+        yield a, b, redis
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()
+
+
+def test_a_model_another_replica_created_later_is_hosted_on_first_use(tmp_path: Path) -> None:
+    """b started before the model existed: its first request for it finds the model in Redis and
+    hosts it at the latest state (snapshot + stream); unknown names stay 404."""
+    settings = {"POSTSERVE_REDIS_LEASE_MS": "1000", "POSTSERVE_SNAPSHOT_EVERY": "3"}
+    with _created_after_both_started(tmp_path, **settings) as (a, b, _):
         for i in range(5):  # a snapshot at 3, then two records in the stream
             x, y = _row(i)
             assert _post(a.url, "/v1/models/m/update", {"x": [x], "y": [y]}).status_code == 200
@@ -430,20 +444,11 @@ def test_a_model_another_replica_created_later_is_hosted_on_first_use(tmp_path: 
             time.sleep(0.05)
         assert r.status_code == 200 and r.json()["version"] == 6, r.text
         _check_against_fresh_replay(b, 6)
-    finally:
-        a.stop()
-        b.stop()
-        redis.stop()
 
 
 def test_a_model_deleted_on_one_replica_is_not_written_again_by_another(tmp_path: Path) -> None:
-    redis = RedisServer(tmp_path / "redis").start()
-    env = _env(redis, POSTSERVE_REDIS_LEASE_MS="600", POSTSERVE_REDIS_LEASE_IDLE_S="0.5")
-    a, b = Server(tmp_path / "a", env), Server(tmp_path / "b", env)
-    try:
-        a.start()
-        b.start()
-        assert _post(a.url, "/v1/models", {"name": "m", **SPEC}).status_code == 201
+    settings = {"POSTSERVE_REDIS_LEASE_MS": "600", "POSTSERVE_REDIS_LEASE_IDLE_S": "0.5"}
+    with _created_after_both_started(tmp_path, **settings) as (a, b, redis):
         x, y = _row(0)
         assert _post(b.url, "/v1/models/m/update", {"x": [x], "y": [y]}).status_code == 200
         time.sleep(1.5)  # b's idle lease is released
@@ -456,7 +461,3 @@ def test_a_model_deleted_on_one_replica_is_not_written_again_by_another(tmp_path
         assert "m was deleted by another replica" in b.log_text()
         keys = redis_sync.Redis.from_url(redis.url).keys("*")
         assert not [k for k in keys if b":log:m" in k or b":snap:m" in k], keys
-    finally:
-        a.stop()
-        b.stop()
-        redis.stop()
