@@ -31,10 +31,11 @@ def serve(
     import uvicorn
 
     from service.api import create_app
-    from service.runtime import tune_allocator
+    from service.runtime import tune_allocator, tune_gc
 
     settings = Settings()
     tune_allocator()
+    tune_gc()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

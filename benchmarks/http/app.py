@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from service.api import create_app
 from service.config import Settings
-from service.runtime import tune_allocator
+from service.runtime import tune_allocator, tune_gc
 
 
 class NoopBody(BaseModel):
@@ -17,6 +17,7 @@ class NoopBody(BaseModel):
 def app() -> FastAPI:
     """uvicorn factory: ``uvicorn --factory benchmarks.http.app:app``."""
     tune_allocator()
+    tune_gc()
     application = create_app(Settings())
 
     @application.post("/bench/noop")
