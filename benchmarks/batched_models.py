@@ -13,6 +13,10 @@ interleaved rounds, one thread:
   ``batch_steps`` off (each model stepped alone) and on (their rows coalesced into one batched
   step per round).
 
+The process is tuned as the server's is (``service.runtime``: malloc thresholds, the cyclic
+collector's), and the models are frozen out of the collector's scans once built, as the engine
+does once it has restored its models at start (``--no-freeze``: not).
+
     python -m benchmarks.batched_models [--models 1 10 100 1000] [--dtype float64] [--seconds 1]
 """
 
@@ -32,6 +36,7 @@ from service.config import Settings
 from service.filters.batched import batched_step
 from service.filters.ekf import GaussState
 from service.hosting.engine import Engine
+from service.runtime import tune_allocator, tune_gc
 from service.schemas import ModelSpec, UpdateRequest
 from service.store import Backend, MemoryStore, SoleWriter
 
@@ -142,6 +147,8 @@ def main() -> None:
     args = p.parse_args()
     FREEZE[0] = not args.no_freeze
     torch.set_num_threads(1)
+    tune_allocator()  # the server's process settings (service/cli.py serve)
+    tune_gc()
     print(
         f"Kalman Linear({INPUTS}), {args.dtype}, one thread, models frozen out of gc's scans: "
         f"{FREEZE[0]}; updates/s\n\n"
