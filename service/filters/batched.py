@@ -141,7 +141,7 @@ def batched_step(f: OnlineFilter[S], state: S) -> BatchedStep[S]:
 
 def row_kernel(step: BatchedStep[S]) -> RowKernel[S]:
     """The batched step of one model as a row kernel (a batch of one: the same bits), for a
-    replay of the records it computed and for a model stepped alone."""
+    replay of the records it computed."""
 
     def run(*args: Tensor) -> list[Tensor]:
         with tracing():

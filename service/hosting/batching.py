@@ -23,9 +23,10 @@ from torch import Tensor
 
 from service.config import Settings
 from service.filters import Belief
-from service.filters.batched import BatchedStep, Result, batched_key, batched_step
+from service.filters.batched import BatchedStep, Result
 from service.hosting.compute import Compute
 from service.hosting.hosted import HostedModel
+from service.hosting.kernels import Kernels
 
 __all__ = ["Coalescer"]
 
@@ -47,32 +48,21 @@ class _Window:
 class Coalescer:
     """The open windows, one per batched-step key; counts what it batched."""
 
-    def __init__(self, settings: Settings, compute: Compute) -> None:
+    def __init__(self, settings: Settings, compute: Compute, kernels: Kernels) -> None:
         self.window_s = settings.batch_window_ms / 1000
         self.max = settings.batch_max
-        self.compute = compute
-        self._steps: dict[str, BatchedStep[Belief]] = {}
+        self.compute, self.kernels = compute, kernels
         self._open: dict[str, _Window] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # batched steps run
         self.rows = 0  # rows they stepped
         self.largest = 0
 
-    def step_of(self, h: HostedModel) -> BatchedStep[Belief]:
-        """``h``'s batched step (one per key, shared by its models)."""
-        key = h.batch_key
-        if key is None:
-            key = h.batch_key = batched_key(h.filter, h.current.state)
-        step = self._steps.get(key)
-        if step is None:
-            step = self._steps[key] = batched_step(h.filter, h.current.state)
-        return step
-
     async def step(self, h: HostedModel, state: Belief, x: Tensor, y: Tensor) -> Result[Belief]:
         """Model ``h``'s row ``x`` (1, I), target ``y`` (C,) from ``state``, stepped with the rows
         of other models that arrive in the same window: its new state and report, or None (a
         check failed, or the batched step did: the caller steps it eagerly)."""
-        step = self.step_of(h)
+        step = self.kernels.batched(h)
         window = self._open.get(step.key)
         if window is None:
             window = self._open[step.key] = _Window(step)

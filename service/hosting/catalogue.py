@@ -175,12 +175,18 @@ class Catalogue:
         self._bytes += hosted.filter.state_bytes(hosted.current.state)
         self.kernels.start(hosted)
 
+    def _remove(self, hosted: HostedModel) -> bool:
+        """Stop hosting ``hosted`` (marked deleted); whether it was the one hosted by its name."""
+        hosted.deleted = True
+        if self.models.get(hosted.name) is not hosted:
+            return False
+        del self.models[hosted.name]
+        self._bytes -= hosted.filter.state_bytes(hosted.current.state)
+        return True
+
     def drop(self, hosted: HostedModel) -> None:
         """Stop hosting a model the store no longer has (another replica deleted it)."""
-        hosted.deleted = True
-        if self.models.get(hosted.name) is hosted:
-            del self.models[hosted.name]
-            self._bytes -= hosted.filter.state_bytes(hosted.current.state)
+        if self._remove(hosted):
             log.info("%s was deleted by another replica; no longer hosted here", hosted.name)
 
     async def delete(self, name: str) -> None:
@@ -188,9 +194,7 @@ class Catalogue:
         self._busy.add(name)
         try:
             async with hosted.lock:
-                hosted.deleted = True
-                if self.models.pop(name, None) is not None:
-                    self._bytes -= hosted.filter.state_bytes(hosted.current.state)
+                self._remove(hosted)
                 await hosted.settle()  # no pending record may land after the delete
                 await self.store.delete_model(name)
         finally:

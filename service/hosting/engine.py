@@ -83,7 +83,9 @@ class Engine:
         self.snapshots = Snapshots(
             settings, self.store, self.lease, self.catalogue, compute, recovery
         )
-        self.coalescer = Coalescer(settings, compute) if settings.batch_steps else None
+        self.coalescer = (
+            Coalescer(settings, compute, self.kernels) if settings.batch_steps else None
+        )
         self.updates = Updates(
             settings, self.store, self.lease, self.catalogue, limits, compute, recovery,
             self.snapshots, self.coalescer,

@@ -98,7 +98,7 @@ class Hosted(Generic[S]):
     draw_kernel_started: bool = False  # its build began (at the first such decision)
     predict_kernel: PredictKernel[S] | None = None  # compiled predictive of one row, once built
     predict_kernel_started: bool = False  # its build began (at the first one-row /predict)
-    batch_key: str | None = None  # its batched step's key, once it has been batched
+    batch_key: str | None = None  # its batched step's key, once it was batched or replayed
 
     @property
     def name(self) -> str:
@@ -190,11 +190,14 @@ class Hosted(Generic[S]):
     def row(self, x: list[list[float]], y: Sequence[Label]) -> tuple[torch.Tensor, torch.Tensor]:
         """One admitted row as a step takes it: x (1, I) and the encoded target (C,), of the
         model's dtype (raises InvalidInput for a label the likelihood refuses)."""
+        Y = self.filter.encode(self._targets(y))
+        return self.tensor(x), Y[0].to(dtype=self.dtype, device=self.device)
+
+    def _targets(self, y: Sequence[Label]) -> torch.Tensor:
         try:
-            Y = self.filter.encode(self.tensor(y))
+            return self.tensor(y)
         except (ValueError, TypeError) as exc:
             raise InvalidInput(f"y rows must all have the same shape: {exc}") from exc
-        return self.tensor(x), Y[0].to(dtype=self.dtype, device=self.device)
 
     def step(
         self,
@@ -208,11 +211,7 @@ class Hosted(Generic[S]):
         observing output ``outputs[i]`` alone where given (``kernel`` then the output kernels):
         the new state, each row's report, and what calibration scores of each row. Raises
         StepRejected / InvalidInput."""
-        X = self.tensor(x)
-        try:
-            Y = self.tensor(y)
-        except (ValueError, TypeError) as exc:
-            raise InvalidInput(f"y rows must all have the same shape: {exc}") from exc
+        X, Y = self.tensor(x), self._targets(y)
         steps = kernel.steps if isinstance(kernel, OutputKernels) else kernel
         new, infos = self.filter.run(state, X, Y, steps, outputs)
         return new, *self.reported(infos, x, y, outputs)

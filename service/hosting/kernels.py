@@ -36,7 +36,7 @@ import anyio.to_thread
 
 from service.config import Settings
 from service.filters import Belief, OnlineFilter
-from service.filters.batched import BATCHED, batched_key, batched_step, row_kernel
+from service.filters.batched import BATCHED, BatchedStep, batched_key, batched_step, row_kernel
 from service.filters.compiled import (
     OUTPUT_KERNELS,
     DrawKernel,
@@ -79,7 +79,7 @@ class Kernels:
         self._limiter = anyio.CapacityLimiter(1)  # one compile at a time: each takes the cores
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned: set[tuple[str, str]] = set()  # (model, kernel) replayed without it
-        self._batched: dict[str, RowKernel[Belief]] = {}  # batched steps, for replays
+        self._batched: dict[str, BatchedStep[Belief]] = {}  # batched steps, by key
 
     def start(self, h: HostedModel) -> None:
         """Build ``h``'s compiled step in the background, when the setting is on."""
@@ -211,16 +211,24 @@ class Kernels:
         self._warn(h, key, h.kernel)
         return h.kernel
 
+    def batched(self, h: HostedModel) -> BatchedStep[Belief]:
+        """``h``'s batched step (``service.filters.batched``: built at once, no compile), one
+        per key, shared by the models of that key (the coalescer's and replays')."""
+        key = h.batch_key
+        if key is None:
+            key = h.batch_key = batched_key(h.filter, h.current.state)
+        step = self._batched.get(key)
+        if step is None:
+            step = self._batched[key] = batched_step(h.filter, h.current.state)
+        return step
+
     def _batched_for_replay(self, h: HostedModel, key: str) -> RowKernel[Belief] | None:
-        state = h.current.state
-        if batched_key(h.filter, state) != key:  # another torch, CPU or filter code: eagerly
+        step = self.batched(h)
+        if step.key != key:  # another torch, CPU or filter code: the eager step
             if (h.name, key) not in self._warned:
                 self._warn(h, key, None)
             return None
-        kernel = self._batched.get(key)
-        if kernel is None:
-            kernel = self._batched[key] = row_kernel(batched_step(h.filter, state))
-        return kernel
+        return row_kernel(step)
 
     async def _outputs_for_replay(self, h: HostedModel, key: str) -> OutputKernels[Belief] | None:
         state = h.current.state
