@@ -18,6 +18,7 @@ from torch import Tensor
 from service.components import ALGORITHMS
 from service.components.build import build_filter
 from service.filters import OnlineFilter, jacobian_autodiff
+from service.filters.draws import argmax_shares
 from service.filters.linalg import psd_sqrt
 from service.schemas import ModelSpec
 
@@ -117,3 +118,21 @@ def test_the_root_of_a_covariance_is_symmetric_and_moves_with_it() -> None:
         expected = torch.from_numpy(scipy_linalg.sqrtm(M.numpy()).real)
         torch.testing.assert_close(F, expected, rtol=0, atol=1e-6)  # sqrtm: about sqrt(eps)
     assert (psd_sqrt(A) - psd_sqrt(B)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("arms", [7, 300])  # a uint8 weight, and a long one past 255
+def test_argmax_shares_take_the_first_maximum_at_any_stride(arms: int) -> None:
+    """``argmax_shares`` against ``torch.argmax`` (lowest index on ties) and counts done here,
+    on a contiguous stack and on a view whose draws axis is innermost (how ``_each`` lays its
+    draws out), with ties planted by rounding draws to a coarse grid."""
+    g = torch.Generator().manual_seed(6)
+    G, M = 5, 64
+    draws = torch.round(torch.randn(G, arms, M, dtype=F64, generator=g) * 2) / 2  # many ties
+    view = draws.permute(0, 2, 1)  # (G, M, A), M innermost
+    for d in (view, view.contiguous()):
+        winners, shares = argmax_shares(d)
+        assert torch.equal(winners, d.contiguous().argmax(dim=2))
+        for k in range(G):
+            counts = torch.bincount(winners[k], minlength=arms).to(F64)
+            assert torch.equal(shares[k], counts / M)
+    assert (view == view.amax(dim=2, keepdim=True)).sum(dim=2).max() > 1  # ties were planted

@@ -125,15 +125,17 @@ def _each(
         return None
     # F z^T in float32, (G, NC, NC) @ (G, NC, n): one batched product with n as its wide
     # dimension is 8x faster than z F^T (n, NC) per group, and 8x faster again than in float64
-    # (the draws are Monte Carlo; their float32 rounding is far below its error, as z's is)
+    # (the draws are Monte Carlo; their float32 rounding is far below its error, as z's is).
+    # The draws stay in that layout, n innermost, and are answered as a (G, n, N, C) view of it:
+    # a transposing copy into rows of C cost more than the draws (and ``argmax_shares`` reduces
+    # along C at any stride).
     z = torch.randn((G, N * C, n), generator=generator, dtype=torch.float32, device=g.device)
     Fz = torch.bmm(psd_sqrt(cov).to(torch.float32), z)
-    zF = g.new_empty((G, n, N * C)).copy_(Fz.mT)  # contiguous rows: the arg-max runs along them
-    eta = (zF + g.reshape(G, 1, N * C)).reshape(G, n, N, C)
+    eta = (Fz + g.reshape(G, N * C, 1)).reshape(G, N, C, n)  # in g's dtype
     if N > 1:
         first = _first_repeats(x)
-        eta = eta.gather(2, first[:, None, :, None].expand(G, n, N, C))
-    return f.likelihood.mean(eta)
+        eta = eta.gather(1, first[:, :, None, None].expand(G, N, C, n))
+    return f.likelihood.mean(eta.permute(0, 3, 1, 2))
 
 
 def in_output_space(f: OnlineFilter[S], rows: int, linearized: bool) -> bool:
@@ -159,10 +161,16 @@ def drawn(g: Tensor, cov: Tensor, z: Tensor) -> Tensor:
 
 
 def argmax_shares(draws: Tensor) -> tuple[Tensor, Tensor]:
-    """For draws (G, M, A): each draw's arg-max (G, M) (ties: the lowest index) and, per group,
-    the share of its M draws whose arg-max is a, (G, A) in float64."""
+    """For draws (G, M, A) of any strides: each draw's arg-max (G, M) (ties: the lowest index)
+    and, per group, the share of its M draws whose arg-max is a, (G, A) in float64.
+
+    The arg-max is taken as the largest of (A - a) over the a that reach the draw's maximum: two
+    reductions that run along M wherever M is the innermost axis (``torch.argmax`` along a short
+    axis is several times slower, and slower still across strides)."""
     G, M, A = draws.shape
-    winners = draws.argmax(dim=2)
+    top = draws.amax(dim=2, keepdim=True)
+    back = torch.arange(A, 0, -1, dtype=torch.uint8 if A < 256 else torch.long, device=draws.device)
+    winners = A - ((draws == top) * back).amax(dim=2).long()
     ones = torch.ones((G, M), dtype=torch.float64, device=draws.device)
     counts = ones.new_zeros((G, A)).scatter_add_(1, winners, ones)
     return winners, counts / M
