@@ -62,6 +62,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "sgd": {"filter": {"type": "sgd", "learning_rate": 0.05}, "prior": 1.0},
     "replay-sgd": {"filter": {"type": "replay_sgd", "buffer": 10, "learning_rate": 0.05},
                    "prior": 1.0},
+    "adam": {"filter": {"type": "sgd", "optimizer": "adam", "learning_rate": 3e-4}, "prior": 1.0},
+    "replay-adam": {"filter": {"type": "replay_sgd", "optimizer": "adam", "buffer": 10,
+                               "learning_rate": 3e-4}, "prior": 1.0},
 }  # fmt: skip
 
 WARMUP = {"epochs": 150, "learning_rate": 0.05, "momentum": 0.9, "iterates": 150}
@@ -107,6 +110,7 @@ def spec(net: str, method: str, seed: int, warm: tuple[np.ndarray, np.ndarray]) 
     return ModelSpec.model_validate({
         "name": "fashion", "network": NETS[net], "likelihood": {"type": "categorical"},
         "filter": filt, "prior": {"variance": m["prior"]}, "seed": seed, "dtype": "float32",
+        **({"dynamics": m["dynamics"]} if "dynamics" in m else {}),
     })  # fmt: skip
 
 
@@ -213,13 +217,14 @@ def main() -> None:
     p.add_argument("--report", action="store_true", help="only the table and plot of --out")
     p.add_argument(
         "--set", nargs="*", default=[], metavar="METHOD.KEY=VALUE",
-        help="override a method's setting, e.g. sgd.learning_rate=0.1 lofi-10.prior=0.01",
+        help="override a method's setting, e.g. sgd.learning_rate=0.1 lofi-10.prior=0.01\n"
+        'lofi-10.dynamics={"process_noise":1e-6} (JSON values)',
     )  # fmt: skip
     args = p.parse_args()
     for item in args.set:
         key, value = item.split("=", 1)
         method, field = key.split(".", 1)
-        target = METHODS[method] if field == "prior" else METHODS[method]["filter"]
+        target = METHODS[method] if field in ("prior", "dynamics") else METHODS[method]["filter"]
         target[field] = json.loads(value)
     args.out.mkdir(parents=True, exist_ok=True)
     data = () if args.report else load()

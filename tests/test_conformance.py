@@ -117,7 +117,9 @@ def _rows(f: OnlineFilter[Belief], rows: list[list[float]]) -> dict[str, Any]:
 
 
 def _tensors(state: Belief) -> dict[str, torch.Tensor]:
-    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    """The state's tensors (a field left None, an optional part of a state, holds none)."""
+    fields = dataclasses.fields(state)
+    return {f.name: t for f in fields if (t := getattr(state, f.name)) is not None}
 
 
 def test_every_point_has_its_kinds_registered() -> None:

@@ -59,14 +59,23 @@ class KalmanSpec(TypedSpec):
     type: Literal["kalman"]
 
 
-class SGDSpec(TypedSpec):
+class _OptimizerFields(TypedSpec):
+    """How a point estimate steps: plain SGD, or Adam with its betas and epsilon."""
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0, le=1)
+
+
+class SGDSpec(_OptimizerFields):
     """Online SGD (``service.filters.gradient``): a point estimate, no epistemic variance."""
 
     type: Literal["sgd"]
     learning_rate: float = Field(gt=0, le=1e3)
 
 
-class ReplaySGDSpec(TypedSpec):
+class ReplaySGDSpec(_OptimizerFields):
     """Replay-buffer SGD over the last ``buffer`` rows, ``steps`` gradient steps a row."""
 
     type: Literal["replay_sgd"]
@@ -117,22 +126,37 @@ ALGORITHMS.register(
 ALGORITHMS.register(AlgorithmKind(KalmanSpec, lambda s, n: Kalman(), GaussState, dense_numbers))
 
 
+def _sgd(spec: SGDSpec, network: Network) -> SGD:
+    return SGD(
+        spec.learning_rate, optimizer=spec.optimizer, beta1=spec.beta1, beta2=spec.beta2,
+        eps=spec.eps,
+    )  # fmt: skip
+
+
+def _sgd_numbers(spec: SGDSpec | ReplaySGDSpec, network: Network) -> int:
+    """theta, and Adam's two moments and its step count."""
+    D = network.num_params
+    return D + (2 * D + 1 if spec.optimizer == "adam" else 0)
+
+
 def _replay(spec: ReplaySGDSpec, network: Network) -> ReplaySGD:
     return ReplaySGD(
-        spec.learning_rate, spec.buffer, network.input_dim, network.output_dim, spec.steps
-    )
+        spec.learning_rate, spec.buffer, network.input_dim, network.output_dim, spec.steps,
+        optimizer=spec.optimizer, beta1=spec.beta1, beta2=spec.beta2, eps=spec.eps,
+    )  # fmt: skip
 
 
 def _replay_numbers(spec: ReplaySGDSpec, network: Network) -> int:
-    return network.num_params + spec.buffer * (network.input_dim + 2 * network.output_dim)
+    held = spec.buffer * (network.input_dim + 2 * network.output_dim)
+    return _sgd_numbers(spec, network) + held
 
 
 ALGORITHMS.register(
     AlgorithmKind(
         SGDSpec,
-        lambda s, n: SGD(s.learning_rate),
+        _sgd,
         PointState,
-        lambda s, n: n.num_params,
+        _sgd_numbers,
         example={"learning_rate": 0.05},
     )
 )

@@ -154,9 +154,10 @@ def encode_state(
 ) -> tuple[bytes, bytes]:
     """(safetensors bytes, JSON metadata bytes) of a state at ``version``; ``extra`` goes into
     the metadata (the calibration window, so that it outlives a restart)."""
-    tensors = {
-        f.name: getattr(state, f.name).detach().to("cpu").contiguous()
+    tensors = {  # a field left None (an optional part of a state) is not stored
+        f.name: t.detach().to("cpu").contiguous()
         for f in dataclasses.fields(state)
+        if (t := getattr(state, f.name)) is not None
     }
     meta = {"version": version, "algorithm": algorithm, "format": 1, **(extra or {})}
     return st_save(tensors), json.dumps(meta).encode()

@@ -280,7 +280,10 @@ class _Step(_Traced[S]):
 
 
 def _fields(state: object) -> tuple[str, ...]:
-    return tuple(fl.name for fl in dataclasses.fields(state))  # type: ignore[arg-type]
+    fields = dataclasses.fields(state)  # type: ignore[arg-type]
+    # a field left None (optional parts, e.g. a plain-SGD state's Adam moments) is not an input;
+    # such fields come last, so the state is rebuilt from the others by position
+    return tuple(fl.name for fl in fields if getattr(state, fl.name) is not None)
 
 
 @functools.cache

@@ -13,7 +13,16 @@ the model's likelihood (the gaussian at unit noise, half the squared error, as t
                  n = the rows held (fewer than k until k rows have been seen)
 
 (the talk's replay-buffer SGD with one step; rebayes' ``FifoTrainState`` keeps the same buffer).
-The dynamics' decay scales theta; process noise has nothing to act on. A row observing one output
+
+``optimizer="adam"`` replaces each step theta <- theta - lr grad by Adam's (Kingma & Ba 2015, as
+``torch.optim.Adam`` without weight decay, and as the optax.adam of rebayes' SGD baselines)::
+
+    t <- t + 1,   m1 <- b1 m1 + (1 - b1) grad,   m2 <- b2 m2 + (1 - b2) grad^2
+    theta <- theta - (lr / (1 - b1^t)) m1 / (sqrt(m2) / sqrt(1 - b2^t) + eps)
+
+with its moments m1, m2 (D,) and step count t in the state (a replay step of ``steps`` inner
+steps counts ``steps``). The dynamics' decay scales theta (not the moments); process noise has
+nothing to act on. A row observing one output
 (``outputs``, 3.8) contributes that output's loss alone, in the step and in the buffer.
 
 =========  ==========  =================================================================
@@ -24,13 +33,18 @@ xs         (k, I)      the buffer's rows, oldest first (replay only)
 ys         (k, C)      their encoded labels (a partial row: its number at its output)
 mask       (k, C)      1 where a label is observed: all of a full row, one output of a
                        partial row, nothing in a slot not filled yet
+m1, m2     (D,)        Adam's first and second moments (``optimizer="adam"`` only)
+steps      ()          Adam's step count t, in the state's dtype (``optimizer="adam"`` only)
 =========  ==========  =================================================================
+
+A plain-SGD state leaves the three Adam fields ``None``: what it stores is theta (and the buffer)
+alone, as before they existed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -89,9 +103,13 @@ def _losses(likelihood: Likelihood, g: Tensor, Y: Tensor, mask: Tensor) -> Tenso
 
 @dataclass(frozen=True)
 class PointState:
-    """A point estimate: ``mean`` theta (D,)."""
+    """A point estimate: ``mean`` theta (D,), and Adam's moments and step count where it steps
+    by Adam."""
 
     mean: Tensor
+    m1: Tensor | None = None
+    m2: Tensor | None = None
+    steps: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -102,13 +120,23 @@ class ReplayState:
     xs: Tensor
     ys: Tensor
     mask: Tensor
+    m1: Tensor | None = None
+    m2: Tensor | None = None
+    steps: Tensor | None = None
+
+
+Optimizer = Literal["sgd", "adam"]
 
 
 class _Point:
-    """What both SGDs share: a belief without covariance."""
+    """What both SGDs share: a belief without covariance, stepped by SGD or Adam."""
 
     name: str
     learning_rate: float
+    optimizer: Optimizer
+    beta1: float
+    beta2: float
+    eps: float
 
     def check_model(self, network: Network, likelihood: Likelihood) -> None:
         """Every network and likelihood."""
@@ -124,7 +152,8 @@ class _Point:
         raise TypeError(f"{self.name} learns by gradient steps (``learn``), not by conditioning")
 
     def validity(self, state: PointState | ReplayState) -> tuple[Check, ...]:
-        return (finite_check("the parameters", state.mean),)
+        moments = [t for t in (state.m1, state.m2) if t is not None]
+        return (finite_check("the parameters", state.mean, *moments),)
 
     def sample(
         self, state: PointState | ReplayState, n: int, generator: torch.Generator | None
@@ -138,25 +167,43 @@ class _Point:
 
     def state_bytes(self, state: PointState | ReplayState) -> int:
         fields = [getattr(state, k) for k in state.__dataclass_fields__]
-        return sum(t.numel() * t.element_size() for t in fields)
+        return sum(t.numel() * t.element_size() for t in fields if t is not None)
+
+    def _moments(self, mean: Tensor) -> dict[str, Tensor]:
+        """The initial Adam fields of a state with theta ``mean`` (none for plain SGD)."""
+        if self.optimizer != "adam":
+            return {}
+        return {"m1": torch.zeros_like(mean), "m2": torch.zeros_like(mean),
+                "steps": mean.new_zeros(())}  # fmt: skip
 
     def _step(
         self,
         network: Network,
         likelihood: Likelihood,
+        state: PointState | ReplayState,
         theta: Tensor,
         x: Tensor,
         Y: Tensor,
         mask: Tensor,
         rows: Tensor | int = 1,
-    ) -> Tensor:
-        """theta - lr grad of the loss summed over the rows x (n, I), Y and mask (n, C), over
-        ``rows`` (the rows held)."""
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One step from theta on the loss summed over the rows x (n, I), Y and mask (n, C),
+        over ``rows`` (the rows held): the new theta and, for Adam, the new moment fields
+        (read from ``state``, the state being stepped)."""
         with torch.enable_grad():
             t = theta.detach().requires_grad_(True)
             loss = _losses(likelihood, network.apply(t, x), Y, mask).sum() / rows
             (grad,) = torch.autograd.grad(loss, t)
-        return theta - self.learning_rate * grad
+        if self.optimizer != "adam":
+            return theta - self.learning_rate * grad, {}
+        assert state.m1 is not None and state.m2 is not None and state.steps is not None
+        b1, b2 = self.beta1, self.beta2
+        steps = state.steps + 1
+        m1 = torch.lerp(state.m1, grad, 1 - b1)  # b1 m1 + (1 - b1) grad, as torch's Adam
+        m2 = b2 * state.m2 + (1 - b2) * grad * grad
+        size = self.learning_rate / (1 - b1**steps)
+        denom = m2.sqrt() / (1 - b2**steps).sqrt() + self.eps
+        return theta - size * (m1 / denom), {"m1": m1, "m2": m2, "steps": steps}
 
 
 def _full_row(network: Network, k: int | None, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -197,16 +244,21 @@ def learned(
 
 @dataclass(frozen=True)
 class SGD(_Point):
-    """Online SGD: one gradient step on each row's loss."""
+    """Online SGD: one gradient step on each row's loss (by Adam's rule where ``optimizer`` is
+    ``"adam"``)."""
 
     learning_rate: float
     name: str = "sgd"
+    optimizer: Optimizer = "sgd"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
 
     def init(self, mean: Tensor, variance: float | Tensor) -> PointState:
-        return PointState(mean=mean)
+        return PointState(mean=mean, **self._moments(mean))
 
     def predict(self, state: PointState, decay: float, process_noise: float) -> PointState:
-        return state if decay == 1.0 else PointState(mean=decay * state.mean)
+        return state if decay == 1.0 else replace(state, mean=decay * state.mean)
 
     def learn(
         self, network: Network, likelihood: Likelihood, state: PointState, x: Tensor, y: Tensor
@@ -214,7 +266,8 @@ class SGD(_Point):
         """One step on the row x (1, I), y encoded (C,) for ``network``."""
         full, k = _observed(network)
         Y, mask = _full_row(full, k, y)
-        return PointState(self._step(full, likelihood, state.mean, x, Y[None], mask[None]))
+        theta, moments = self._step(full, likelihood, state, state.mean, x, Y[None], mask[None])
+        return PointState(theta, **moments)
 
 
 @dataclass(frozen=True)
@@ -228,18 +281,22 @@ class ReplaySGD(_Point):
     output_dim: int
     steps: int = 1
     name: str = "replay_sgd"
+    optimizer: Optimizer = "sgd"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
 
     def init(self, mean: Tensor, variance: float | Tensor) -> ReplayState:
         k, I, C = self.buffer, self.input_dim, self.output_dim
         return ReplayState(
             mean=mean, xs=mean.new_zeros((k, I)), ys=mean.new_zeros((k, C)),
-            mask=mean.new_zeros((k, C)),
+            mask=mean.new_zeros((k, C)), **self._moments(mean),
         )  # fmt: skip
 
     def predict(self, state: ReplayState, decay: float, process_noise: float) -> ReplayState:
         if decay == 1.0:
             return state
-        return ReplayState(decay * state.mean, state.xs, state.ys, state.mask)
+        return replace(state, mean=decay * state.mean)
 
     def learn(
         self, network: Network, likelihood: Likelihood, state: ReplayState, x: Tensor, y: Tensor
@@ -251,7 +308,8 @@ class ReplaySGD(_Point):
         ys = torch.cat([state.ys[1:], Y[None].to(state.ys)])
         ms = torch.cat([state.mask[1:], mask[None].to(state.mask)])
         held = (ms.amax(-1) > 0).sum()  # the filled slots (an empty slot's loss is 0)
-        theta = state.mean
+        theta, now = state.mean, state
         for _ in range(self.steps):
-            theta = self._step(full, likelihood, theta, xs, ys, ms, held)
-        return ReplayState(theta, xs, ys, ms)
+            theta, moments = self._step(full, likelihood, now, theta, xs, ys, ms, held)
+            now = replace(now, **moments)
+        return ReplayState(theta, xs, ys, ms, now.m1, now.m2, now.steps)
