@@ -38,6 +38,13 @@ FILTERS: dict[str, dict[str, Any]] = {
     "last_layer": {"type": "last_layer"},
     "sgd": {"type": "sgd", "learning_rate": 0.05},
     "replay_sgd-10": {"type": "replay_sgd", "buffer": 10, "learning_rate": 0.05},
+    "adam": {"type": "sgd", "optimizer": "adam", "learning_rate": 3e-4},
+    "replay_adam-10": {
+        "type": "replay_sgd",
+        "optimizer": "adam",
+        "buffer": 10,
+        "learning_rate": 3e-4,
+    },
 }
 
 
