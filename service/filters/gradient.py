@@ -22,8 +22,8 @@ the model's likelihood (the gaussian at unit noise, half the squared error, as t
 
 with its moments m1, m2 (D,) and step count t in the state (a replay step of ``steps`` inner
 steps counts ``steps``). The dynamics' decay scales theta (not the moments); process noise has
-nothing to act on. A row observing one output
-(``outputs``, 3.8) contributes that output's loss alone, in the step and in the buffer.
+nothing to act on. A row observing one output (``outputs``, 3.8) contributes that output's loss
+alone, in the step and in the buffer.
 
 =========  ==========  =================================================================
 field      shape       meaning
