@@ -242,11 +242,17 @@ class Stats:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """The statistics as plain values, copied: a snapshot takes this with its state and
+        encodes it later, while later rows go on adding to this bucket's lists."""
+        return {k: _copied(getattr(self, k)) for k in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stats:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: _copied(d[k]) for k in cls.__dataclass_fields__})
+
+
+def _copied(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
 
 
 class CalibrationTracker:

@@ -269,3 +269,22 @@ def test_tracker_round_trips_through_json() -> None:
         tracker.observe(o, v)
         again.observe(o, v)
     assert again.stats().to_dict() == tracker.stats().to_dict()
+
+
+def test_a_taken_window_does_not_move_with_later_rows() -> None:
+    """A snapshot takes ``to_dict`` with its state and encodes it later: rows observed in
+    between must not reach it (the open bucket's coverage and PIT lists were once shared, so a
+    restart replayed those rows into them a second time: coverage above 1)."""
+    rng = np.random.default_rng(9)
+    tracker = CalibrationTracker(window=50, buckets=5)
+    for v in range(1, 24):
+        tracker.observe(_obs(rng), v)
+    taken = tracker.to_dict()
+    frozen = json.dumps(taken)
+    for v in range(24, 31):  # within the same open bucket
+        tracker.observe(_obs(rng), v)
+    assert json.dumps(taken) == frozen
+    again = CalibrationTracker.from_dict(json.loads(frozen))
+    for v in range(24, 31):  # replayed after a restart, as the log does
+        again.observe(_obs(np.random.default_rng(v)), v)
+    assert all(c <= s.n for s in (again.stats(),) for c in s.covered)
