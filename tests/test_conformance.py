@@ -21,7 +21,6 @@ The Monte Carlo check has a false-alarm rate of 1e-3 per case (fixed seeds: a pa
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import math
 from typing import Any
@@ -35,6 +34,7 @@ from service.components.build import build_filter, decode_state, encode_state
 from service.config import Settings
 from service.errors import InvalidInput, InvalidSpec
 from service.filters import Belief, OnlineFilter, jacobian_autodiff
+from service.filters.algorithm import state_tensors
 from service.filters.gradient import point_estimate
 from service.filters.networks import DenseJacobian
 from service.filters.statespace import StateSpace
@@ -117,9 +117,7 @@ def _rows(f: OnlineFilter[Belief], rows: list[list[float]]) -> dict[str, Any]:
 
 
 def _tensors(state: Belief) -> dict[str, torch.Tensor]:
-    """The state's tensors (a field left None, an optional part of a state, holds none)."""
-    fields = dataclasses.fields(state)
-    return {f.name: t for f in fields if (t := getattr(state, f.name)) is not None}
+    return state_tensors(state)  # every field but an optional one left None
 
 
 def test_every_point_has_its_kinds_registered() -> None:

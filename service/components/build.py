@@ -4,7 +4,6 @@ pickle, so nothing read back from a store can run code)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -16,6 +15,7 @@ from service.components import ALGORITHMS, LIKELIHOODS, NETWORKS
 from service.components.likelihoods import GaussianSpec
 from service.errors import InvalidSpec
 from service.filters import Belief, Dynamics, Network, OnlineFilter, Prior
+from service.filters.algorithm import state_tensors
 from service.schemas import ModelSpec
 
 __all__ = [
@@ -154,11 +154,7 @@ def encode_state(
 ) -> tuple[bytes, bytes]:
     """(safetensors bytes, JSON metadata bytes) of a state at ``version``; ``extra`` goes into
     the metadata (the calibration window, so that it outlives a restart)."""
-    tensors = {  # a field left None (an optional part of a state) is not stored
-        f.name: t.detach().to("cpu").contiguous()
-        for f in dataclasses.fields(state)
-        if (t := getattr(state, f.name)) is not None
-    }
+    tensors = {k: t.detach().to("cpu").contiguous() for k, t in state_tensors(state).items()}
     meta = {"version": version, "algorithm": algorithm, "format": 1, **(extra or {})}
     return st_save(tensors), json.dumps(meta).encode()
 

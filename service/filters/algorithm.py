@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from service.filters.likelihoods import Likelihood
     from service.filters.networks import Jacobian, Network
 
-__all__ = ["Algorithm", "Belief", "S"]
+__all__ = ["Algorithm", "Belief", "S", "state_tensors"]
 
 
 class Belief(Protocol):
@@ -46,6 +46,15 @@ class Belief(Protocol):
 
 
 S = TypeVar("S", bound=Belief)
+
+
+def state_tensors(state: Belief) -> dict[str, Tensor]:
+    """A state's tensors by field name, in field order. A field left ``None`` (an optional part
+    of a state, e.g. a plain-SGD state's Adam moments) holds none: it is neither stored in a
+    snapshot nor an input of a compiled kernel. Optional fields come last, so a state is rebuilt
+    from these by position."""
+    fields = state.__dataclass_fields__
+    return {k: t for k in fields if (t := getattr(state, k)) is not None}
 
 
 class Algorithm(Protocol[S]):

@@ -28,7 +28,6 @@ the same shape loads it in milliseconds.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -45,7 +44,7 @@ import torch
 from torch import Tensor
 
 from service.filters import draws
-from service.filters.algorithm import S
+from service.filters.algorithm import Belief, S, state_tensors
 from service.filters.base import Predictive, StepInfo, packed
 from service.filters.linalg import tracing
 from service.filters.online import OnlineFilter
@@ -279,11 +278,8 @@ class _Step(_Traced[S]):
         )
 
 
-def _fields(state: object) -> tuple[str, ...]:
-    fields = dataclasses.fields(state)  # type: ignore[arg-type]
-    # a field left None (optional parts, e.g. a plain-SGD state's Adam moments) is not an input;
-    # such fields come last, so the state is rebuilt from the others by position
-    return tuple(fl.name for fl in fields if getattr(state, fl.name) is not None)
+def _fields(state: Belief) -> tuple[str, ...]:
+    return tuple(state_tensors(state))
 
 
 @functools.cache

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from service.filters.algorithm import state_tensors
 from service.filters.base import Linearization, StepInfo
 from service.filters.likelihoods import Gaussian, Likelihood
 from service.filters.linalg import Check, finite_check
@@ -166,8 +167,7 @@ class _Point:
         return state.mean.new_zeros((D, D))
 
     def state_bytes(self, state: PointState | ReplayState) -> int:
-        fields = [getattr(state, k) for k in state.__dataclass_fields__]
-        return sum(t.numel() * t.element_size() for t in fields if t is not None)
+        return sum(t.numel() * t.element_size() for t in state_tensors(state).values())
 
     def _moments(self, mean: Tensor) -> dict[str, Tensor]:
         """The initial Adam fields of a state with theta ``mean`` (none for plain SGD)."""
