@@ -224,3 +224,60 @@ def test_thompson_draws_share_one_theta_across_rows() -> None:
     torch.testing.assert_close(out[:, 0], out[:, 2], rtol=0, atol=0)
     thetas = f.sample(state, 64, torch.Generator().manual_seed(18))
     torch.testing.assert_close(out, net.apply(thetas, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("name", "likelihood", "C", "classes"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("gamma", [1.0, 0.97])
+def test_orthogonal_truncation_equals_the_full_gram(name, likelihood, C, classes, gamma) -> None:  # type: ignore[no-untyped-def]
+    """Without process noise W's rows stay orthogonal, so taking W W^T as the diagonal of their
+    squared norms (``orthogonal``) gives the full Gram product's states and reports."""
+    net = MLP(input_dim=4, hidden=(8,), output_dim=C, activation="tanh")
+    X, Y = _stream(60, 4, C, classes, seed=21)
+    kw = {"network": net, "likelihood": likelihood, "dynamics": Dynamics(gamma, 0.0)}
+    full = OnlineFilter(algorithm=LoFi(rank=3), prior=Prior(0.5), **kw)
+    ortho = OnlineFilter(algorithm=LoFi(rank=3, orthogonal=True), prior=Prior(0.5), **kw)
+    sf, sq = full.init(F64), ortho.init(F64)
+    Yf = full.encode(Y)
+    for t in range(60):
+        sf, inf = full.step(sf, X[t], Yf[t])
+        sq, inq = ortho.step(sq, X[t], Yf[t])
+        WWt = sq.W @ sq.W.mT
+        off = WWt - torch.diag(WWt.diagonal())
+        assert float(off.abs().max()) <= 1e-12 * float(WWt.diagonal().max())
+        torch.testing.assert_close(sq.mean, sf.mean, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(sq.upsilon, sf.upsilon, rtol=1e-9, atol=0)
+        torch.testing.assert_close(sq.W.mT @ sq.W, sf.W.mT @ sf.W, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(inq.log_likelihood, inf.log_likelihood, rtol=1e-9, atol=0)
+
+
+def test_orthogonal_lofi_is_set_without_process_noise_and_refused_with_it() -> None:
+    from service.components.build import build_filter
+    from service.errors import InvalidSpec
+    from service.schemas import ModelSpec
+
+    def spec(**dynamics: object) -> ModelSpec:
+        return ModelSpec.model_validate(
+            {
+                "name": "m",
+                "network": {"type": "mlp", "input_dim": 3, "hidden": [4], "output_dim": 1},
+                "likelihood": {"type": "gaussian"},
+                "filter": {"type": "lofi", "rank": 2},
+                "dynamics": dynamics,
+            }
+        )
+
+    def orthogonal(s: ModelSpec) -> bool:
+        algorithm = build_filter(s).algorithm
+        assert isinstance(algorithm, LoFi)
+        return algorithm.orthogonal
+
+    assert orthogonal(spec()) and orthogonal(spec(decay=0.9))
+    assert not orthogonal(spec(process_noise=1e-4))
+    assert not orthogonal(spec(decay=0.9, steady_state=True))
+    with pytest.raises(InvalidSpec, match="orthogonal"):
+        OnlineFilter(
+            MLP(input_dim=3, hidden=(4,), output_dim=1),
+            Gaussian(1.0),
+            LoFi(rank=2, orthogonal=True),
+            Dynamics(1.0, 1e-3),
+        )

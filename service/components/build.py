@@ -5,6 +5,7 @@ pickle, so nothing read back from a store can run code)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import save as st_save
 from service.components import ALGORITHMS, LIKELIHOODS, NETWORKS
 from service.components.likelihoods import GaussianSpec
 from service.errors import InvalidSpec
-from service.filters import Belief, Dynamics, Network, OnlineFilter, Prior
+from service.filters import Belief, Dynamics, LoFi, Network, OnlineFilter, Prior
 from service.filters.algorithm import state_tensors
 from service.schemas import ModelSpec
 
@@ -74,7 +75,7 @@ def build_filter(spec: ModelSpec) -> OnlineFilter[Belief]:
         if kind.reshape is not None:  # a projected filter: the prior mean is its offset
             theta0 = _offset(network, mean, spec.seed)
             network, mean = kind.reshape(spec.filter, network, likelihood, theta0, spec.seed), None
-        return OnlineFilter(
+        f = OnlineFilter(
             network=network,
             likelihood=likelihood,
             algorithm=kind.build(spec.filter, network),
@@ -88,6 +89,9 @@ def build_filter(spec: ModelSpec) -> OnlineFilter[Belief]:
                 bias_variance=spec.prior.bias_variance,
             ),
         )
+        if isinstance(f.algorithm, LoFi) and f.process_noise == 0.0:  # rows stay orthogonal
+            return replace(f, algorithm=replace(f.algorithm, orthogonal=True))
+        return f
     except InvalidSpec:
         raise
     except (ValueError, TypeError) as exc:

@@ -85,10 +85,19 @@ class LoFiState:
 
 @dataclass(frozen=True)
 class LoFi:
-    """Diagonal-plus-rank-``rank`` precision filter."""
+    """Diagonal-plus-rank-``rank`` precision filter.
+
+    ``orthogonal``: the rows of W are orthogonal whenever an update begins, as they are without
+    process noise (each truncation leaves W_+ W_+^T = diag(lambda_top), a decay only scales the
+    rows, and the prior's W is 0). The truncation then takes W W^T as the diagonal of the rows'
+    squared norms instead of computing it: the update's Gram product forms Z U^{-1} Z^T and
+    J Z^T alone, (d + 2C) n D multiply-adds instead of 2 n^2 D (``docs/algorithms.md`` 3.5.5).
+    ``build_filter`` sets it where the process noise is 0; ``OnlineFilter`` refuses it otherwise.
+    """
 
     rank: int = 10
     name: str = "lofi"
+    orthogonal: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 0:
@@ -152,8 +161,14 @@ class LoFi:
         buf[n : n + d] = W
         buf[n + d :] = J
         Zu, Z = buf[:n], buf[n:]
-        grams = buf @ Z.mT  # (2n, n): Z U^{-1} Z^T over Z Z^T
-        Gw, Gp = grams[:n], grams[n:]
+        if self.orthogonal and d:  # W W^T = diag(|w_i|^2): Z U^{-1} Z^T, then J Z^T
+            Gw = Zu @ Z.mT  # (n, n)
+            JZ = buf[n + d :] @ Z.mT  # (C, n): J W^T, J J^T
+            top = torch.cat([torch.diag_embed((W * W).sum(1)), JZ[:, :d].mT], 1)
+            Gp = torch.cat([top, JZ])  # Z Z^T
+        else:
+            grams = buf @ Z.mT  # (2n, n): Z U^{-1} Z^T over Z Z^T
+            Gw, Gp = grams[:n], grams[n:]
         # J Sigma J^T and, for the mean, Sigma J^T w, by Woodbury on W.
         if d:
             eye = identity(d, W.dtype, W.device)

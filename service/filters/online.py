@@ -39,6 +39,7 @@ from service.filters.gradient import learned
 from service.filters.iterated import row_linearization, updated_prediction_check
 from service.filters.likelihoods import Likelihood
 from service.filters.linalg import Check, all_finite, finite_check, input_check, not_finite, settle
+from service.filters.lofi import LoFi
 from service.filters.networks import Network
 from service.filters.outputs import check_outputs, partial_targets, restricted
 from service.filters.priors import prior_variance
@@ -117,6 +118,11 @@ class OnlineFilter(Generic[S]):
         self.algorithm.check_model(self.network, self.likelihood)
         if isinstance(self.network, StateSpace):
             check_state_space(self.algorithm.name, self.likelihood, self.dynamics == Dynamics())
+        if isinstance(self.algorithm, LoFi) and self.algorithm.orthogonal and self.process_noise:
+            raise InvalidSpec(
+                "lofi with orthogonal=True needs dynamics without process noise (process noise "
+                "makes the rows of W non-orthogonal)"
+            )
         mean = self.prior.mean
         if mean is not None:
             if mean.shape != (self.network.num_params,):
