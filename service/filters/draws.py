@@ -108,8 +108,8 @@ def sample_outputs_each(
     if (f.network.linear_in_params or linearized) and D >= N * C and small:
         step = max(1, _CHUNK_NUMBERS // (N * C * D))
         parts = [_each(f, state, x[at : at + step], n, generator) for at in range(0, G, step)]
-        if all(p is not None for p in parts):
-            return torch.cat([p for p in parts if p is not None])
+        if all(p is not None for p in parts):  # one part: its view, not a copy
+            return parts[0] if len(parts) == 1 else torch.cat([p for p in parts if p is not None])
     return torch.stack([sample_outputs(f, state, x[i], n, generator, linearized) for i in range(G)])
 
 
@@ -131,7 +131,8 @@ def _each(
     # along C at any stride).
     z = torch.randn((G, N * C, n), generator=generator, dtype=torch.float32, device=g.device)
     Fz = torch.bmm(psd_sqrt(cov).to(torch.float32), z)
-    eta = (Fz + g.reshape(G, N * C, 1)).reshape(G, N, C, n)  # in g's dtype
+    # g added in float32 too, in place: promoting the draws to g's float64 copied them twice
+    eta = Fz.add_(g.reshape(G, N * C, 1).to(torch.float32)).reshape(G, N, C, n)
     if N > 1:
         first = _first_repeats(x)
         eta = eta.gather(1, first[:, :, None, None].expand(G, N, C, n))
