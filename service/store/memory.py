@@ -2,11 +2,13 @@
 
 Nothing to make durable, so there is nothing to batch: ``append`` checks and writes its record,
 with its request records, at once, before its first (and only) suspension point, which keeps the
-protocol's order.
+protocol's order. Each model's events are also kept in a heap by expiry, so that the expiry
+ticker's ``expired_events`` costs what has expired, not a scan of every event held.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ class MemoryStore:
         self._requests: dict[tuple[str, str], tuple[float, bytes]] = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._events: dict[tuple[str, str], _Event] = {}
+        self._expiry: dict[str, list[tuple[float, str]]] = {}  # per model: (expires_at, id) heap
 
     async def open(self) -> None:
         return None
@@ -56,6 +59,7 @@ class MemoryStore:
             del self._requests[key]
         for ekey in [k for k in self._events if k[0] == name]:
             del self._events[ekey]
+        self._expiry.pop(name, None)
         return True
 
     async def list_models(self) -> dict[str, bytes]:
@@ -111,6 +115,7 @@ class MemoryStore:
         if (name, event_id) in self._events:
             return False
         self._events[(name, event_id)] = _Event(expires_at, _kept(record))
+        heapq.heappush(self._expiry.setdefault(name, []), (expires_at, event_id))
         return True
 
     async def get_event(self, name: str, event_id: str) -> bytes | None:
@@ -137,15 +142,20 @@ class MemoryStore:
     async def expired_events(
         self, name: str, now: float, limit: int = 100
     ) -> list[tuple[str, bytes]]:
+        heap = self._expiry.get(name, [])
         due: list[tuple[float, str, bytes]] = []
-        for key, ev in list(self._events.items()):
-            if key[0] != name or ev.expires_at > now:
+        while heap and heap[0][0] <= now and len(due) < limit:  # oldest first
+            expires_at, event_id = heapq.heappop(heap)
+            ev = self._events.get((name, event_id))
+            if ev is None or ev.expires_at != expires_at:  # gone, or a later event of that id
                 continue
             if ev.pending:
-                due.append((ev.expires_at, key[1], ev.record))
+                due.append((expires_at, event_id, ev.record))
             else:
-                del self._events[key]
-        return [(event_id, record) for _, event_id, record in sorted(due)[:limit]]
+                del self._events[(name, event_id)]
+        for expires_at, event_id, _ in due:  # due until settled: the next call sees them again
+            heapq.heappush(heap, (expires_at, event_id))
+        return [(event_id, record) for _, event_id, record in due]
 
 
 @dataclass
