@@ -108,8 +108,9 @@ def sample_outputs_each(
     if (f.network.linear_in_params or linearized) and D >= N * C and small:
         step = max(1, _CHUNK_NUMBERS // (N * C * D))
         parts = [_each(f, state, x[at : at + step], n, generator) for at in range(0, G, step)]
-        if all(p is not None for p in parts):  # one part: its view, not a copy
-            return parts[0] if len(parts) == 1 else torch.cat([p for p in parts if p is not None])
+        done = [p for p in parts if p is not None]
+        if len(done) == len(parts):  # one part: its view, not a copy
+            return done[0] if len(done) == 1 else torch.cat(done)
     return torch.stack([sample_outputs(f, state, x[i], n, generator, linearized) for i in range(G)])
 
 
