@@ -1,7 +1,8 @@
 """Speed of one LoFi step against the unavoidable work, measured in one run (not a test).
 
 One step = ``LoFi.predict`` + ``LoFi.condition_on`` (truncation included) on a fixed Jacobian row
-J (1, D), float32, CPU, one thread. The reference is one Gram product Z Z^T of a (d+1) x D float32
+J (1, D), float32, CPU, one thread, the LoFi configured as ``build_filter`` configures it (with
+q = 0, ``orthogonal``: the rows of W orthogonal, as they are then). The reference is one Gram product Z Z^T of a (d+1) x D float32
 matrix, the least any step must do (it reads every number of the state once). Timings of the two
 are interleaved and the medians compared, so the ratio is meaningful on a noisy machine even when
 the absolute times are not.
@@ -52,8 +53,9 @@ def _compiled_step(D: int, d: int, decay: float, q: float, kernels: Path) -> Cal
     the same dynamics: the step above plus the network's Jacobian [x, 1], its output and the
     pre-update predictive, in one kernel (compiled into ``kernels`` first)."""
     g = torch.Generator().manual_seed(1)
+    lofi = LoFi(rank=d, orthogonal=q == 0.0)  # as ``build_filter`` makes it
     f = OnlineFilter(
-        Linear(D - 1), Gaussian(0.5), LoFi(rank=d), dynamics=Dynamics(decay, q), prior=Prior(1.0)
+        Linear(D - 1), Gaussian(0.5), lofi, dynamics=Dynamics(decay, q), prior=Prior(1.0)
     )
     state, _ = f.run(f.init(), torch.randn(2 * d, D - 1, generator=g) / D**0.5, torch.ones(2 * d))
     kernel = compile_step(f, state, kernels)
@@ -65,11 +67,15 @@ def measure(
     D: int, d: int, decay: float, q: float, rounds: int, kernels: Path | None = None
 ) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
-    lofi = LoFi(rank=d)
+    # as ``build_filter`` makes it: without process noise W's rows stay orthogonal (the state
+    # below has such rows), and the truncation's Gram product skips W W^T
+    lofi = LoFi(rank=d, orthogonal=q == 0.0)
+    W = torch.randn(d, D, generator=g) * 0.1
+    if q == 0.0:
+        Q, _ = torch.linalg.qr(W.mT)  # orthonormal columns (D, d)
+        W = (Q * W.norm(dim=1)).mT
     state = LoFiState(
-        mean=torch.randn(D, generator=g),
-        W=torch.randn(d, D, generator=g) * 0.1,
-        upsilon=torch.rand(D, generator=g) + 0.5,
+        mean=torch.randn(D, generator=g), W=W, upsilon=torch.rand(D, generator=g) + 0.5
     )
     J = torch.randn(1, D, generator=g) / D**0.5
     lin = Linearization(yhat=torch.zeros(1), J=J, V=None, R=torch.full((1, 1), 0.5))
