@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from service.errors import InvalidSpec
 from service.filters import MLP, Linear, jacobian_autodiff
+from service.filters.convnets import CNN
+from service.filters.networks import _layers
 
 _ACT = {"relu": nn.ReLU(), "tanh": nn.Tanh(), "gelu": nn.GELU(), "elu": nn.ELU()}
 
@@ -77,3 +81,54 @@ def test_bad_specs_are_rejected_with_a_message() -> None:
         MLP(input_dim=3, hidden=(4,), activation="sigmoid")  # type: ignore[arg-type]
     with pytest.raises(InvalidSpec, match="input_dim"):
         Linear(input_dim=0)
+
+
+def _layer_slices(net: MLP | CNN) -> list[tuple[int, int, int, int]]:
+    """(fan_in, weight at, bias at, end) of each layer of a dense stack or a CNN."""
+    if isinstance(net, CNN):
+        plans = net._plans
+        return [
+            (math.prod(p.weight[1:]), p.w_at, p.w_at + math.prod(p.weight), p.end) for p in plans
+        ]
+    return [(fi, w_at, b_at, b_at + fo) for fi, fo, w_at, b_at in _layers(net.sizes, True)]
+
+
+@pytest.mark.parametrize(
+    "net",
+    [
+        MLP(input_dim=784, hidden=(500, 300), output_dim=10, init="lecun"),
+        CNN((1, 28, 28), output_dim=10, init="lecun"),
+    ],
+    ids=["mlp", "lenet5"],
+)
+def test_lecun_init_is_flax_lecun_normal_with_zero_biases(net: MLP | CNN) -> None:
+    """Each layer's weights ~ N(0, 1/fan_in) truncated at two sd (jax.nn.initializers'
+    lecun_normal: the truncated normal rescaled to keep that variance), its biases 0."""
+    theta = net.init_mean(torch.Generator().manual_seed(3))
+    assert theta.shape == (net.num_params,) and theta.dtype == torch.float64
+    for fan_in, w_at, b_at, end in _layer_slices(net):
+        w, b = theta[w_at:b_at], theta[b_at:end]
+        assert torch.equal(b, torch.zeros_like(b))
+        sd = 1 / math.sqrt(fan_in)
+        assert float(w.abs().max()) <= 2 * sd / 0.8796256610342398 * (1 + 1e-12)
+        n = w.numel()
+        # the variance of a sample of n: 1/fan_in within 5 standard errors (kurtosis of the
+        # truncated normal about 2.36: sd of the sample variance sqrt((k - 1) / n) sd^2)
+        assert abs(float(w.var()) / sd**2 - 1) < 5 * math.sqrt(1.4 / n) + 1e-9
+        assert abs(float(w.mean())) < 5 * sd / math.sqrt(n)
+
+
+def test_uniform_init_stays_the_default_and_an_unknown_init_is_refused() -> None:
+    g = torch.Generator().manual_seed(0)
+    default = MLP(input_dim=5, hidden=(4,), output_dim=2).init_mean(g)
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(
+        MLP(input_dim=5, hidden=(4,), output_dim=2, init="uniform").init_mean(g), default
+    )
+    ref = torch.Generator().manual_seed(0)
+    first = (torch.rand(4 * 5 + 4, generator=ref, dtype=torch.float64) * 2 - 1) * (1 / math.sqrt(5))
+    torch.testing.assert_close(default[:24], first, rtol=0, atol=0)  # nn.Linear's bounds
+    with pytest.raises(InvalidSpec, match="init"):
+        MLP(input_dim=5, hidden=(4,), init="xavier")  # type: ignore[arg-type]
+    with pytest.raises(InvalidSpec, match="init"):
+        CNN((1, 8, 8), layers=(), init="he")  # type: ignore[arg-type]

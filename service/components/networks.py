@@ -32,6 +32,7 @@ class MLPSpec(TypedSpec):
     hidden: list[Annotated[Integer, Field(ge=1, le=100_000)]] = Field(min_length=1, max_length=16)
     output_dim: Integer = Field(1, ge=1, le=10_000)
     activation: Literal["relu", "tanh", "gelu", "elu"] = "relu"
+    init: Literal["uniform", "lecun"] = "uniform"
 
 
 class ConvLayer(Strict):
@@ -66,6 +67,7 @@ class CNNSpec(TypedSpec):
     layers: list[LayerSpec] | None = Field(None, min_length=1, max_length=32)
     output_dim: Integer = Field(1, ge=1, le=10_000)
     activation: Literal["relu", "tanh", "gelu", "elu"] = "relu"
+    init: Literal["uniform", "lecun"] = "uniform"
 
     @model_validator(mode="after")
     def _one_stack(self) -> CNNSpec:
@@ -147,7 +149,7 @@ def _layer(spec: ConvLayer | PoolLayer | DenseLayer) -> Layer:
 def _cnn(spec: CNNSpec) -> CNN:
     layers = LENET5 if spec.layers is None else tuple(_layer(s) for s in spec.layers)
     c, h, w = spec.input_shape
-    return CNN((c, h, w), layers, spec.output_dim, spec.activation)
+    return CNN((c, h, w), layers, spec.output_dim, spec.activation, spec.init)
 
 
 def _linear(spec: LinearSpec) -> Linear:
@@ -155,7 +157,7 @@ def _linear(spec: LinearSpec) -> Linear:
 
 
 def _mlp(spec: MLPSpec) -> MLP:
-    return MLP(spec.input_dim, tuple(spec.hidden), spec.output_dim, spec.activation)
+    return MLP(spec.input_dim, tuple(spec.hidden), spec.output_dim, spec.activation, spec.init)
 
 
 NETWORKS.register(NetworkKind(LinearSpec, _linear, {"input_dim": 3}))

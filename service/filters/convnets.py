@@ -32,7 +32,7 @@ from torch.nn import functional
 
 from service.errors import InvalidSpec
 from service.filters.jacobians import DenseJacobian
-from service.filters.networks import Activation, _activate
+from service.filters.networks import INITS, Activation, Init, _activate, layer_init
 
 __all__ = ["CNN", "LENET5", "Conv", "Dense", "Layer", "Pool"]
 
@@ -89,10 +89,13 @@ class CNN:
     layers: tuple[Layer, ...] = LENET5
     output_dim: int = 10
     activation: Activation = "relu"
+    init: Init = "uniform"  # the default prior mean's (``networks.layer_init``)
 
     def __post_init__(self) -> None:
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise InvalidSpec(f"network input_shape must be [C, H, W], got {self.input_shape}")
+        if self.init not in INITS:
+            raise InvalidSpec(f"network init must be one of {list(INITS)}, got {self.init!r}")
         self._plan()  # raises InvalidSpec for a stack whose shapes do not work out
 
     @functools.cached_property
@@ -199,11 +202,14 @@ class CNN:
         return self.output_dim * self.num_params
 
     def init_mean(self, generator: torch.Generator) -> Tensor:
-        """PyTorch's default ``nn.Conv2d`` / ``nn.Linear`` init: weight and bias
-        ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in k k for a convolution."""
+        """An initialisation of each layer (``init``, ``networks.layer_init``), fan_in = in k k
+        for a convolution: PyTorch's default ``nn.Conv2d`` / ``nn.Linear`` one (``uniform``) or
+        flax's ``lecun_normal`` with zero biases (``lecun``)."""
         parts: list[Tensor] = []
         for p in self._plans:
-            bound = 1.0 / math.sqrt(math.prod(p.weight[1:]))
-            n = p.end - p.w_at
-            parts.append((torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
+            weights = math.prod(p.weight)
+            fan_in = math.prod(p.weight[1:])
+            parts.append(
+                layer_init(self.init, fan_in, weights, p.end - p.w_at - weights, generator)
+            )
         return torch.cat(parts)

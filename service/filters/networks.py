@@ -146,13 +146,44 @@ def dense_operator(network: Network, theta: Tensor, x: Tensor) -> tuple[Tensor, 
     return g, DenseJacobian(J)
 
 
-def _uniform_init(sizes: Sequence[int], bias: bool, generator: torch.Generator) -> Tensor:
-    """PyTorch's default ``nn.Linear`` init: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    parts: list[Tensor] = []
-    for fan_in, fan_out, _, _ in _layers(sizes, bias):
+#: A network's default prior mean (``docs/algorithms.md`` 1.4): ``uniform``, PyTorch's default
+#: init; ``lecun``, flax's (the authors' JAX code's) default.
+Init = Literal["uniform", "lecun"]
+INITS: tuple[Init, ...] = ("uniform", "lecun")
+#: The sd of a standard normal truncated to [-2, 2] (jax.nn.initializers.truncated_normal's).
+_TRUNCATED_SD = 0.87962566103423978
+
+
+def layer_init(
+    kind: Init, fan_in: int, weights: int, biases: int, generator: torch.Generator
+) -> Tensor:
+    """One layer's initial parameters, its ``weights`` then its ``biases``, in float64:
+
+    - ``uniform`` (PyTorch's ``nn.Linear`` / ``nn.Conv2d``): weight and bias ~ U(-b, b),
+      b = 1/sqrt(fan_in);
+    - ``lecun`` (flax's ``Dense`` / ``Conv``, ``lecun_normal``): weight ~ N(0, 1/fan_in)
+      truncated to two standard deviations (and rescaled to keep that variance), bias 0.
+    """
+    if kind == "uniform":
         bound = 1.0 / math.sqrt(fan_in)
-        n = fan_in * fan_out + (fan_out if bias else 0)
-        parts.append((torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
+        u = torch.rand(weights + biases, generator=generator, dtype=torch.float64)
+        return (u * 2 - 1) * bound
+    if kind == "lecun":
+        # the normal truncated to [-2, 2] by inverting its CDF between the bounds, as jax does
+        edge = math.erf(2.0 / math.sqrt(2.0))
+        u = torch.rand(weights, generator=generator, dtype=torch.float64) * (2 * edge) - edge
+        z = math.sqrt(2.0) * torch.special.erfinv(u)
+        w = z / (_TRUNCATED_SD * math.sqrt(fan_in))
+        return torch.cat([w, torch.zeros(biases, dtype=torch.float64)])
+    raise InvalidSpec(f"network init must be one of {list(INITS)}, got {kind!r}")
+
+
+def _dense_init(sizes: Sequence[int], kind: Init, generator: torch.Generator) -> Tensor:
+    """A dense stack's initial parameters (with biases), layer by layer (``layer_init``)."""
+    parts = [
+        layer_init(kind, fan_in, fan_in * fan_out, fan_out, generator)
+        for fan_in, fan_out, _, _ in _layers(sizes, True)
+    ]
     return torch.cat(parts)
 
 
@@ -246,9 +277,10 @@ def _activate(name: str, z: Tensor) -> Tensor:
 class MLP:
     """A dense stack ``input_dim -> hidden... -> output_dim``; ``activation`` after each hidden layer.
 
-    The default prior mean is a draw from PyTorch's default ``nn.Linear`` initialisation: at theta = 0
-    every hidden unit is dead and the Jacobian of the output layer vanishes, so a zero mean would
-    never learn (rebayes likewise centres the prior on an initialisation of the network).
+    The default prior mean is a draw from an initialisation of the network (``init``: PyTorch's
+    default ``nn.Linear`` one, or flax's ``lecun``): at theta = 0 every hidden unit is dead and
+    the Jacobian of the output layer vanishes, so a zero mean would never learn (rebayes likewise
+    centres the prior on an initialisation of the network).
 
     >>> net = MLP(input_dim=3, hidden=(4,), output_dim=2, activation="tanh")
     >>> net.num_params                     # 4*3 + 4 + 2*4 + 2
@@ -259,11 +291,14 @@ class MLP:
     hidden: tuple[int, ...]
     output_dim: int = 1
     activation: Activation = "relu"
+    init: Init = "uniform"  # the default prior mean's (``layer_init``)
 
     def __post_init__(self) -> None:
         _check_dims(input_dim=self.input_dim, output_dim=self.output_dim)
         for h in self.hidden:
             _check_dims(hidden=h)
+        if self.init not in INITS:
+            raise InvalidSpec(f"network init must be one of {list(INITS)}, got {self.init!r}")
         if self.activation not in _ACTIVATIONS:
             raise InvalidSpec(
                 f"unknown activation {self.activation!r}; expected one of {', '.join(_ACTIVATIONS)}"
@@ -330,7 +365,7 @@ class MLP:
         return sum(self.sizes[:-1]) + self.output_dim * sum(self.hidden)
 
     def init_mean(self, generator: torch.Generator) -> Tensor:
-        return _uniform_init(self.sizes, True, generator)
+        return _dense_init(self.sizes, self.init, generator)
 
 
 def jacobian_autodiff(network: Network, theta: Tensor, x: Tensor) -> Tensor:
