@@ -124,7 +124,9 @@ def main() -> None:
     torch.set_num_threads(1)
     mlp = MLP(8, (32,), 1, "relu")
     kalman = OnlineFilter(Linear(16), Gaussian(0.5), Kalman(), prior=Prior(1.0))
-    lofi = OnlineFilter(mlp, Gaussian(0.5), LoFi(10), prior=Prior(1.0))
+    lofi = OnlineFilter(
+        mlp, Gaussian(0.5), LoFi(10, orthogonal=True), prior=Prior(1.0)
+    )  # q = 0: as built
     compiled: dict[str, Callable[[], object]] = {}
     if args.kernels is not None:
         print("compiling (or loading) the two steps ...", flush=True)
