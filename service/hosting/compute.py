@@ -16,7 +16,7 @@ worker thread at all: the thread and the loop take turns on that core, and the G
 between them cost CPU of their own (a bandit server pinned to one core, 1,000-item decide and
 reward batches from two clients: 0.112 ms of CPU a decision with worker threads, 0.090 inline).
 There, work up to ``SINGLE_CORE_INLINE_WORK`` runs inline, compiled or not: about 25 ms of a
-1,000-row Kalman batch, 50-100 ms of eager LoFi rows of a 10k-parameter model. Beyond it a thread
+1,000-row Kalman batch, about 120 ms of eager LoFi rows of a 10k-parameter model. Beyond it a thread
 still takes the work, so that the loop answers health checks and small requests between its
 rows.
 """
