@@ -11,6 +11,7 @@ from service.components.registry import NetworkKind, Registry, TypedSpec
 from service.errors import InvalidSpec
 from service.filters import MLP, Linear
 from service.filters.convnets import CNN, LENET5, Conv, Dense, Layer, Pool
+from service.filters.networks import Init
 from service.filters.statespace import Fixed, Kinematic, Matrix, StateSpace, Transition
 from service.validation import Integer, Strict
 
@@ -32,7 +33,7 @@ class MLPSpec(TypedSpec):
     hidden: list[Annotated[Integer, Field(ge=1, le=100_000)]] = Field(min_length=1, max_length=16)
     output_dim: Integer = Field(1, ge=1, le=10_000)
     activation: Literal["relu", "tanh", "gelu", "elu"] = "relu"
-    init: Literal["uniform", "lecun"] = "uniform"
+    init: Init = "uniform"
 
 
 class ConvLayer(Strict):
@@ -67,7 +68,7 @@ class CNNSpec(TypedSpec):
     layers: list[LayerSpec] | None = Field(None, min_length=1, max_length=32)
     output_dim: Integer = Field(1, ge=1, le=10_000)
     activation: Literal["relu", "tanh", "gelu", "elu"] = "relu"
-    init: Literal["uniform", "lecun"] = "uniform"
+    init: Init = "uniform"
 
     @model_validator(mode="after")
     def _one_stack(self) -> CNNSpec:

@@ -32,7 +32,7 @@ from torch.nn import functional
 
 from service.errors import InvalidSpec
 from service.filters.jacobians import DenseJacobian
-from service.filters.networks import INITS, Activation, Init, _activate, layer_init
+from service.filters.networks import Activation, Init, _activate, check_init, layer_init
 
 __all__ = ["CNN", "LENET5", "Conv", "Dense", "Layer", "Pool"]
 
@@ -94,8 +94,7 @@ class CNN:
     def __post_init__(self) -> None:
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
             raise InvalidSpec(f"network input_shape must be [C, H, W], got {self.input_shape}")
-        if self.init not in INITS:
-            raise InvalidSpec(f"network init must be one of {list(INITS)}, got {self.init!r}")
+        check_init(self.init)
         self._plan()  # raises InvalidSpec for a stack whose shapes do not work out
 
     @functools.cached_property

@@ -27,7 +27,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -149,7 +149,7 @@ def dense_operator(network: Network, theta: Tensor, x: Tensor) -> tuple[Tensor, 
 #: A network's default prior mean (``docs/algorithms.md`` 1.4): ``uniform``, PyTorch's default
 #: init; ``lecun``, flax's (the authors' JAX code's) default.
 Init = Literal["uniform", "lecun"]
-INITS: tuple[Init, ...] = ("uniform", "lecun")
+INITS: tuple[Init, ...] = get_args(Init)
 #: The sd of a standard normal truncated to [-2, 2] (jax.nn.initializers.truncated_normal's).
 _TRUNCATED_SD = 0.87962566103423978
 
@@ -164,18 +164,23 @@ def layer_init(
     - ``lecun`` (flax's ``Dense`` / ``Conv``, ``lecun_normal``): weight ~ N(0, 1/fan_in)
       truncated to two standard deviations (and rescaled to keep that variance), bias 0.
     """
+    check_init(kind)
     if kind == "uniform":
         bound = 1.0 / math.sqrt(fan_in)
         u = torch.rand(weights + biases, generator=generator, dtype=torch.float64)
         return (u * 2 - 1) * bound
-    if kind == "lecun":
-        # the normal truncated to [-2, 2] by inverting its CDF between the bounds, as jax does
-        edge = math.erf(2.0 / math.sqrt(2.0))
-        u = torch.rand(weights, generator=generator, dtype=torch.float64) * (2 * edge) - edge
-        z = math.sqrt(2.0) * torch.special.erfinv(u)
-        w = z / (_TRUNCATED_SD * math.sqrt(fan_in))
-        return torch.cat([w, torch.zeros(biases, dtype=torch.float64)])
-    raise InvalidSpec(f"network init must be one of {list(INITS)}, got {kind!r}")
+    # lecun: the normal truncated to [-2, 2] by inverting its CDF between the bounds, as jax does
+    edge = math.erf(2.0 / math.sqrt(2.0))
+    u = torch.rand(weights, generator=generator, dtype=torch.float64) * (2 * edge) - edge
+    z = math.sqrt(2.0) * torch.special.erfinv(u)
+    w = z / (_TRUNCATED_SD * math.sqrt(fan_in))
+    return torch.cat([w, torch.zeros(biases, dtype=torch.float64)])
+
+
+def check_init(kind: object) -> None:
+    """InvalidSpec unless ``kind`` is one of ``INITS``."""
+    if kind not in INITS:
+        raise InvalidSpec(f"network init must be one of {list(INITS)}, got {kind!r}")
 
 
 def _dense_init(sizes: Sequence[int], kind: Init, generator: torch.Generator) -> Tensor:
@@ -297,8 +302,7 @@ class MLP:
         _check_dims(input_dim=self.input_dim, output_dim=self.output_dim)
         for h in self.hidden:
             _check_dims(hidden=h)
-        if self.init not in INITS:
-            raise InvalidSpec(f"network init must be one of {list(INITS)}, got {self.init!r}")
+        check_init(self.init)
         if self.activation not in _ACTIVATIONS:
             raise InvalidSpec(
                 f"unknown activation {self.activation!r}; expected one of {', '.join(_ACTIVATIONS)}"
